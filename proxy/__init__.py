@@ -1,0 +1,1 @@
+"""metergate's aiohttp service: auth, routes, upstream forwarding, the wallet store."""

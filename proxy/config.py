@@ -1,0 +1,105 @@
+"""The service configuration: `metergate.yaml`, validated, with environment overrides.
+
+Precedence is file < environment < command line. A config that fails
+validation raises `SourceError` naming the file, line and field at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pricing.yaml_source import SourceError, SourceIssue, issues_from_validation, read_yaml, to_plain
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "metergate.yaml"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Strict):
+    """One model provider speaking the OpenAI HTTP API."""
+
+    base_url: str
+    api_key_env: str | None = None
+    connect_timeout_seconds: PositiveFloat = 5.0
+    read_timeout_seconds: PositiveFloat = 300.0
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class JWTConfig(_Strict):
+    """End-user tokens minted by the operator's backend."""
+
+    hs256_secret_env: str | None = None
+    public_key_file: str | None = None
+    jwks_file: str | None = None
+    algorithms: list[str] = ["HS256"]
+    audience: str | None = None
+    issuer: str | None = None
+    leeway_seconds: Annotated[int, Field(ge=0)] = 0
+    max_ttl_seconds: PositiveInt = 3600
+
+
+class Config(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    redis_url: str | None = None
+    admin_keys: list[str] = []
+    operator_keys: list[str] = []
+    hold_ttl_seconds: PositiveInt = 600
+    reaper_interval_seconds: PositiveFloat = 5.0
+    idempotency_ttl_seconds: PositiveInt = 7 * 24 * 3600
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    cors_origins: list[str] = []
+    ratecards_dir: str = "ratecards"
+    upstreams: dict[str, UpstreamConfig] = {}
+    jwt: JWTConfig = JWTConfig()
+    # Where relative paths in this file are resolved from; set by the loader.
+    base_dir: str = "."
+
+    def resolve(self, relative: str) -> Path:
+        path = Path(relative)
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+
+_ENV_OVERRIDES: dict[str, tuple[str, Any]] = {
+    "METERGATE_HOST": ("host", str),
+    "METERGATE_PORT": ("port", int),
+    "METERGATE_REDIS_URL": ("redis_url", str),
+    "METERGATE_ADMIN_KEY": ("admin_keys", lambda v: [k for k in v.split(",") if k]),
+    "METERGATE_OPERATOR_KEY": ("operator_keys", lambda v: [k for k in v.split(",") if k]),
+    "METERGATE_RATECARDS_DIR": ("ratecards_dir", str),
+    "METERGATE_HOLD_TTL_SECONDS": ("hold_ttl_seconds", int),
+}
+
+
+def load_config(path: Path | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> Config:
+    """Read, override and validate the config. Raises `SourceError` when it is wrong."""
+    path = (path or DEFAULT_CONFIG_PATH).resolve()
+    environ = os.environ if environ is None else environ
+    document = read_yaml(path) or {}
+    if not isinstance(document, dict):
+        raise SourceError([SourceIssue(str(path), 1, "-", "the config must be a mapping")])
+    data = to_plain(document)
+    data.setdefault("base_dir", str(path.parent))
+    for var, (field, convert) in _ENV_OVERRIDES.items():
+        if environ.get(var):
+            try:
+                data[field] = convert(environ[var])
+            except ValueError:
+                raise SourceError([SourceIssue(var, 0, field, f"cannot parse {environ[var]!r}")]) from None
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise SourceError(issues_from_validation(path, document, exc)) from None
