@@ -1,0 +1,42 @@
+-- hold: reserve funds for a call before it is forwarded.
+-- KEYS[1] wallet hash   KEYS[2] active holds hash (hold id -> amount)
+-- KEYS[3] this hold's record   KEYS[4] ledger stream
+-- ARGV[1] hold id   ARGV[2] amount (micros, >= 0)   ARGV[3] ttl (ms, > 0)   ARGV[4] metadata JSON
+-- Returns {'ok'|'replay', hold_id, amount, expires_ms, balance, held, credit_limit, ledger_id}.
+-- The hold id is the idempotency key: the same id and amount replays the first
+-- result; the same id with another amount is an IDEMPOTENCY_CONFLICT.
+-- Keeps: a hold is granted only if amount <= available (balance - held +
+-- credit_limit), so available never goes below 0; held == sum of active holds.
+local amount = int_arg(ARGV[2], 0, MAX_AMOUNT)
+if amount == nil then
+  return fail('INVALID_AMOUNT', 'the hold amount must be an integer between 0 and ' .. fmt(MAX_AMOUNT))
+end
+local ttl = int_arg(ARGV[3], 1, 30 * 24 * 3600 * 1000)
+if ttl == nil then
+  return fail('INVALID_REQUEST', 'ttl must be a positive number of milliseconds')
+end
+local existing = redis.call('HMGET', KEYS[3], 'amount', 'expires_ms', 'ledger_id')
+if existing[1] ~= false then
+  if tonumber(existing[1]) ~= amount then
+    return fail('IDEMPOTENCY_CONFLICT', 'hold ' .. ARGV[1] .. ' exists with another amount')
+  end
+  local b, h, c = wallet_state(KEYS[1])
+  return {'replay', ARGV[1], existing[1], existing[2], fmt(b), fmt(h), fmt(c), existing[3]}
+end
+local balance, held, credit_limit = wallet_state(KEYS[1])
+if balance == nil then
+  return fail('WALLET_NOT_FOUND', 'no such wallet')
+end
+local available = balance - held + credit_limit
+if amount > available then
+  return fail('INSUFFICIENT_FUNDS', 'this call needs ' .. fmt(amount) .. ' micros and ' .. fmt(available) .. ' are available')
+end
+local now = now_ms()
+local expires = now + ttl
+held = redis.call('HINCRBY', KEYS[1], 'held', amount)
+redis.call('HSET', KEYS[2], ARGV[1], amount)
+local id = append_ledger(KEYS[4], {'type', 'hold', 'amount', '0', 'held_delta', fmt(amount),
+  'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1], 'meta', ARGV[4]})
+redis.call('HSET', KEYS[3], 'status', 'active', 'amount', amount, 'created_ms', now, 'expires_ms', expires,
+  'ledger_id', id)
+return {'ok', ARGV[1], fmt(amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit), id}

@@ -1,0 +1,53 @@
+-- refund: give back (part of) a charge to the wallet that paid it.
+-- KEYS[1] wallet hash   KEYS[2] ledger stream   KEYS[3] idempotency record
+-- KEYS[4] refunded-per-charge hash
+-- ARGV[1] amount (micros, > 0)   ARGV[2] fingerprint   ARGV[3] idempotency TTL (s)
+-- ARGV[4] charge ledger id   ARGV[5] reason   ARGV[6] metadata JSON   ARGV[7] idempotency key
+-- Returns {'ok'|'replay', ledger_id, balance, held, credit_limit}.
+-- Keeps: the refunds of one charge never add up to more than it captured;
+-- balance == sum of ledger amounts.
+local amount = int_arg(ARGV[1], 1, MAX_AMOUNT)
+if amount == nil then
+  return fail('INVALID_AMOUNT', 'amount_micros must be an integer between 1 and ' .. fmt(MAX_AMOUNT))
+end
+if not string.match(ARGV[4], '^%d+%-%d+$') then
+  return fail('INVALID_REQUEST', 'charge_id must be the ledger id of a charge')
+end
+local replay = idempotent_replay(KEYS[3], ARGV[2])
+if replay then
+  return replay
+end
+local balance, held, credit_limit = wallet_state(KEYS[1])
+if balance == nil then
+  return fail('WALLET_NOT_FOUND', 'no such wallet')
+end
+local entries = redis.call('XRANGE', KEYS[2], ARGV[4], ARGV[4])
+local charged = nil
+if #entries == 1 then
+  local f = entries[1][2]
+  local fields = {}
+  for i = 1, #f, 2 do
+    fields[f[i]] = f[i + 1]
+  end
+  if fields['type'] == 'charge' then
+    charged = -tonumber(fields['amount'])
+  end
+end
+if charged == nil then
+  return fail('CHARGE_NOT_FOUND', 'no charge with id ' .. ARGV[4] .. ' in this wallet')
+end
+local already = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
+if already + amount > charged then
+  return fail('REFUND_EXCEEDS_CHARGE', 'charge ' .. ARGV[4] .. ' captured ' .. fmt(charged) ..
+    ' micros and ' .. fmt(already) .. ' are already refunded')
+end
+if balance + amount > MAX_BALANCE then
+  return fail('BALANCE_LIMIT', 'the balance would exceed ' .. fmt(MAX_BALANCE) .. ' micros')
+end
+balance = redis.call('HINCRBY', KEYS[1], 'balance', amount)
+redis.call('HINCRBY', KEYS[4], ARGV[4], amount)
+local id = append_ledger(KEYS[2], {'type', 'refund', 'amount', fmt(amount), 'balance', fmt(balance),
+  'held', fmt(held), 'charge_id', ARGV[4], 'reason', ARGV[5], 'idempotency_key', ARGV[7], 'meta', ARGV[6]})
+local result = {'ok', id, fmt(balance), fmt(held), fmt(credit_limit)}
+remember_result(KEYS[3], ARGV[2], ARGV[3], result)
+return result

@@ -1,0 +1,47 @@
+-- settle: capture the exact cost of a finished call and release the rest of its hold.
+-- KEYS[1] wallet hash   KEYS[2] active holds hash   KEYS[3] this hold's record
+-- KEYS[4] ledger stream
+-- ARGV[1] hold id   ARGV[2] amount to capture (micros, >= 0, may exceed the hold)
+-- ARGV[3] metadata JSON (tokens, price, cost, model, request id...)
+-- ARGV[4] seconds to keep the closed hold's record (for replays)
+-- Returns {'ok'|'replay', ledger_id, captured, released, shortfall, balance, held, credit_limit}.
+-- More than the hold is captured only as far as the wallet allows (down to
+-- -credit_limit once this hold is released); what could not be captured is
+-- recorded as the shortfall. Settling a settled hold replays the first result;
+-- settling a released or expired hold is HOLD_CLOSED.
+-- Keeps: balance == sum of ledger amounts; held == sum of active holds;
+-- balance never goes below -credit_limit.
+local amount = int_arg(ARGV[2], 0, MAX_AMOUNT)
+if amount == nil then
+  return fail('INVALID_AMOUNT', 'the settle amount must be an integer between 0 and ' .. fmt(MAX_AMOUNT))
+end
+local rec = redis.call('HMGET', KEYS[3], 'status', 'amount', 'settle_result')
+if rec[1] == false then
+  return fail('HOLD_NOT_FOUND', 'no hold ' .. ARGV[1] .. ' in this wallet')
+end
+if rec[1] == 'settled' then
+  local out = {'replay'}
+  for part in string.gmatch(rec[3], '[^,]+') do
+    out[#out + 1] = part
+  end
+  return out
+end
+if rec[1] ~= 'active' then
+  return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. rec[1])
+end
+local balance, held, credit_limit = wallet_state(KEYS[1])
+local hold_amount = tonumber(rec[2])
+local allowed = balance - (held - hold_amount) + credit_limit
+local captured = math.min(amount, math.max(allowed, 0))
+local shortfall = amount - captured
+local released = math.max(hold_amount - captured, 0)
+balance = redis.call('HINCRBY', KEYS[1], 'balance', -captured)
+held = redis.call('HINCRBY', KEYS[1], 'held', -hold_amount)
+redis.call('HDEL', KEYS[2], ARGV[1])
+local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(-captured), 'held_delta', fmt(-hold_amount),
+  'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1], 'requested', fmt(amount),
+  'shortfall', fmt(shortfall), 'meta', ARGV[3]})
+local result = {'ok', id, fmt(captured), fmt(released), fmt(shortfall), fmt(balance), fmt(held), fmt(credit_limit)}
+redis.call('HSET', KEYS[3], 'status', 'settled', 'settle_result', table.concat(result, ',', 2))
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return result

@@ -1,0 +1,639 @@
+"""The one module that talks to Redis: every key name and every Lua script live here.
+
+`WalletStore` moves money: one method per script in `proxy/lua/`, each an
+atomic check-change-append on one wallet's keys. `AccountStore` keeps end-user
+profiles and API keys. Handlers never build a key themselves.
+
+All keys of one wallet share the hash tag `{w:<wallet_id>}`, so every script
+touches a single Redis Cluster slot. The only cross-wallet key is the hold
+index, a sorted set the reaper reads; it is written beside (not inside) the
+scripts, before a hold and after it closes, so every live hold is always in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, ResponseError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "mg"
+HOLD_INDEX_KEY = f"{PREFIX}:hold-index"
+WALLET_ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
+MAX_AMOUNT_MICROS = 10**15
+
+
+# --------------------------------------------------------------------- errors
+
+
+class WalletError(Exception):
+    """A refusal from a wallet script; `code` is stable and machine-readable."""
+
+    code = "WALLET_ERROR"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class WalletNotFound(WalletError):
+    code = "WALLET_NOT_FOUND"
+
+
+class WalletExists(WalletError):
+    code = "WALLET_EXISTS"
+
+
+class InsufficientFunds(WalletError):
+    code = "INSUFFICIENT_FUNDS"
+
+
+class IdempotencyConflict(WalletError):
+    code = "IDEMPOTENCY_CONFLICT"
+
+
+class HoldNotFound(WalletError):
+    code = "HOLD_NOT_FOUND"
+
+
+class HoldClosed(WalletError):
+    code = "HOLD_CLOSED"
+
+
+class ChargeNotFound(WalletError):
+    code = "CHARGE_NOT_FOUND"
+
+
+class RefundExceedsCharge(WalletError):
+    code = "REFUND_EXCEEDS_CHARGE"
+
+
+class InvalidAmount(WalletError):
+    code = "INVALID_AMOUNT"
+
+
+class BalanceLimit(WalletError):
+    code = "BALANCE_LIMIT"
+
+
+class InvalidWalletRequest(WalletError):
+    code = "INVALID_REQUEST"
+
+
+_ERRORS: dict[str, type[WalletError]] = {
+    cls.code: cls
+    for cls in (
+        WalletNotFound, WalletExists, InsufficientFunds, IdempotencyConflict, HoldNotFound, HoldClosed,
+        ChargeNotFound, RefundExceedsCharge, InvalidAmount, BalanceLimit, InvalidWalletRequest,
+    )
+}
+
+
+def _raise_script_error(exc: ResponseError) -> None:
+    code, _, message = str(exc).partition(" ")
+    cls = _ERRORS.get(code)
+    if cls is None:
+        raise exc
+    raise cls(message) from None
+
+
+# ------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class WalletState:
+    wallet_id: str
+    balance_micros: int
+    held_micros: int
+    credit_limit_micros: int
+
+    @property
+    def available_micros(self) -> int:
+        return self.balance_micros - self.held_micros + self.credit_limit_micros
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The outcome of a top-up, refund or adjustment."""
+
+    ledger_id: str
+    wallet: WalletState
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class Hold:
+    wallet_id: str
+    hold_id: str
+    amount_micros: int
+    expires_at_ms: int
+    ledger_id: str
+    wallet: WalletState
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How a hold closed: what was captured, released, and could not be captured."""
+
+    hold_id: str
+    ledger_id: str
+    captured_micros: int
+    released_micros: int
+    shortfall_micros: int
+    wallet: WalletState
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    id: str
+    type: str
+    amount_micros: int
+    balance_micros: int
+    held_micros: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Audit:
+    """The two invariants, computed the slow way from the raw data."""
+
+    wallet: WalletState
+    ledger_sum_micros: int
+    active_holds_sum_micros: int
+
+    @property
+    def holds(self) -> bool:
+        return (
+            self.wallet.balance_micros == self.ledger_sum_micros
+            and self.wallet.held_micros == self.active_holds_sum_micros
+        )
+
+
+# ---------------------------------------------------------------------- keys
+
+
+def _tag(wallet_id: str) -> str:
+    return f"{PREFIX}:{{w:{wallet_id}}}"
+
+
+def _wallet_key(w: str) -> str:
+    return f"{_tag(w)}:wallet"
+
+
+def _ledger_key(w: str) -> str:
+    return f"{_tag(w)}:ledger"
+
+
+def _holds_key(w: str) -> str:
+    return f"{_tag(w)}:holds"
+
+
+def _hold_key(w: str, hold_id: str) -> str:
+    return f"{_tag(w)}:hold:{hold_id}"
+
+
+def _idempotency_key(w: str, key: str) -> str:
+    return f"{_tag(w)}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def _profile_key(w: str) -> str:
+    return f"{_tag(w)}:profile"
+
+
+def _refunded_key(w: str) -> str:
+    return f"{_tag(w)}:refunded"
+
+
+def _user_keys_key(w: str) -> str:
+    return f"{_tag(w)}:api-keys"
+
+
+def _api_key_key(key_hash: str) -> str:
+    return f"{PREFIX}:api-key:{key_hash}"
+
+
+def _index_member(wallet_id: str, hold_id: str) -> str:
+    return f"{wallet_id}|{hold_id}"
+
+
+def _check_wallet_id(wallet_id: str) -> None:
+    if not WALLET_ID_RE.match(wallet_id):
+        raise InvalidWalletRequest("ids are 1-128 characters of A-Z a-z 0-9 _ . @ -")
+
+
+def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+    """A client for the store: a bounded pool that makes callers wait rather than fail
+    under bursts, and retries on a dropped connection (every script is safe to
+    retry: holds are keyed by id, settles by hold state, the rest by idempotency key)."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=5),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionError],
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def fingerprint(operation: str, *parts: object) -> str:
+    """What an idempotency key is bound to: the operation and its arguments."""
+    return hashlib.sha256(orjson.dumps([operation, *parts])).hexdigest()
+
+
+# ------------------------------------------------------------------- scripts
+
+
+class _Scripts:
+    """Lua sources with their SHA1; EVALSHA first, loading on NOSCRIPT.
+
+    A Redis restart or SCRIPT FLUSH empties the script cache; the next call
+    gets NOSCRIPT, loads the script and runs again, which is safe because
+    NOSCRIPT means the script did not run.
+    """
+
+    def __init__(self) -> None:
+        lua = resources.files("proxy") / "lua"
+        prelude = (lua / "_prelude.lua").read_text()
+        self.source: dict[str, str] = {}
+        self.sha: dict[str, str] = {}
+        for name in ("open", "top_up", "adjust", "refund", "hold", "settle", "release"):
+            body = prelude + "\n" + (lua / f"{name}.lua").read_text()
+            self.source[name] = body
+            self.sha[name] = hashlib.sha1(body.encode()).hexdigest()
+
+    async def run(self, redis: aioredis.Redis, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[str]:
+        try:
+            try:
+                raw = await redis.evalsha(self.sha[name], len(keys), *keys, *args)
+            except NoScriptError:
+                await redis.script_load(self.source[name])
+                raw = await redis.evalsha(self.sha[name], len(keys), *keys, *args)
+        except ResponseError as exc:
+            _raise_script_error(exc)
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
+
+
+_SCRIPTS: _Scripts | None = None
+
+
+def _scripts() -> _Scripts:
+    global _SCRIPTS
+    if _SCRIPTS is None:
+        _SCRIPTS = _Scripts()
+    return _SCRIPTS
+
+
+def _state(wallet_id: str, balance: str, held: str, credit: str) -> WalletState:
+    return WalletState(wallet_id, int(balance), int(held), int(credit))
+
+
+def _meta(meta: Mapping[str, Any] | None) -> str:
+    return orjson.dumps(meta).decode() if meta else ""
+
+
+# --------------------------------------------------------------------- store
+
+
+class WalletStore:
+    """Money operations on wallets, each one Lua script run atomically in Redis."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        hold_ttl_ms: int = 600_000,
+        idempotency_ttl_seconds: int = 7 * 24 * 3600,
+        closed_hold_ttl_seconds: int = 7 * 24 * 3600,
+    ):
+        self.redis = redis
+        self.hold_ttl_ms = hold_ttl_ms
+        self.idempotency_ttl_seconds = idempotency_ttl_seconds
+        self.closed_hold_ttl_seconds = closed_hold_ttl_seconds
+        self._scripts = _scripts()
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[str]:
+        return await self._scripts.run(self.redis, name, keys, args)
+
+    # -- wallets
+
+    async def open(self, wallet_id: str, *, credit_limit_micros: int = 0, profile: Mapping[str, Any]) -> WalletState:
+        _check_wallet_id(wallet_id)
+        out = await self._run(
+            "open",
+            [_wallet_key(wallet_id), _ledger_key(wallet_id), _profile_key(wallet_id)],
+            [credit_limit_micros, orjson.dumps(profile).decode(), wallet_id],
+        )
+        return _state(wallet_id, *out[2:5])
+
+    async def get(self, wallet_id: str) -> WalletState | None:
+        if not WALLET_ID_RE.match(wallet_id):
+            return None
+        balance, held, credit = await self.redis.hmget(_wallet_key(wallet_id), "balance", "held", "credit_limit")
+        if balance is None:
+            return None
+        return WalletState(wallet_id, int(balance), int(held), int(credit))
+
+    async def profile(self, wallet_id: str) -> dict[str, Any] | None:
+        if not WALLET_ID_RE.match(wallet_id):
+            return None
+        raw = await self.redis.hget(_profile_key(wallet_id), "profile")
+        return orjson.loads(raw) if raw is not None else None
+
+    # -- funds
+
+    async def _receipt_op(
+        self, name: str, wallet_id: str, idempotency_key: str, extra_keys: Sequence[str], args: Sequence[Any]
+    ) -> Receipt:
+        _check_wallet_id(wallet_id)
+        keys = [_wallet_key(wallet_id), _ledger_key(wallet_id), _idempotency_key(wallet_id, idempotency_key), *extra_keys]
+        out = await self._run(name, keys, args)
+        return Receipt(ledger_id=out[1], wallet=_state(wallet_id, *out[2:5]), replayed=out[0] == "replay")
+
+    async def top_up(
+        self, wallet_id: str, amount_micros: int, *, idempotency_key: str, reference: str = "",
+        meta: Mapping[str, Any] | None = None,
+    ) -> Receipt:
+        fp = fingerprint("top_up", amount_micros, reference, meta)
+        return await self._receipt_op(
+            "top_up", wallet_id, idempotency_key, [],
+            [amount_micros, fp, self.idempotency_ttl_seconds, reference, _meta(meta), idempotency_key],
+        )
+
+    async def adjust(
+        self, wallet_id: str, amount_micros: int, *, reason: str, idempotency_key: str,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Receipt:
+        fp = fingerprint("adjust", amount_micros, reason, meta)
+        return await self._receipt_op(
+            "adjust", wallet_id, idempotency_key, [],
+            [amount_micros, fp, self.idempotency_ttl_seconds, reason, _meta(meta), idempotency_key],
+        )
+
+    async def refund(
+        self, wallet_id: str, amount_micros: int, *, charge_id: str, reason: str, idempotency_key: str,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Receipt:
+        fp = fingerprint("refund", amount_micros, charge_id, reason, meta)
+        return await self._receipt_op(
+            "refund", wallet_id, idempotency_key, [_refunded_key(wallet_id)],
+            [amount_micros, fp, self.idempotency_ttl_seconds, charge_id, reason, _meta(meta), idempotency_key],
+        )
+
+    # -- holds
+
+    @staticmethod
+    def new_hold_id() -> str:
+        return "hold_" + secrets.token_hex(12)
+
+    def _hold_keys(self, wallet_id: str, hold_id: str) -> list[str]:
+        return [_wallet_key(wallet_id), _holds_key(wallet_id), _hold_key(wallet_id, hold_id), _ledger_key(wallet_id)]
+
+    async def hold(
+        self, wallet_id: str, amount_micros: int, *, hold_id: str | None = None, ttl_ms: int | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Hold:
+        """Reserve `amount_micros`; raises `InsufficientFunds` when it does not fit."""
+        _check_wallet_id(wallet_id)
+        hold_id = hold_id or self.new_hold_id()
+        ttl_ms = ttl_ms or self.hold_ttl_ms
+        # Index first: a hold that exists is always findable by the reaper. An
+        # index entry without a hold (refused, or we died in between) is
+        # dropped by the reaper when it finds nothing to expire.
+        await self.redis.zadd(HOLD_INDEX_KEY, {_index_member(wallet_id, hold_id): _now_ms() + ttl_ms})
+        try:
+            out = await self._run("hold", self._hold_keys(wallet_id, hold_id), [hold_id, amount_micros, ttl_ms, _meta(meta)])
+        except WalletError:
+            await self.redis.zrem(HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
+            raise
+        return Hold(
+            wallet_id=wallet_id, hold_id=out[1], amount_micros=int(out[2]), expires_at_ms=int(out[3]),
+            wallet=_state(wallet_id, *out[4:7]), ledger_id=out[7], replayed=out[0] == "replay",
+        )
+
+    def _settlement(self, wallet_id: str, hold_id: str, out: list[str]) -> Settlement:
+        return Settlement(
+            hold_id=hold_id, ledger_id=out[1], captured_micros=int(out[2]), released_micros=int(out[3]),
+            shortfall_micros=int(out[4]), wallet=_state(wallet_id, *out[5:8]), replayed=out[0] == "replay",
+        )
+
+    async def settle(
+        self, wallet_id: str, hold_id: str, amount_micros: int, *, meta: Mapping[str, Any] | None = None
+    ) -> Settlement:
+        """Capture `amount_micros` (may exceed the hold, as far as the wallet allows); release the rest."""
+        out = await self._run(
+            "settle", self._hold_keys(wallet_id, hold_id),
+            [hold_id, amount_micros, _meta(meta), self.closed_hold_ttl_seconds],
+        )
+        await self.redis.zrem(HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
+        return self._settlement(wallet_id, hold_id, out)
+
+    async def release(self, wallet_id: str, hold_id: str, *, reason: str = "") -> Settlement:
+        out = await self._run(
+            "release", self._hold_keys(wallet_id, hold_id),
+            [hold_id, reason, "release", self.closed_hold_ttl_seconds],
+        )
+        await self.redis.zrem(HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
+        return self._settlement(wallet_id, hold_id, out)
+
+    async def expire(self, wallet_id: str, hold_id: str) -> Settlement | None:
+        """Expire one hold whose TTL has passed; None if it is not due yet."""
+        out = await self._run(
+            "release", self._hold_keys(wallet_id, hold_id),
+            [hold_id, "ttl passed", "expire", self.closed_hold_ttl_seconds],
+        )
+        if out[0] == "not_due":
+            await self.redis.zadd(HOLD_INDEX_KEY, {_index_member(wallet_id, hold_id): int(out[1])})
+            return None
+        await self.redis.zrem(HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
+        return self._settlement(wallet_id, hold_id, out)
+
+    async def expire_due(self, *, limit: int = 100) -> list[Settlement]:
+        """One reaper pass: expire up to `limit` holds whose TTL has passed."""
+        due = await self.redis.zrangebyscore(HOLD_INDEX_KEY, "-inf", _now_ms(), start=0, num=limit)
+        expired = []
+        for raw in due:
+            member = raw.decode()
+            wallet_id, _, hold_id = member.partition("|")
+            try:
+                outcome = await self.expire(wallet_id, hold_id)
+            except (HoldNotFound, HoldClosed, InvalidWalletRequest):
+                # Settled or released already, or never granted: nothing to expire.
+                await self.redis.zrem(HOLD_INDEX_KEY, member)
+                continue
+            if outcome is not None:
+                expired.append(outcome)
+        return expired
+
+    async def active_holds(self, wallet_id: str) -> dict[str, int]:
+        raw = await self.redis.hgetall(_holds_key(wallet_id))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    # -- ledger
+
+    async def ledger(self, wallet_id: str, *, before: str | None = None, limit: int = 50) -> list[LedgerEntry]:
+        """Entries newest first; `before` is the id of the last entry of the previous page."""
+        top = f"({before}" if before else "+"
+        raw = await self.redis.xrevrange(_ledger_key(wallet_id), max=top, min="-", count=limit)
+        return [_ledger_entry(entry_id, fields) for entry_id, fields in raw]
+
+    async def audit(self, wallet_id: str) -> Audit:
+        """Recompute both invariants from the full ledger and the hold set (slow; for tests and ops)."""
+        wallet = await self.get(wallet_id)
+        if wallet is None:
+            raise WalletNotFound(wallet_id)
+        total = 0
+        async for entry in self._iter_ledger(wallet_id):
+            total += entry.amount_micros
+        holds = await self.active_holds(wallet_id)
+        return Audit(wallet=wallet, ledger_sum_micros=total, active_holds_sum_micros=sum(holds.values()))
+
+    async def _iter_ledger(self, wallet_id: str) -> AsyncIterator[LedgerEntry]:
+        start = "-"
+        while True:
+            batch = await self.redis.xrange(_ledger_key(wallet_id), min=start, max="+", count=1000)
+            for entry_id, fields in batch:
+                yield _ledger_entry(entry_id, fields)
+            if len(batch) < 1000:
+                return
+            start = "(" + batch[-1][0].decode()
+
+    async def wallet_ids(self) -> list[str]:
+        """Every wallet in the store (SCAN; for audits and tests, not the request path)."""
+        ids = []
+        async for key in self.redis.scan_iter(match=f"{PREFIX}:{{w:*}}:wallet", count=1000):
+            ids.append(key.decode()[len(PREFIX) + 4 : -len("}:wallet")])
+        return ids
+
+
+def _ledger_entry(entry_id: bytes, fields: Mapping[bytes, bytes]) -> LedgerEntry:
+    f = {k.decode(): v.decode() for k, v in fields.items()}
+    details: dict[str, Any] = {}
+    for k, v in f.items():
+        if k in ("type", "amount", "balance", "held"):
+            continue
+        if k == "meta":
+            details.update(orjson.loads(v))
+        elif k in ("held_delta", "requested", "shortfall", "credit_limit"):
+            details[k + "_micros"] = int(v)
+        else:
+            details[k] = v
+    return LedgerEntry(
+        id=entry_id.decode(), type=f["type"], amount_micros=int(f["amount"]),
+        balance_micros=int(f["balance"]), held_micros=int(f["held"]), details=details,
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ------------------------------------------------------------------ accounts
+
+API_KEY_PREFIX = "sk-eu_"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An end user's key as stored: never the key itself, only its hash and a masked form."""
+
+    id: str
+    end_user_id: str
+    masked: str
+    created_ms: int
+    name: str = ""
+    revoked_ms: int | None = None
+    scopes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_ms is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "end_user_id": self.end_user_id, "masked": self.masked, "name": self.name,
+            "created_ms": self.created_ms, "revoked_ms": self.revoked_ms, "scopes": self.scopes,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ApiKey":
+        return cls(
+            id=data["id"], end_user_id=data["end_user_id"], masked=data["masked"], name=data.get("name", ""),
+            created_ms=data["created_ms"], revoked_ms=data.get("revoked_ms"), scopes=data.get("scopes") or {},
+        )
+
+
+def hash_api_key(plaintext: str) -> str:
+    # Keys carry 256 bits of randomness, so a fast hash is enough: there is
+    # nothing to brute-force, and lookups stay one Redis GET.
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+class AccountStore:
+    """End users' API keys: created shown once, stored as a hash, looked up per request."""
+
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+
+    async def create_key(
+        self, end_user_id: str, *, name: str = "", scopes: Mapping[str, Any] | None = None
+    ) -> tuple[ApiKey, str]:
+        plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        key = ApiKey(
+            id="key_" + secrets.token_hex(8), end_user_id=end_user_id,
+            masked=f"{plaintext[:10]}…{plaintext[-4:]}", created_ms=_now_ms(), name=name, scopes=dict(scopes or {}),
+        )
+        digest = hash_api_key(plaintext)
+        record = orjson.dumps(key.to_json())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(_api_key_key(digest), record)
+            pipe.hset(_user_keys_key(end_user_id), key.id, orjson.dumps({"hash": digest, "key": key.to_json()}))
+            await pipe.execute()
+        return key, plaintext
+
+    async def list_keys(self, end_user_id: str) -> list[ApiKey]:
+        raw = await self.redis.hgetall(_user_keys_key(end_user_id))
+        keys = [ApiKey.from_json(orjson.loads(v)["key"]) for v in raw.values()]
+        return sorted(keys, key=lambda k: k.created_ms)
+
+    async def _update_key(self, end_user_id: str, key_id: str, **changes: Any) -> ApiKey | None:
+        raw = await self.redis.hget(_user_keys_key(end_user_id), key_id)
+        if raw is None:
+            return None
+        entry = orjson.loads(raw)
+        key = ApiKey.from_json({**entry["key"], **changes})
+        # The lookup record is what requests read, so it changes first: a
+        # revocation is in force before this call returns, on every replica.
+        await self.redis.set(_api_key_key(entry["hash"]), orjson.dumps(key.to_json()))
+        await self.redis.hset(_user_keys_key(end_user_id), key_id, orjson.dumps({"hash": entry["hash"], "key": key.to_json()}))
+        return key
+
+    async def revoke_key(self, end_user_id: str, key_id: str) -> ApiKey | None:
+        current = await self.redis.hget(_user_keys_key(end_user_id), key_id)
+        if current is None:
+            return None
+        revoked_ms = orjson.loads(current)["key"].get("revoked_ms") or _now_ms()
+        return await self._update_key(end_user_id, key_id, revoked_ms=revoked_ms)
+
+    async def update_key_scopes(self, end_user_id: str, key_id: str, scopes: Mapping[str, Any]) -> ApiKey | None:
+        return await self._update_key(end_user_id, key_id, scopes=dict(scopes))
+
+    async def find_key(self, plaintext: str) -> ApiKey | None:
+        """The key record for a presented `sk-eu_` key (revoked ones included), or None."""
+        raw = await self.redis.get(_api_key_key(hash_api_key(plaintext)))
+        return ApiKey.from_json(orjson.loads(raw)) if raw is not None else None

@@ -1,0 +1,367 @@
+"""Every wallet script and its error paths, against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.store import (
+    BalanceLimit,
+    ChargeNotFound,
+    HoldClosed,
+    HoldNotFound,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidAmount,
+    InvalidWalletRequest,
+    RefundExceedsCharge,
+    WalletExists,
+    WalletNotFound,
+    WalletStore,
+)
+
+
+async def funded(wallets: WalletStore, wallet_id: str = "u_1", amount: int = 10_000_000, credit: int = 0) -> None:
+    await wallets.open(wallet_id, credit_limit_micros=credit, profile={"tier": "default"})
+    if amount:
+        await wallets.top_up(wallet_id, amount, idempotency_key=f"seed-{wallet_id}")
+
+
+async def test_open_creates_an_empty_wallet_with_an_open_entry(wallets):
+    state = await wallets.open("u_1", profile={"tier": "default"})
+    assert (state.balance_micros, state.held_micros, state.credit_limit_micros) == (0, 0, 0)
+    [entry] = await wallets.ledger("u_1")
+    assert (entry.type, entry.amount_micros) == ("open", 0)
+
+
+async def test_open_refuses_a_duplicate_id(wallets):
+    await wallets.open("u_1", profile={})
+    with pytest.raises(WalletExists):
+        await wallets.open("u_1", profile={})
+
+
+async def test_open_refuses_an_id_that_cannot_be_a_hash_tag(wallets):
+    with pytest.raises(InvalidWalletRequest):
+        await wallets.open("u}1{", profile={})
+
+
+async def test_top_up_adds_to_the_balance_and_the_ledger(wallets):
+    await wallets.open("u_1", profile={})
+    receipt = await wallets.top_up("u_1", 5_000_000, idempotency_key="k1", reference="pi_123")
+    assert receipt.wallet.balance_micros == 5_000_000
+    assert not receipt.replayed
+    [entry, _open] = await wallets.ledger("u_1")
+    assert (entry.id, entry.type, entry.amount_micros, entry.balance_micros) == (receipt.ledger_id, "top_up", 5_000_000, 5_000_000)
+    assert entry.details["reference"] == "pi_123"
+    assert entry.details["idempotency_key"] == "k1"
+
+
+async def test_top_up_replay_returns_the_first_result_and_changes_nothing(wallets):
+    await wallets.open("u_1", profile={})
+    first = await wallets.top_up("u_1", 5_000_000, idempotency_key="k1")
+    again = await wallets.top_up("u_1", 5_000_000, idempotency_key="k1")
+    assert again.replayed and again.ledger_id == first.ledger_id
+    assert again.wallet == first.wallet
+    assert (await wallets.get("u_1")).balance_micros == 5_000_000
+    assert len(await wallets.ledger("u_1")) == 2
+
+
+async def test_top_up_same_key_different_amount_is_a_conflict(wallets):
+    await wallets.open("u_1", profile={})
+    await wallets.top_up("u_1", 5_000_000, idempotency_key="k1")
+    with pytest.raises(IdempotencyConflict):
+        await wallets.top_up("u_1", 6_000_000, idempotency_key="k1")
+    assert (await wallets.get("u_1")).balance_micros == 5_000_000
+
+
+async def test_idempotency_key_reused_for_another_operation_is_a_conflict(wallets):
+    await funded(wallets)
+    await wallets.top_up("u_1", 1_000, idempotency_key="shared")
+    with pytest.raises(IdempotencyConflict):
+        await wallets.adjust("u_1", 1_000, reason="x", idempotency_key="shared")
+
+
+@pytest.mark.parametrize("amount", [0, -1, 10**15 + 1])
+async def test_top_up_refuses_amounts_out_of_range(wallets, amount):
+    await wallets.open("u_1", profile={})
+    with pytest.raises(InvalidAmount):
+        await wallets.top_up("u_1", amount, idempotency_key="k")
+    assert len(await wallets.ledger("u_1")) == 1
+
+
+async def test_top_up_refuses_a_balance_beyond_the_exact_integer_range(wallets):
+    await wallets.open("u_1", profile={})
+    for i in range(4):
+        await wallets.top_up("u_1", 10**15, idempotency_key=f"k{i}")
+    with pytest.raises(BalanceLimit):
+        await wallets.top_up("u_1", 1, idempotency_key="one-more")
+    assert (await wallets.get("u_1")).balance_micros == 4 * 10**15
+
+
+async def test_top_up_of_an_unknown_wallet_is_refused(wallets):
+    with pytest.raises(WalletNotFound):
+        await wallets.top_up("nobody", 1, idempotency_key="k")
+
+
+async def test_hold_reserves_funds_without_moving_the_balance(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    assert hold.amount_micros == 3_000_000
+    assert hold.wallet.balance_micros == 10_000_000
+    assert hold.wallet.held_micros == 3_000_000
+    assert hold.wallet.available_micros == 7_000_000
+    assert await wallets.active_holds("u_1") == {hold.hold_id: 3_000_000}
+
+
+async def test_hold_larger_than_available_is_refused(wallets):
+    await funded(wallets)
+    await wallets.hold("u_1", 6_000_000)
+    with pytest.raises(InsufficientFunds):
+        await wallets.hold("u_1", 4_000_001)
+    assert (await wallets.get("u_1")).held_micros == 6_000_000
+
+
+async def test_hold_may_use_the_credit_limit(wallets):
+    await funded(wallets, amount=1_000_000, credit=2_000_000)
+    hold = await wallets.hold("u_1", 3_000_000)
+    assert hold.wallet.available_micros == 0
+    with pytest.raises(InsufficientFunds):
+        await wallets.hold("u_1", 1)
+
+
+async def test_hold_with_the_same_id_replays(wallets):
+    await funded(wallets)
+    first = await wallets.hold("u_1", 1_000_000, hold_id="hold_a")
+    again = await wallets.hold("u_1", 1_000_000, hold_id="hold_a")
+    assert again.replayed and again.ledger_id == first.ledger_id
+    assert (await wallets.get("u_1")).held_micros == 1_000_000
+
+
+async def test_hold_with_the_same_id_and_another_amount_conflicts(wallets):
+    await funded(wallets)
+    await wallets.hold("u_1", 1_000_000, hold_id="hold_a")
+    with pytest.raises(IdempotencyConflict):
+        await wallets.hold("u_1", 2_000_000, hold_id="hold_a")
+
+
+async def test_hold_on_an_unknown_wallet_is_refused(wallets):
+    with pytest.raises(WalletNotFound):
+        await wallets.hold("nobody", 1)
+
+
+async def test_settle_below_the_hold_captures_it_and_releases_the_rest(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    s = await wallets.settle("u_1", hold.hold_id, 1_250_000, meta={"model": "gpt-4o-mini"})
+    assert (s.captured_micros, s.released_micros, s.shortfall_micros) == (1_250_000, 1_750_000, 0)
+    assert (s.wallet.balance_micros, s.wallet.held_micros) == (8_750_000, 0)
+    entry = (await wallets.ledger("u_1"))[0]
+    assert (entry.type, entry.amount_micros, entry.details["model"]) == ("charge", -1_250_000, "gpt-4o-mini")
+
+
+async def test_settle_at_the_hold_captures_exactly_it(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    s = await wallets.settle("u_1", hold.hold_id, 3_000_000)
+    assert (s.captured_micros, s.released_micros, s.shortfall_micros) == (3_000_000, 0, 0)
+    assert s.wallet.balance_micros == 7_000_000
+
+
+async def test_settle_above_the_hold_takes_what_the_wallet_has(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    s = await wallets.settle("u_1", hold.hold_id, 4_500_000)
+    assert (s.captured_micros, s.released_micros, s.shortfall_micros) == (4_500_000, 0, 0)
+    assert s.wallet.balance_micros == 5_500_000
+
+
+async def test_settle_above_the_hold_stops_at_zero_and_records_the_shortfall(wallets):
+    await funded(wallets, amount=4_000_000)
+    other = await wallets.hold("u_1", 1_000_000)
+    hold = await wallets.hold("u_1", 2_000_000)
+    s = await wallets.settle("u_1", hold.hold_id, 5_000_000)
+    # The other hold's 1,000,000 stays reserved: only 3,000,000 can be taken.
+    assert (s.captured_micros, s.shortfall_micros) == (3_000_000, 2_000_000)
+    assert (s.wallet.balance_micros, s.wallet.held_micros) == (1_000_000, 1_000_000)
+    assert (await wallets.ledger("u_1"))[0].details["shortfall_micros"] == 2_000_000
+    await wallets.settle("u_1", other.hold_id, 1_000_000)
+    assert (await wallets.get("u_1")).balance_micros == 0
+
+
+async def test_settle_above_the_hold_goes_no_lower_than_the_credit_limit(wallets):
+    await funded(wallets, amount=1_000_000, credit=500_000)
+    hold = await wallets.hold("u_1", 1_000_000)
+    s = await wallets.settle("u_1", hold.hold_id, 2_000_000)
+    assert (s.captured_micros, s.shortfall_micros) == (1_500_000, 500_000)
+    assert s.wallet.balance_micros == -500_000
+
+
+async def test_settling_twice_replays_the_first_result(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    first = await wallets.settle("u_1", hold.hold_id, 1_000_000)
+    again = await wallets.settle("u_1", hold.hold_id, 2_000_000)
+    assert again.replayed and again.ledger_id == first.ledger_id
+    assert again.captured_micros == 1_000_000
+    assert (await wallets.get("u_1")).balance_micros == 9_000_000
+
+
+async def test_settling_a_released_hold_is_an_error(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    await wallets.release("u_1", hold.hold_id)
+    with pytest.raises(HoldClosed):
+        await wallets.settle("u_1", hold.hold_id, 1)
+    assert (await wallets.get("u_1")).balance_micros == 10_000_000
+
+
+async def test_settling_an_unknown_hold_is_an_error(wallets):
+    await funded(wallets)
+    with pytest.raises(HoldNotFound):
+        await wallets.settle("u_1", "hold_missing", 1)
+
+
+async def test_release_returns_the_whole_hold(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    s = await wallets.release("u_1", hold.hold_id, reason="upstream 500")
+    assert (s.captured_micros, s.released_micros) == (0, 3_000_000)
+    assert (s.wallet.balance_micros, s.wallet.held_micros) == (10_000_000, 0)
+    entry = (await wallets.ledger("u_1"))[0]
+    assert (entry.type, entry.details["reason"]) == ("release", "upstream 500")
+
+
+async def test_release_twice_replays(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    first = await wallets.release("u_1", hold.hold_id)
+    again = await wallets.release("u_1", hold.hold_id)
+    assert again.replayed and again.ledger_id == first.ledger_id
+
+
+async def test_releasing_a_settled_hold_is_an_error(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    await wallets.settle("u_1", hold.hold_id, 1)
+    with pytest.raises(HoldClosed):
+        await wallets.release("u_1", hold.hold_id)
+
+
+async def test_adjust_credits_and_debits_with_a_reason(wallets):
+    await funded(wallets)
+    await wallets.adjust("u_1", 250_000, reason="promo", idempotency_key="a1")
+    r = await wallets.adjust("u_1", -1_000_000, reason="chargeback", idempotency_key="a2")
+    assert r.wallet.balance_micros == 9_250_000
+    entry = (await wallets.ledger("u_1"))[0]
+    assert (entry.type, entry.amount_micros, entry.details["reason"]) == ("adjustment", -1_000_000, "chargeback")
+
+
+async def test_adjust_requires_a_reason(wallets):
+    await funded(wallets)
+    with pytest.raises(InvalidWalletRequest):
+        await wallets.adjust("u_1", 1, reason="", idempotency_key="a1")
+
+
+async def test_adjust_of_zero_is_refused(wallets):
+    await funded(wallets)
+    with pytest.raises(InvalidAmount):
+        await wallets.adjust("u_1", 0, reason="nothing", idempotency_key="a1")
+
+
+async def test_a_debit_adjustment_cannot_uncover_a_hold(wallets):
+    await funded(wallets)
+    await wallets.hold("u_1", 8_000_000)
+    with pytest.raises(InsufficientFunds):
+        await wallets.adjust("u_1", -2_000_001, reason="too much", idempotency_key="a1")
+    assert (await wallets.get("u_1")).balance_micros == 10_000_000
+
+
+async def test_refund_gives_back_part_of_a_charge(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    charge = await wallets.settle("u_1", hold.hold_id, 2_000_000)
+    r = await wallets.refund("u_1", 500_000, charge_id=charge.ledger_id, reason="bad answer", idempotency_key="r1")
+    assert r.wallet.balance_micros == 8_500_000
+    entry = (await wallets.ledger("u_1"))[0]
+    assert (entry.type, entry.amount_micros, entry.details["charge_id"]) == ("refund", 500_000, charge.ledger_id)
+
+
+async def test_refunds_of_a_charge_cannot_exceed_it(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    charge = await wallets.settle("u_1", hold.hold_id, 2_000_000)
+    await wallets.refund("u_1", 1_500_000, charge_id=charge.ledger_id, reason="r", idempotency_key="r1")
+    with pytest.raises(RefundExceedsCharge):
+        await wallets.refund("u_1", 500_001, charge_id=charge.ledger_id, reason="r", idempotency_key="r2")
+    await wallets.refund("u_1", 500_000, charge_id=charge.ledger_id, reason="r", idempotency_key="r3")
+    assert (await wallets.get("u_1")).balance_micros == 10_000_000
+
+
+async def test_refund_must_name_a_charge(wallets):
+    await funded(wallets)
+    top_up_id = (await wallets.ledger("u_1"))[0].id
+    with pytest.raises(ChargeNotFound):
+        await wallets.refund("u_1", 1, charge_id=top_up_id, reason="r", idempotency_key="r1")
+    with pytest.raises(InvalidWalletRequest):
+        await wallets.refund("u_1", 1, charge_id="not-an-id", reason="r", idempotency_key="r2")
+
+
+async def test_refund_replay_returns_the_first_result(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    charge = await wallets.settle("u_1", hold.hold_id, 2_000_000)
+    first = await wallets.refund("u_1", 100, charge_id=charge.ledger_id, reason="r", idempotency_key="r1")
+    again = await wallets.refund("u_1", 100, charge_id=charge.ledger_id, reason="r", idempotency_key="r1")
+    assert again.replayed and again.ledger_id == first.ledger_id
+    assert (await wallets.get("u_1")).balance_micros == 8_000_100
+
+
+async def test_expired_hold_is_released_by_the_reaper(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000, ttl_ms=50)
+    await asyncio.sleep(0.1)
+    [expired] = await wallets.expire_due()
+    assert (expired.hold_id, expired.released_micros) == (hold.hold_id, 3_000_000)
+    assert (await wallets.get("u_1")).held_micros == 0
+    entry = (await wallets.ledger("u_1"))[0]
+    assert (entry.type, entry.details["hold_id"]) == ("expire", hold.hold_id)
+    with pytest.raises(HoldClosed):
+        await wallets.settle("u_1", hold.hold_id, 1)
+
+
+async def test_reaper_leaves_holds_that_are_not_due(wallets):
+    await funded(wallets)
+    await wallets.hold("u_1", 3_000_000, ttl_ms=60_000)
+    assert await wallets.expire_due() == []
+    assert (await wallets.get("u_1")).held_micros == 3_000_000
+
+
+async def test_reaper_forgets_holds_that_were_settled(wallets, redis):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000, ttl_ms=50)
+    await wallets.settle("u_1", hold.hold_id, 1_000)
+    await asyncio.sleep(0.1)
+    assert await wallets.expire_due() == []
+    assert await redis.zcard("mg:hold-index") == 0
+
+
+async def test_ledger_pages_newest_first_with_a_cursor(wallets):
+    await wallets.open("u_1", profile={})
+    for i in range(5):
+        await wallets.top_up("u_1", i + 1, idempotency_key=f"k{i}")
+    page1 = await wallets.ledger("u_1", limit=2)
+    page2 = await wallets.ledger("u_1", before=page1[-1].id, limit=2)
+    page3 = await wallets.ledger("u_1", before=page2[-1].id, limit=2)
+    assert [e.amount_micros for e in page1 + page2 + page3] == [5, 4, 3, 2, 1, 0]
+
+
+async def test_all_keys_of_a_wallet_share_one_cluster_slot(wallets, redis):
+    from redis.crc import key_slot
+
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 1_000)
+    await wallets.settle("u_1", hold.hold_id, 10)
+    keys = [k async for k in redis.scan_iter(match="mg:{w:u_1}*")]
+    assert len(keys) >= 5
+    assert len({key_slot(k) for k in keys}) == 1
