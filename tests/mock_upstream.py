@@ -221,6 +221,33 @@ def _reply_tokens(words: int) -> int:
     return count_tokens(_reply(words, 1)[0])
 
 
+@lru_cache(maxsize=64)
+def _choice_blobs(words: int, per_chunk: int, kind: str) -> tuple[tuple[bytes, ...], bytes]:
+    """Serialized ``choices`` arrays: one per content chunk, and the finish chunk's."""
+    pieces = _reply(words, per_chunk)[1]
+    if kind == "chat":
+        blobs = tuple(
+            orjson.dumps(
+                [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": p, "refusal": None} if i == 0 else {"content": p},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+            for i, p in enumerate(pieces)
+        )
+        final = orjson.dumps([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}])
+    else:
+        blobs = tuple(
+            orjson.dumps([{"text": p, "index": 0, "logprobs": None, "finish_reason": None}]) for p in pieces
+        )
+        final = orjson.dumps([{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}])
+    return blobs, final
+
+
 def _error_body(status: int) -> dict:
     if status == 429:
         message, etype, code = "Rate limit reached for requests (mock).", "requests", "rate_limit_exceeded"
@@ -233,10 +260,6 @@ def _error_body(status: int) -> dict:
     else:
         message, etype, code = "The server had an error while processing your request (mock).", "server_error", None
     return {"error": {"message": message, "type": etype, "param": None, "code": code}}
-
-
-def _sse(obj: dict) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def _closing(request: web.Request) -> bool:
@@ -343,7 +366,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
             return _json_response(400, _error_body(400))
         model = state.response_model or data.get("model") or "gpt-4o-mini"
         created = int(time.time())
-        text, pieces = _reply(state.reply_words, state.words_per_chunk)
+        text = _reply(state.reply_words, state.words_per_chunk)[0]
 
         if kind == "chat":
             messages = data.get("messages") or []
@@ -400,27 +423,22 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         state.streams_started += 1
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(choices: list, usage: Any = None) -> bytes:
-            c: dict = {"id": cid, "object": obj, "created": created, "model": model}
-            if kind == "chat":
-                c["service_tier"] = "default"
-            c["system_fingerprint"] = SYSTEM_FINGERPRINT
-            c["choices"] = choices
-            if include_usage:
-                c["usage"] = usage
-            return _sse(c)
-
+        # Chunks are assembled from pre-serialized pieces: b"data: " + head + choices + tail.
+        head_obj: dict = {"id": cid, "object": obj, "created": created, "model": model}
         if kind == "chat":
-            def content(i: int, piece: str) -> bytes:
-                delta = {"role": "assistant", "content": piece, "refusal": None} if i == 0 else {"content": piece}
-                return chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+            head_obj["service_tier"] = "default"
+        head_obj["system_fingerprint"] = SYSTEM_FINGERPRINT
+        head = b"data: " + orjson.dumps(head_obj)[:-1] + b',"choices":'
+        tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        blobs, final_blob = _choice_blobs(state.reply_words, state.words_per_chunk, kind)
 
-            final = chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}])
-        else:
-            def content(i: int, piece: str) -> bytes:
-                return chunk([{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}])
+        def content(i: int) -> bytes:
+            return head + blobs[i] + tail
 
-            final = chunk([{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}])
+        final = head + final_blob + tail
+
+        def usage_chunk() -> bytes:
+            return head + b"[]," + orjson.dumps({"usage": usage_for(prompt, completion_tokens())})[1:] + b"\n\n"
 
         if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
             state._note_disconnect()
@@ -430,14 +448,14 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         try:
             await resp.prepare(request)
             cut = state.cut_after_chunks
-            for i, piece in enumerate(pieces):
+            for i in range(len(blobs)):
                 if cut is not None and i >= cut:
                     _abort(request)
                     return resp
                 if i and state.chunk_delay and not await _sleep_watching(request, state.chunk_delay):
                     state._note_disconnect()
                     return resp
-                await resp.write(content(i, piece))
+                await resp.write(content(i))
             if cut is not None:
                 # cut at/after the last content chunk: no finish chunk either
                 _abort(request)
@@ -447,7 +465,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
                 return resp
             await resp.write(final)
             if include_usage:
-                await resp.write(chunk([], usage_for(prompt, completion_tokens())))
+                await resp.write(usage_chunk())
             await resp.write(DONE)
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
