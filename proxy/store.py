@@ -352,8 +352,8 @@ class WalletStore:
     async def profile(self, wallet_id: str) -> dict[str, Any] | None:
         if not WALLET_ID_RE.match(wallet_id):
             return None
-        raw = await self.redis.hget(_profile_key(wallet_id), "profile")
-        return orjson.loads(raw) if raw is not None else None
+        raw, created_ms = await self.redis.hmget(_profile_key(wallet_id), "profile", "created_ms")
+        return {**orjson.loads(raw), "created_ms": int(created_ms)} if raw is not None else None
 
     # -- funds
 

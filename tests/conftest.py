@@ -8,6 +8,10 @@ from typing import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from aiohttp.test_utils import TestClient
+
+from proxy.app import create_app
+from proxy.config import Config, load_config
 from proxy.store import AccountStore, WalletStore, connect
 from tests.redis_server import RedisServer
 
@@ -51,3 +55,18 @@ def accounts(redis: aioredis.Redis) -> AccountStore:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+ADMIN_KEY = "test-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+def config(redis_server: RedisServer, redis: aioredis.Redis) -> Config:
+    # Depends on `redis` so the store is flushed before, and audited after, the test.
+    return load_config(redis_url=redis_server.url, admin_keys=[ADMIN_KEY], reaper_interval_seconds=0.05)
+
+
+@pytest.fixture
+async def client(aiohttp_client, config: Config) -> TestClient:
+    return await aiohttp_client(create_app(config))

@@ -1,0 +1,200 @@
+"""The operator's admin API under /admin: end users, their keys, and wallet money movements.
+
+Handlers are thin: parse and validate the body, call the store, shape the
+answer. Authentication is the sub-application's middleware.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from proxy import schemas
+from proxy.errors import ApiError, error_middleware, read_model
+from proxy.keys import ACCOUNTS, CONFIG, WALLETS
+from proxy.store import ApiKey, LedgerEntry, Receipt
+
+routes = web.RouteTableDef()
+
+
+def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=model.model_dump_json(), content_type="application/json", headers=headers
+    )
+
+
+def _bearer(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+@web.middleware
+async def admin_auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    token = _bearer(request)
+    admin_keys = request.config_dict[CONFIG].admin_keys
+    if not token or not any(hmac.compare_digest(token, k) for k in admin_keys):
+        raise ApiError(401, "missing or wrong admin key (Authorization: Bearer <admin key>)", code="invalid_api_key")
+    return await handler(request)
+
+
+def _idempotency_key(request: web.Request) -> str:
+    key = request.headers.get("Idempotency-Key", "").strip()
+    if not key or len(key) > 255:
+        raise ApiError(
+            400, "an Idempotency-Key header (1-255 characters) is required on money movements",
+            code="idempotency_key_required", param="Idempotency-Key",
+        )
+    return key
+
+
+def _receipt(receipt: Receipt) -> web.Response:
+    headers = {"Idempotent-Replayed": "true"} if receipt.replayed else None
+    return _json(schemas.ReceiptView(ledger_id=receipt.ledger_id, wallet=schemas.WalletView.of(receipt.wallet)), 201, headers)
+
+
+async def _wallet_or_404(request: web.Request, wallet_id: str) -> schemas.WalletView:
+    state = await request.config_dict[WALLETS].get(wallet_id)
+    if state is None:
+        raise ApiError(404, f"no wallet {wallet_id!r}", code="wallet_not_found", param="id")
+    return schemas.WalletView.of(state)
+
+
+async def _end_user_view(request: web.Request, end_user_id: str) -> schemas.EndUserView:
+    profile = await request.config_dict[WALLETS].profile(end_user_id)
+    if profile is None:
+        raise ApiError(404, f"no end user {end_user_id!r}", code="end_user_not_found", param="id")
+    return schemas.EndUserView(
+        id=end_user_id, tier=profile["tier"], ratecard=profile.get("ratecard"), metadata=profile["metadata"],
+        created_ms=profile["created_ms"], wallet=await _wallet_or_404(request, end_user_id),
+    )
+
+
+# ---------------------------------------------------------------- end users
+
+
+@routes.post("/end-users")
+async def create_end_user(request: web.Request) -> web.Response:
+    body = await read_model(request, schemas.CreateEndUser)
+    profile = {"tier": body.tier, "metadata": body.metadata, "ratecard": body.ratecard}
+    await request.config_dict[WALLETS].open(body.id, credit_limit_micros=body.credit_limit_micros, profile=profile)
+    return _json(await _end_user_view(request, body.id), 201)
+
+
+@routes.get("/end-users/{id}")
+async def get_end_user(request: web.Request) -> web.Response:
+    return _json(await _end_user_view(request, request.match_info["id"]))
+
+
+def _key_view(key: ApiKey) -> schemas.KeyView:
+    return schemas.KeyView(
+        id=key.id, end_user_id=key.end_user_id, name=key.name, masked=key.masked,
+        created_ms=key.created_ms, revoked=key.revoked, revoked_ms=key.revoked_ms,
+    )
+
+
+@routes.post("/end-users/{id}/keys")
+async def create_key(request: web.Request) -> web.Response:
+    end_user_id = request.match_info["id"]
+    body = await read_model(request, schemas.CreateKey)
+    await _end_user_view(request, end_user_id)
+    key, plaintext = await request.config_dict[ACCOUNTS].create_key(end_user_id, name=body.name)
+    return _json(schemas.CreatedKeyView(**_key_view(key).model_dump(), key=plaintext), 201)
+
+
+@routes.get("/end-users/{id}/keys")
+async def list_keys(request: web.Request) -> web.Response:
+    end_user_id = request.match_info["id"]
+    await _end_user_view(request, end_user_id)
+    keys = await request.config_dict[ACCOUNTS].list_keys(end_user_id)
+    return _json(schemas.KeyList(data=[_key_view(k) for k in keys]))
+
+
+@routes.delete("/end-users/{id}/keys/{key_id}")
+async def revoke_key(request: web.Request) -> web.Response:
+    key = await request.config_dict[ACCOUNTS].revoke_key(request.match_info["id"], request.match_info["key_id"])
+    if key is None:
+        raise ApiError(404, "no such key for this end user", code="key_not_found", param="key_id")
+    return _json(_key_view(key))
+
+
+# ------------------------------------------------------------------- wallets
+
+
+@routes.get("/wallets/{id}")
+async def get_wallet(request: web.Request) -> web.Response:
+    return _json(await _wallet_or_404(request, request.match_info["id"]))
+
+
+@routes.post("/wallets/{id}/top-ups")
+async def top_up(request: web.Request) -> web.Response:
+    key = _idempotency_key(request)
+    body = await read_model(request, schemas.TopUp)
+    receipt = await request.config_dict[WALLETS].top_up(
+        request.match_info["id"], body.amount_micros, idempotency_key=key, reference=body.reference,
+        meta=body.metadata or None,
+    )
+    return _receipt(receipt)
+
+
+@routes.post("/wallets/{id}/refunds")
+async def refund(request: web.Request) -> web.Response:
+    key = _idempotency_key(request)
+    body = await read_model(request, schemas.Refund)
+    receipt = await request.config_dict[WALLETS].refund(
+        request.match_info["id"], body.amount_micros, charge_id=body.charge_id, reason=body.reason,
+        idempotency_key=key, meta=body.metadata or None,
+    )
+    return _receipt(receipt)
+
+
+@routes.post("/wallets/{id}/adjustments")
+async def adjust(request: web.Request) -> web.Response:
+    key = _idempotency_key(request)
+    body = await read_model(request, schemas.Adjustment)
+    receipt = await request.config_dict[WALLETS].adjust(
+        request.match_info["id"], body.amount_micros, reason=body.reason, idempotency_key=key,
+        meta=body.metadata or None,
+    )
+    return _receipt(receipt)
+
+
+def _entry_view(entry: LedgerEntry) -> schemas.LedgerEntryView:
+    return schemas.LedgerEntryView(
+        id=entry.id, type=entry.type, amount_micros=entry.amount_micros, amount=schemas.usd(entry.amount_micros),
+        balance_micros=entry.balance_micros, held_micros=entry.held_micros,
+        created_ms=int(entry.id.split("-")[0]), details=entry.details,
+    )
+
+
+@routes.get("/wallets/{id}/ledger")
+async def ledger(request: web.Request) -> web.Response:
+    wallet_id = request.match_info["id"]
+    await _wallet_or_404(request, wallet_id)
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 500:
+        raise ApiError(400, "limit must be an integer from 1 to 500", code="invalid_request", param="limit")
+    cursor = request.query.get("starting_after")
+    if cursor is not None and not _is_stream_id(cursor):
+        raise ApiError(400, "starting_after must be a ledger entry id", code="invalid_request", param="starting_after")
+    entries = await request.config_dict[WALLETS].ledger(wallet_id, before=cursor, limit=limit + 1)
+    page, has_more = entries[:limit], len(entries) > limit
+    return _json(schemas.LedgerPage(
+        data=[_entry_view(e) for e in page], has_more=has_more, next_cursor=page[-1].id if has_more else None,
+    ))
+
+
+def _is_stream_id(value: str) -> bool:
+    ms, _, seq = value.partition("-")
+    return ms.isdigit() and seq.isdigit()
+
+
+def create_admin_app() -> web.Application:
+    admin = web.Application(middlewares=[error_middleware, admin_auth])
+    admin.add_routes(routes)
+    return admin

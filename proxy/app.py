@@ -1,0 +1,91 @@
+"""The application factory: `create_app(config)` wires the stores, the reaper and the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from proxy import openapi
+from proxy.admin import create_admin_app
+from proxy.config import Config
+from proxy.errors import error_middleware
+from proxy.keys import ACCOUNTS, CONFIG, REDIS, WALLETS
+from proxy.store import AccountStore, WalletStore, connect
+
+log = logging.getLogger("metergate")
+
+
+def embedded_redis() -> aioredis.Redis:
+    """An in-process Redis (fakeredis with Lua): the same scripts, nothing on disk."""
+    import fakeredis
+
+    log.warning(
+        "no redis_url configured: using the embedded in-memory store; balances live in memory "
+        "and are lost when metergate stops. Set redis_url (or METERGATE_REDIS_URL) for production."
+    )
+    return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    client = connect(config.redis_url) if config.redis_url else embedded_redis()
+    app[REDIS] = client
+    app[WALLETS] = WalletStore(
+        client, hold_ttl_ms=config.hold_ttl_seconds * 1000, idempotency_ttl_seconds=config.idempotency_ttl_seconds
+    )
+    app[ACCOUNTS] = AccountStore(client)
+    yield
+    await client.aclose()
+
+
+async def run_reaper(wallets: WalletStore, interval: float) -> None:
+    """Expire holds whose TTL passed (their proxy died mid-request) and release their funds."""
+    while True:
+        try:
+            expired = await wallets.expire_due(limit=500)
+            for s in expired:
+                log.info("expired hold %s: released %d micros", s.hold_id, s.released_micros)
+            if len(expired) == 500:
+                continue
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reaper pass failed; retrying")
+        await asyncio.sleep(interval)
+
+
+async def _reaper_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(run_reaper(app[WALLETS], app[CONFIG].reaper_interval_seconds))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await asyncio.wait_for(request.app[REDIS].ping(), timeout=2)
+    except Exception as exc:  # any failure to reach the store means not ready
+        return web.json_response({"status": "unavailable", "redis": str(exc) or type(exc).__name__}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_reaper_ctx)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi.handler)
+    app.add_subapp("/admin", create_admin_app())
+    return app

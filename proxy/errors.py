@@ -1,0 +1,116 @@
+"""Every error the service returns, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+Handlers raise `ApiError` (or let a `WalletError` escape); the middleware here
+turns both, and aiohttp's own HTTP errors, into that body with the right status.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from proxy import store
+from proxy.keys import CONFIG
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+        param: str | None = None, headers: Mapping[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message, type=self.type, code=self.code, param=self.param, headers=self.headers)
+
+
+def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+    param: str | None = None, headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(error_body(message, type=type, code=code, param=param)),
+        content_type="application/json", headers=headers,
+    )
+
+
+_WALLET_STATUS: dict[type[store.WalletError], tuple[int, str, str]] = {
+    store.WalletNotFound: (404, "invalid_request_error", "wallet_not_found"),
+    store.WalletExists: (409, "invalid_request_error", "already_exists"),
+    store.InsufficientFunds: (402, "insufficient_quota", "insufficient_quota"),
+    store.IdempotencyConflict: (409, "invalid_request_error", "idempotency_conflict"),
+    store.HoldNotFound: (404, "invalid_request_error", "hold_not_found"),
+    store.HoldClosed: (409, "invalid_request_error", "hold_closed"),
+    store.ChargeNotFound: (404, "invalid_request_error", "charge_not_found"),
+    store.RefundExceedsCharge: (409, "invalid_request_error", "refund_exceeds_charge"),
+    store.InvalidAmount: (400, "invalid_request_error", "invalid_amount"),
+    store.BalanceLimit: (400, "invalid_request_error", "balance_limit"),
+    store.InvalidWalletRequest: (400, "invalid_request_error", "invalid_request"),
+}
+
+
+def from_wallet_error(exc: store.WalletError) -> ApiError:
+    status, type_, code = _WALLET_STATUS.get(type(exc), (400, "invalid_request_error", exc.code.lower()))
+    return ApiError(status, exc.message, type=type_, code=code)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except store.WalletError as exc:
+        return from_wallet_error(exc).response()
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.config_dict[CONFIG].max_body_bytes
+        return error_response(413, f"request body too large (limit {limit} bytes)", code="request_too_large")
+    except web.HTTPNotFound:
+        return error_response(404, f"no route {request.method} {request.path}", code="not_found")
+    except web.HTTPMethodNotAllowed as exc:
+        return error_response(405, f"{request.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}", code="method_not_allowed")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason or "error", code=None)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or a 400 that says what is wrong with it."""
+    body = await request.read()
+    if not body:
+        raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def validate_model(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        messages = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise ApiError(400, messages, code="invalid_request", param=param) from None
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    return validate_model(model, await read_json(request))

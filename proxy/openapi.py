@@ -1,0 +1,105 @@
+"""The OpenAPI 3.1 document served at /openapi.json, built from the same models the handlers use."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from proxy import schemas
+
+_MODELS: list[type[BaseModel]] = [
+    schemas.CreateEndUser, schemas.CreateKey, schemas.TopUp, schemas.Refund, schemas.Adjustment,
+    schemas.WalletView, schemas.ReceiptView, schemas.LedgerPage, schemas.EndUserView, schemas.KeyView,
+    schemas.CreatedKeyView, schemas.KeyList,
+]
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _op(summary: str, ok: int, response: type[BaseModel] | None, body: type[BaseModel] | None = None,
+        params: list[dict[str, Any]] | None = None, errors: tuple[int, ...] = (400, 401, 404)) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "security": [{"adminKey": []}], "responses": {}}
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    op["responses"][str(ok)] = {
+        "description": "OK",
+        **({"content": {"application/json": {"schema": _ref(response)}}} if response else {}),
+    }
+    for status in errors:
+        op["responses"][str(status)] = {"$ref": "#/components/responses/Error"}
+    return op
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+_IDEMPOTENCY = {
+    "name": "Idempotency-Key", "in": "header", "required": True, "schema": {"type": "string", "maxLength": 255},
+    "description": "replaying a key returns the first answer; the same key with another body is a 409",
+}
+
+
+@lru_cache(maxsize=1)
+def document() -> dict[str, Any]:
+    _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template="#/components/schemas/{model}")
+    uid, kid = _path_param("id"), _path_param("key_id")
+    money = (400, 401, 404, 409)
+    paths = {
+        "/admin/end-users": {"post": _op("Create an end user and their wallet", 201, schemas.EndUserView, schemas.CreateEndUser, errors=(400, 401, 409))},
+        "/admin/end-users/{id}": {"get": _op("Get an end user", 200, schemas.EndUserView, params=[uid])},
+        "/admin/end-users/{id}/keys": {
+            "post": _op("Issue an sk-eu_ key (shown once)", 201, schemas.CreatedKeyView, schemas.CreateKey, params=[uid]),
+            "get": _op("List an end user's keys, masked", 200, schemas.KeyList, params=[uid]),
+        },
+        "/admin/end-users/{id}/keys/{key_id}": {"delete": _op("Revoke a key", 200, schemas.KeyView, params=[uid, kid])},
+        "/admin/wallets/{id}": {"get": _op("Balance, held, available and credit limit", 200, schemas.WalletView, params=[uid])},
+        "/admin/wallets/{id}/top-ups": {"post": _op("Add funds", 201, schemas.ReceiptView, schemas.TopUp, [uid, _IDEMPOTENCY], money)},
+        "/admin/wallets/{id}/refunds": {"post": _op("Refund (part of) a charge", 201, schemas.ReceiptView, schemas.Refund, [uid, _IDEMPOTENCY], money)},
+        "/admin/wallets/{id}/adjustments": {"post": _op("Signed correction with a reason", 201, schemas.ReceiptView, schemas.Adjustment, [uid, _IDEMPOTENCY], (*money, 402))},
+        "/admin/wallets/{id}/ledger": {"get": _op("Ledger entries, newest first", 200, schemas.LedgerPage, params=[
+            uid,
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
+            {"name": "starting_after", "in": "query", "schema": {"type": "string"}, "description": "next_cursor of the previous page"},
+        ])},
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
+        "/readyz": {"get": {"summary": "Readiness (the store answers)", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "metergate", "version": "0.1.0", "description": "Metering proxy with prepaid wallets. Amounts are integer micros (1 USD = 1,000,000)."},
+        "paths": paths,
+        "components": {
+            "schemas": {**defs.get("$defs", {}), "Error": _ERROR_SCHEMA},
+            "responses": {"Error": {"description": "Error in OpenAI's shape", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+            "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+async def handler(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps(document()), content_type="application/json")

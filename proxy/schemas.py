@@ -1,0 +1,128 @@
+"""The admin API's request bodies and response shapes, as typed models.
+
+The OpenAPI document is generated from these same models, so it cannot drift
+from what the handlers accept.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from proxy.store import MAX_AMOUNT_MICROS, WalletState
+
+Micros = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT_MICROS, description="integer micros (1 USD = 1,000,000)")]
+SignedMicros = Annotated[StrictInt, Field(ge=-MAX_AMOUNT_MICROS, le=MAX_AMOUNT_MICROS, description="signed integer micros, non-zero")]
+EndUserId = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.@-]{1,128}$", description="your id for the end user; also the wallet id")]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateEndUser(_Body):
+    id: EndUserId
+    tier: StrictStr = "default"
+    metadata: dict[str, Any] = {}
+    credit_limit_micros: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT_MICROS)] = 0
+    ratecard: StrictStr | None = Field(None, description="pin to a card: 'card_id' or 'card_id@version'")
+
+
+class CreateKey(_Body):
+    name: Annotated[StrictStr, Field(max_length=200)] = ""
+
+
+class TopUp(_Body):
+    amount_micros: Micros
+    reference: Annotated[StrictStr, Field(max_length=500)] = ""
+    metadata: dict[str, Any] = {}
+
+
+class Refund(_Body):
+    amount_micros: Micros
+    charge_id: StrictStr = Field(description="ledger id of the charge being refunded")
+    reason: Annotated[StrictStr, Field(min_length=1, max_length=500)]
+    metadata: dict[str, Any] = {}
+
+
+class Adjustment(_Body):
+    amount_micros: SignedMicros
+    reason: Annotated[StrictStr, Field(min_length=1, max_length=500)]
+    metadata: dict[str, Any] = {}
+
+
+def usd(micros: int) -> str:
+    """Micros as a decimal string for people: 1234567 -> '1.234567'."""
+    return f"{Decimal(micros).scaleb(-6):.6f}"
+
+
+class WalletView(BaseModel):
+    id: str
+    currency: str = "USD"
+    balance_micros: int
+    held_micros: int
+    available_micros: int
+    credit_limit_micros: int
+    balance: str
+    available: str
+
+    @classmethod
+    def of(cls, state: WalletState) -> "WalletView":
+        return cls(
+            id=state.wallet_id, balance_micros=state.balance_micros, held_micros=state.held_micros,
+            available_micros=state.available_micros, credit_limit_micros=state.credit_limit_micros,
+            balance=usd(state.balance_micros), available=usd(state.available_micros),
+        )
+
+
+class ReceiptView(BaseModel):
+    ledger_id: str
+    wallet: WalletView
+
+
+class LedgerEntryView(BaseModel):
+    id: str
+    type: str
+    amount_micros: int
+    amount: str
+    balance_micros: int
+    held_micros: int
+    created_ms: int
+    details: dict[str, Any]
+
+
+class LedgerPage(BaseModel):
+    object: str = "list"
+    data: list[LedgerEntryView]
+    has_more: bool
+    next_cursor: str | None
+
+
+class EndUserView(BaseModel):
+    id: str
+    tier: str
+    ratecard: str | None
+    metadata: dict[str, Any]
+    created_ms: int
+    wallet: WalletView
+
+
+class KeyView(BaseModel):
+    id: str
+    end_user_id: str
+    name: str
+    masked: str
+    created_ms: int
+    revoked: bool
+    revoked_ms: int | None
+
+
+class CreatedKeyView(KeyView):
+    key: str = Field(description="the key itself, shown this once; only its hash is stored")
+
+
+class KeyList(BaseModel):
+    object: str = "list"
+    data: list[KeyView]
