@@ -15,7 +15,7 @@ from pricing.cards import (
     load_rate_cards,
 )
 from pricing.money import Charge, Rates, Usage, format_micros, price_meter, price_usage
-from pricing.tokens import count_text_tokens, estimate_prompt_tokens, output_token_bound
+from pricing.tokens import count_text_tokens, estimate_prompt_tokens, estimate_usage, output_token_bound
 
 __all__ = [
     "Charge",
@@ -28,6 +28,7 @@ __all__ = [
     "Usage",
     "count_text_tokens",
     "estimate_prompt_tokens",
+    "estimate_usage",
     "format_micros",
     "load_rate_card",
     "load_rate_card_files",

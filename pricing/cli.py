@@ -176,7 +176,9 @@ def diff_cards(old: RateCard, new: RateCard) -> list[str]:
                 after[derived] = after.pop(derived, after.pop("~" + derived, Decimal(0)))
             before.pop("~" + derived, None)
             after.pop("~" + derived, None)
-        for component in [c for c in after if c in before] + [c for c in before if c not in after]:
+        order = [c for c, _, _ in COMPONENTS]
+        rank = lambda c: (order.index(c) if c in order else len(order), c)  # noqa: E731
+        for component in sorted([c for c in after if c in before] + [c for c in before if c not in after], key=rank):
             was, now = before.get(component, Decimal(0)), after.get(component, Decimal(0))
             if was != now:
                 unit = "USD/1M tokens" if any(c == component and t for c, _, t in COMPONENTS) else "USD/unit"

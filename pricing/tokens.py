@@ -19,6 +19,7 @@ import threading
 from typing import Any, Callable, Mapping
 
 from pricing.cards import ModelPrice
+from pricing.money import Usage
 
 log = logging.getLogger(__name__)
 
@@ -252,3 +253,15 @@ def output_token_bound(body: Mapping[str, Any], model: ModelPrice) -> int:
     bound = min(requested, cap) if requested is not None else cap
     choices = max(_positive_int(body.get("n")) or 1, _positive_int(body.get("best_of")) or 1)
     return bound * choices
+
+
+def estimate_usage(body: Mapping[str, Any], model: ModelPrice) -> Usage:
+    """The usage to hold for before forwarding: estimated prompt, bounded output.
+
+    Cache discounts are not assumed, and when the card prices reasoning above
+    output, the whole output bound is priced as reasoning, so the hold covers
+    the worst case the card allows. Never raises.
+    """
+    completion = output_token_bound(body, model)
+    reasoning = completion if model.price.effective_reasoning > model.price.output else 0
+    return Usage(prompt_tokens=estimate_prompt_tokens(body), completion_tokens=completion, reasoning_tokens=reasoning)

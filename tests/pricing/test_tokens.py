@@ -145,3 +145,19 @@ def test_output_token_bound(body: dict, bound: int) -> None:
 
 def test_output_token_bound_is_zero_for_embeddings() -> None:
     assert output_token_bound({"max_tokens": 100}, EMBED) == 0
+
+
+def test_estimate_usage_prices_output_as_reasoning_when_reasoning_costs_more() -> None:
+    from pricing import estimate_usage, price_usage
+
+    thinker = model(Rates(input=Decimal(1), output=Decimal(2), reasoning=Decimal(5)), cap=100)
+    usage = estimate_usage({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}, thinker)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens) == (3 + 3 + n("user") + n("hi"), 10, 10)
+    assert price_usage(thinker, usage).price_micros == usage.prompt_tokens * 1 + 10 * 5
+
+
+def test_estimate_usage_plain_model_has_no_reasoning() -> None:
+    from pricing import estimate_usage
+
+    usage = estimate_usage({"prompt": "x", "max_tokens": 5}, CHAT)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens, usage.cached_tokens) == (1, 5, 0, 0)
