@@ -161,3 +161,16 @@ def test_estimate_usage_plain_model_has_no_reasoning() -> None:
 
     usage = estimate_usage({"prompt": "x", "max_tokens": 5}, CHAT)
     assert (usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens, usage.cached_tokens) == (1, 5, 0, 0)
+
+
+def test_falls_back_to_bytes_over_four_with_one_warning(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import pricing.tokens as tokens
+
+    monkeypatch.setattr(tokens, "ENCODINGS", ("no_such_encoding",))
+    monkeypatch.setattr(tokens, "_counter", None)
+    monkeypatch.setattr(tokens, "_encoding_name", None)
+    with caplog.at_level("WARNING", logger="pricing.tokens"):
+        assert count_text_tokens("hello") == 2  # ceil(5 / 4)
+        assert count_text_tokens("héllo wörld") == 4  # 13 utf-8 bytes
+    assert tokens.encoding_name() == "bytes/4 heuristic"
+    assert len([r for r in caplog.records if "no tiktoken encoding" in r.getMessage()]) == 1
