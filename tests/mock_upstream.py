@@ -550,8 +550,7 @@ async def running_mock_upstream(
     site = web.TCPSite(runner, host, port)
     await site.start()
     try:
-        sock = site._server.sockets[0]  # type: ignore[union-attr]
-        state.port = sock.getsockname()[1]
+        state.port = runner.addresses[0][1]
         state.url = f"http://{host}:{state.port}"
         state.base_url = state.url + "/v1"
         yield state
