@@ -10,11 +10,14 @@ from typing import AsyncIterator
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from proxy import openapi
+import aiohttp
+
+from proxy import gateway, openapi
 from proxy.admin import create_admin_app
 from proxy.config import Config
 from proxy.errors import error_middleware
-from proxy.keys import ACCOUNTS, CONFIG, REDIS, WALLETS
+from proxy.keys import ACCOUNTS, BACKGROUND, CONFIG, HTTP, RATECARDS, REDIS, WALLETS
+from proxy.ratecards import RateCardRegistry
 from proxy.store import AccountStore, WalletStore, connect
 
 log = logging.getLogger("metergate")
@@ -41,6 +44,19 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ACCOUNTS] = AccountStore(client)
     yield
     await client.aclose()
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    # One pooled session for every upstream: keep-alive connections are most of
+    # the latency budget a proxy has.
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300)
+    app[HTTP] = aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
+    app[BACKGROUND] = set()
+    yield
+    # Settlements still running finish before the store closes.
+    if app[BACKGROUND]:
+        await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
+    await app[HTTP].close()
 
 
 async def run_reaper(wallets: WalletStore, interval: float) -> None:
@@ -82,10 +98,13 @@ async def readyz(request: web.Request) -> web.Response:
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[RATECARDS] = RateCardRegistry(config.resolve(config.ratecards_dir), set(config.upstreams))
     app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_http_ctx)
     app.cleanup_ctx.append(_reaper_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi.handler)
+    app.add_routes(gateway.routes)
     app.add_subapp("/admin", create_admin_app())
     return app

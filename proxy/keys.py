@@ -12,3 +12,13 @@ CONFIG = web.AppKey("config", Config)
 REDIS = web.AppKey("redis", aioredis.Redis)
 WALLETS = web.AppKey("wallets", WalletStore)
 ACCOUNTS = web.AppKey("accounts", AccountStore)
+
+import asyncio  # noqa: E402
+
+import aiohttp  # noqa: E402
+
+from proxy.ratecards import RateCardRegistry  # noqa: E402
+
+RATECARDS = web.AppKey("ratecards", RateCardRegistry)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+BACKGROUND = web.AppKey("background", set)  # settlement tasks still running

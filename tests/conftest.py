@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -13,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from proxy.app import create_app
 from proxy.config import Config, load_config
 from proxy.store import AccountStore, WalletStore, connect
+from tests.mock_upstream import MockUpstream, running_mock_upstream
 from tests.redis_server import RedisServer
 
 
@@ -70,3 +72,55 @@ def config(redis_server: RedisServer, redis: aioredis.Redis) -> Config:
 @pytest.fixture
 async def client(aiohttp_client, config: Config) -> TestClient:
     return await aiohttp_client(create_app(config))
+
+
+# ------------------------------------------------------------ gateway fixtures
+
+OPERATOR_KEY = "test-operator-key"
+UPSTREAM_KEY_ENV = "METERGATE_TEST_UPSTREAM_KEY"
+UPSTREAM_KEY = "sk-upstream-secret-never-shown"
+
+
+@pytest.fixture
+async def mock_upstream() -> AsyncIterator[MockUpstream]:
+    async with running_mock_upstream() as mock:
+        yield mock
+
+
+@pytest.fixture
+def gateway_config(redis_server: RedisServer, redis: aioredis.Redis, mock_upstream: MockUpstream, monkeypatch) -> Config:
+    monkeypatch.setenv(UPSTREAM_KEY_ENV, UPSTREAM_KEY)
+    return load_config(
+        redis_url=redis_server.url, admin_keys=[ADMIN_KEY], operator_keys=[OPERATOR_KEY],
+        upstreams={"openai": {"base_url": mock_upstream.base_url, "api_key_env": UPSTREAM_KEY_ENV}},
+    )
+
+
+@pytest.fixture
+async def gateway(aiohttp_client, gateway_config: Config) -> TestClient:
+    # handler_cancellation as in production (`metergate serve`): a client that
+    # goes away cancels its handler at once.
+    return await aiohttp_client(create_app(gateway_config), server_kwargs={"handler_cancellation": True})
+
+
+@pytest.fixture
+def base_url(gateway: TestClient) -> str:
+    return str(gateway.make_url("/v1"))
+
+
+@dataclass
+class EndUser:
+    id: str
+    key: str
+
+
+@pytest.fixture
+def make_end_user(wallets: WalletStore, accounts: AccountStore):
+    async def make(user_id: str = "u_1", funds: int = 10_000_000, tier: str = "default", **profile) -> EndUser:
+        await wallets.open(user_id, profile={"tier": tier, "metadata": {}, **profile})
+        if funds:
+            await wallets.top_up(user_id, funds, idempotency_key=f"seed-{user_id}")
+        _, key = await accounts.create_key(user_id)
+        return EndUser(user_id, key)
+
+    return make

@@ -1,0 +1,67 @@
+"""Who is calling and whose wallet pays: an `sk-eu_` key, or an operator key plus `user`."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from aiohttp import web
+
+from proxy.errors import ApiError
+from proxy.keys import ACCOUNTS, CONFIG, WALLETS
+from proxy.store import API_KEY_PREFIX
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The end user a request is billed to, and the credential that proved it."""
+
+    end_user_id: str
+    key_id: str  # the sk-eu_ key id, or "operator"
+    tier: str
+    ratecard_pin: str | None
+    scopes: Mapping[str, Any] = field(default_factory=dict)
+
+
+def bearer_token(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401, "no API key provided: send Authorization: Bearer sk-eu_... (or an operator key with `user`)",
+            code="invalid_api_key",
+        )
+    return token.strip()
+
+
+def _invalid_key() -> ApiError:
+    return ApiError(401, "incorrect API key provided", code="invalid_api_key")
+
+
+async def _profile_caller(request: web.Request, end_user_id: str, key_id: str, scopes: Mapping[str, Any]) -> Caller | None:
+    profile = await request.config_dict[WALLETS].profile(end_user_id)
+    if profile is None:
+        return None
+    return Caller(end_user_id, key_id, profile.get("tier") or "default", profile.get("ratecard"), scopes)
+
+
+async def authenticate(request: web.Request, body: Mapping[str, Any] | None) -> Caller:
+    """The paying end user, or a 401/400 in OpenAI's shape. `body` carries `user` for operator calls."""
+    token = bearer_token(request)
+    if token.startswith(API_KEY_PREFIX):
+        key = await request.config_dict[ACCOUNTS].find_key(token)
+        if key is None or key.revoked:
+            raise _invalid_key()
+        caller = await _profile_caller(request, key.end_user_id, key.id, key.scopes)
+        if caller is None:
+            raise _invalid_key()
+        return caller
+    if any(hmac.compare_digest(token, k) for k in request.config_dict[CONFIG].operator_keys):
+        user = body.get("user") if body is not None else request.query.get("user")
+        if not isinstance(user, str) or not user:
+            raise ApiError(400, "an operator key must name the paying end user in `user`", code="missing_user", param="user")
+        caller = await _profile_caller(request, user, "operator", {})
+        if caller is None:
+            raise ApiError(400, f"no end user {user!r}", code="unknown_end_user", param="user")
+        return caller
+    raise _invalid_key()
