@@ -21,7 +21,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"metergate: bad configuration\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler at once,
+    # so the upstream is closed and the call settled for what it consumed.
+    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None, handler_cancellation=True)
     return 0
 
 
