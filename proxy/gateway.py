@@ -9,6 +9,7 @@ still pays for what it consumed, and no more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ _KIND = {"/chat/completions": "chat", "/completions": "completion", "/embeddings
 _REQUIRED = {"chat": "messages", "completion": "prompt", "embedding": "input"}
 _HOP_BY_HOP_SAFE = ("Retry-After", "X-RateLimit-Limit-Requests", "X-RateLimit-Remaining-Requests")
 _CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+_STREAM_CUT_EVENT = b"data: " + orjson.dumps({"error": {
+    "message": "the upstream provider ended the stream before it was complete; you were charged only for the tokens received",
+    "type": "api_error", "param": None, "code": "upstream_stream_cut",
+}}) + b"\n\n"
 
 
 @dataclass
@@ -349,6 +354,11 @@ async def _forward_stream(request: web.Request, call: MeteredCall, path: str) ->
     except (aiohttp.ClientError, asyncio.TimeoutError):
         outcome = "upstream_cut"
     finally:
+        if outcome == "upstream_cut":
+            # Say so in-band: the SDKs raise on an error event, where a
+            # silently ended stream would look like a complete answer.
+            with contextlib.suppress(*_CLIENT_GONE, RuntimeError):
+                await response.write(_STREAM_CUT_EVENT)
         # Closing (not releasing) drops the upstream connection, so the
         # provider stops generating what nobody will read.
         upstream.close()
