@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import aiohttp
 
@@ -59,6 +61,30 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[HTTP].close()
 
 
+async def _ratecards_ctx(app: web.Application) -> AsyncIterator[None]:
+    registry = app[RATECARDS]
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(registry.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        sighup = True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        sighup = False
+    watcher = asyncio.create_task(registry.watch(app[CONFIG].ratecards_watch_interval_seconds))
+    yield
+    watcher.cancel()
+    if sighup:
+        loop.remove_signal_handler(signal.SIGHUP)
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+
+
 async def run_reaper(wallets: WalletStore, interval: float) -> None:
     """Expire holds whose TTL passed (their proxy died mid-request) and release their funds."""
     while True:
@@ -95,6 +121,10 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
@@ -102,9 +132,11 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_http_ctx)
     app.cleanup_ctx.append(_reaper_ctx)
+    app.cleanup_ctx.append(_ratecards_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi.handler)
+    app.router.add_get("/metrics", metrics)
     app.add_routes(gateway.routes)
     app.add_subapp("/admin", create_admin_app())
     return app

@@ -62,6 +62,7 @@ class Config(_Strict):
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     cors_origins: list[str] = []
     ratecards_dir: str = "ratecards"
+    ratecards_watch_interval_seconds: PositiveFloat = 2.0
     upstreams: dict[str, UpstreamConfig] = {}
     jwt: JWTConfig = JWTConfig()
     # Where relative paths in this file are resolved from; set by the loader.
