@@ -220,6 +220,10 @@ def _user_keys_key(w: str) -> str:
     return f"{_tag(w)}:api-keys"
 
 
+def _limits_key(w: str, key_id: str) -> str:
+    return f"{_tag(w)}:limits:{key_id}"
+
+
 def _api_key_key(key_hash: str) -> str:
     return f"{PREFIX}:api-key:{key_hash}"
 
@@ -272,7 +276,7 @@ class _Scripts:
         prelude = (lua / "_prelude.lua").read_text()
         self.source: dict[str, str] = {}
         self.sha: dict[str, str] = {}
-        for name in ("open", "top_up", "adjust", "refund", "hold", "settle", "release"):
+        for name in ("open", "top_up", "adjust", "refund", "hold", "settle", "release", "key_limits"):
             body = prelude + "\n" + (lua / f"{name}.lua").read_text()
             self.source[name] = body
             self.sha[name] = hashlib.sha1(body.encode()).hexdigest()
@@ -286,7 +290,38 @@ class _Scripts:
                 raw = await redis.evalsha(self.sha[name], len(keys), *keys, *args)
         except ResponseError as exc:
             _raise_script_error(exc)
-        return [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
+        return _strings(raw)
+
+    async def run_with(
+        self, redis: aioredis.Redis, name: str, keys: Sequence[str], args: Sequence[Any],
+        *, before: Sequence[Sequence[Any]] = (), after: Sequence[Sequence[Any]] = (),
+    ) -> list[str]:
+        """Run a script with plain commands before and after it in one round trip.
+
+        The commands must be idempotent: on NOSCRIPT the whole batch runs again.
+        """
+        for attempt in (0, 1):
+            async with redis.pipeline(transaction=False) as pipe:
+                for command in before:
+                    pipe.execute_command(*command)
+                pipe.evalsha(self.sha[name], len(keys), *keys, *args)
+                for command in after:
+                    pipe.execute_command(*command)
+                results = await pipe.execute(raise_on_error=False)
+            outcome = results[len(before)]
+            if isinstance(outcome, NoScriptError) and attempt == 0:
+                await redis.script_load(self.source[name])
+                continue
+            if isinstance(outcome, ResponseError):
+                _raise_script_error(outcome)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return _strings(outcome)
+        raise AssertionError("unreachable")
+
+
+def _strings(raw: Sequence[Any]) -> list[str]:
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
 
 
 _SCRIPTS: _Scripts | None = None
@@ -415,9 +450,12 @@ class WalletStore:
         # Index first: a hold that exists is always findable by the reaper. An
         # index entry without a hold (refused, or we died in between) is
         # dropped by the reaper when it finds nothing to expire.
-        await self.redis.zadd(HOLD_INDEX_KEY, {_index_member(wallet_id, hold_id): _now_ms() + ttl_ms})
+        member = _index_member(wallet_id, hold_id)
         try:
-            out = await self._run("hold", self._hold_keys(wallet_id, hold_id), [hold_id, amount_micros, ttl_ms, _meta(meta)])
+            out = await self._scripts.run_with(
+                self.redis, "hold", self._hold_keys(wallet_id, hold_id), [hold_id, amount_micros, ttl_ms, _meta(meta)],
+                before=[("ZADD", HOLD_INDEX_KEY, _now_ms() + ttl_ms, member)],
+            )
         except WalletError:
             await self.redis.zrem(HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
             raise
@@ -436,19 +474,25 @@ class WalletStore:
         self, wallet_id: str, hold_id: str, amount_micros: int, *, meta: Mapping[str, Any] | None = None
     ) -> Settlement:
         """Capture `amount_micros` (may exceed the hold, as far as the wallet allows); release the rest."""
-        out = await self._run(
-            "settle", self._hold_keys(wallet_id, hold_id),
+        if amount_micros < 0:
+            raise InvalidAmount("the settle amount cannot be negative")
+        # The hold leaves the reaper's index in the same round trip, so the
+        # script must not refuse: an absurd usage report is capped (and the
+        # wallet caps it further), never allowed to strand the hold.
+        amount_micros = min(amount_micros, MAX_AMOUNT_MICROS)
+        out = await self._scripts.run_with(
+            self.redis, "settle", self._hold_keys(wallet_id, hold_id),
             [hold_id, amount_micros, _meta(meta), self.closed_hold_ttl_seconds],
+            after=[("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))],
         )
-        await self.redis.zrem(HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
         return self._settlement(wallet_id, hold_id, out)
 
     async def release(self, wallet_id: str, hold_id: str, *, reason: str = "") -> Settlement:
-        out = await self._run(
-            "release", self._hold_keys(wallet_id, hold_id),
+        out = await self._scripts.run_with(
+            self.redis, "release", self._hold_keys(wallet_id, hold_id),
             [hold_id, reason, "release", self.closed_hold_ttl_seconds],
+            after=[("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))],
         )
-        await self.redis.zrem(HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
         return self._settlement(wallet_id, hold_id, out)
 
     async def expire(self, wallet_id: str, hold_id: str) -> Settlement | None:
@@ -630,6 +674,10 @@ class AccountStore:
         revoked_ms = orjson.loads(current)["key"].get("revoked_ms") or _now_ms()
         return await self._update_key(end_user_id, key_id, revoked_ms=revoked_ms)
 
+    async def update_key(self, end_user_id: str, key_id: str, **changes: Any) -> ApiKey | None:
+        """Change a key's `name` and/or `scopes`; in force for the next request on every replica."""
+        return await self._update_key(end_user_id, key_id, **changes)
+
     async def update_key_scopes(self, end_user_id: str, key_id: str, scopes: Mapping[str, Any]) -> ApiKey | None:
         return await self._update_key(end_user_id, key_id, scopes=dict(scopes))
 
@@ -637,3 +685,62 @@ class AccountStore:
         """The key record for a presented `sk-eu_` key (revoked ones included), or None."""
         raw = await self.redis.get(_api_key_key(hash_api_key(plaintext)))
         return ApiKey.from_json(orjson.loads(raw)) if raw is not None else None
+
+
+# -------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class Limited:
+    """Why a call was refused by its key's limits: `what` is requests|tokens|spend|daily_spend."""
+
+    what: str
+    limit: int
+    used: int
+    retry_after_ms: int
+
+
+@dataclass(frozen=True)
+class KeySpend:
+    spent_micros: int
+    spent_today_micros: int
+
+
+class LimitStore:
+    """Per-credential rate windows and spend counters (`proxy/lua/key_limits.lua`).
+
+    Each credential (an `sk-eu_` key id, or `jwt:<jti>`) has one hash in its end
+    user's `{w:<id>}` slot; admitting a call counts it and reserves its hold
+    against the spend caps, recording it replaces the reservation by the capture.
+    """
+
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+        self._scripts = _scripts()
+
+    async def admit(
+        self, end_user_id: str, key_id: str, request_id: str, *, requests_per_minute: int, tokens_per_minute: int,
+        tokens: int, max_spend_micros: int | None, max_daily_spend_micros: int | None, amount_micros: int,
+    ) -> Limited | None:
+        """Count the call and reserve `amount_micros`; or, over a limit, change nothing and say which."""
+        out = await self._scripts.run(self.redis, "key_limits", [_limits_key(end_user_id, key_id)], [
+            "admit", request_id, requests_per_minute, tokens_per_minute, tokens,
+            -1 if max_spend_micros is None else max_spend_micros,
+            -1 if max_daily_spend_micros is None else max_daily_spend_micros, amount_micros,
+        ])
+        if out[0] == "ok":
+            return None
+        return Limited(what=out[1], limit=int(out[2]), used=int(out[3]), retry_after_ms=int(out[4]))
+
+    async def record(self, end_user_id: str, key_id: str, request_id: str, *, captured_micros: int, tokens: int) -> KeySpend:
+        """Replace the call's reservation (if it had one) by what it captured and used."""
+        out = await self._scripts.run(self.redis, "key_limits", [_limits_key(end_user_id, key_id)], [
+            "record", request_id, captured_micros, tokens,
+        ])
+        return KeySpend(int(out[1]), int(out[2]))
+
+    async def spend(self, end_user_id: str, key_id: str) -> KeySpend:
+        """What a credential has spent (reservations of calls in flight included), in total and today (UTC)."""
+        spent, day, spent_day = await self.redis.hmget(_limits_key(end_user_id, key_id), "spent", "day", "spent_day")
+        today = _now_ms() // 86_400_000
+        return KeySpend(int(spent or 0), int(spent_day or 0) if day is not None and int(day) == today else 0)

@@ -365,3 +365,20 @@ async def test_all_keys_of_a_wallet_share_one_cluster_slot(wallets, redis):
     keys = [k async for k in redis.scan_iter(match="mg:{w:u_1}*")]
     assert len(keys) >= 5
     assert len({key_slot(k) for k in keys}) == 1
+
+
+async def test_settle_of_an_absurd_amount_is_capped_not_refused(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    s = await wallets.settle("u_1", hold.hold_id, 10**18)
+    assert (s.captured_micros, s.shortfall_micros) == (10_000_000, 10**15 - 10_000_000)
+    assert (await wallets.get("u_1")).held_micros == 0
+
+
+async def test_settle_of_a_negative_amount_is_refused_and_the_hold_stays(wallets, redis):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    with pytest.raises(InvalidAmount):
+        await wallets.settle("u_1", hold.hold_id, -1)
+    assert await redis.zscore("mg:hold-index", f"u_1|{hold.hold_id}") is not None
+    assert (await wallets.get("u_1")).held_micros == 3_000_000
