@@ -99,6 +99,12 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None,
                 data[field] = convert(environ[var])
             except ValueError:
                 raise SourceError([SourceIssue(var, 0, field, f"cannot parse {environ[var]!r}")]) from None
+    for name, upstream in (data.get("upstreams") or {}).items():
+        # METERGATE_UPSTREAM_OPENAI_BASE_URL points the `openai` upstream elsewhere
+        # (a regional endpoint, a test double) without editing the file.
+        url = environ.get(f"METERGATE_UPSTREAM_{name.upper().replace('-', '_')}_BASE_URL")
+        if url and isinstance(upstream, dict):
+            upstream["base_url"] = url
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return Config.model_validate(data)
