@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from proxy import schemas
 from proxy.errors import ApiError, error_middleware, read_model
 from proxy.keys import ACCOUNTS, CONFIG, RATECARDS, WALLETS
-from proxy.store import ApiKey, LedgerEntry, Receipt
+from proxy.store import ApiKey, LedgerEntry, LimitStore, Receipt, _now_ms
 
 routes = web.RouteTableDef()
 
@@ -88,10 +88,15 @@ async def get_end_user(request: web.Request) -> web.Response:
     return _json(await _end_user_view(request, request.match_info["id"]))
 
 
-def _key_view(key: ApiKey) -> schemas.KeyView:
+async def _key_view(request: web.Request, key: ApiKey) -> schemas.KeyView:
+    spend = await LimitStore(request.config_dict[WALLETS].redis).spend(key.end_user_id, key.id)
+    expires_ms = key.scopes.get("expires_ms")
     return schemas.KeyView(
         id=key.id, end_user_id=key.end_user_id, name=key.name, masked=key.masked,
         created_ms=key.created_ms, revoked=key.revoked, revoked_ms=key.revoked_ms,
+        expired=expires_ms is not None and expires_ms <= _now_ms(),
+        **{name: key.scopes.get(name) for name in schemas.SCOPE_FIELDS},
+        spent_micros=spend.spent_micros, spent_today_micros=spend.spent_today_micros,
     )
 
 
@@ -100,8 +105,8 @@ async def create_key(request: web.Request) -> web.Response:
     end_user_id = request.match_info["id"]
     body = await read_model(request, schemas.CreateKey)
     await _end_user_view(request, end_user_id)
-    key, plaintext = await request.config_dict[ACCOUNTS].create_key(end_user_id, name=body.name)
-    return _json(schemas.CreatedKeyView(**_key_view(key).model_dump(), key=plaintext), 201)
+    key, plaintext = await request.config_dict[ACCOUNTS].create_key(end_user_id, name=body.name, scopes=body.scopes())
+    return _json(schemas.CreatedKeyView(**(await _key_view(request, key)).model_dump(), key=plaintext), 201)
 
 
 @routes.get("/end-users/{id}/keys")
@@ -109,7 +114,25 @@ async def list_keys(request: web.Request) -> web.Response:
     end_user_id = request.match_info["id"]
     await _end_user_view(request, end_user_id)
     keys = await request.config_dict[ACCOUNTS].list_keys(end_user_id)
-    return _json(schemas.KeyList(data=[_key_view(k) for k in keys]))
+    return _json(schemas.KeyList(data=[await _key_view(request, k) for k in keys]))
+
+
+@routes.patch("/end-users/{id}/keys/{key_id}")
+async def update_key(request: web.Request) -> web.Response:
+    """Change a key's name or limits; the next request through it, on any replica, sees them."""
+    end_user_id, key_id = request.match_info["id"], request.match_info["key_id"]
+    body = await read_model(request, schemas.UpdateKey)
+    accounts = request.config_dict[ACCOUNTS]
+    current = next((k for k in await accounts.list_keys(end_user_id) if k.id == key_id), None)
+    if current is None:
+        raise ApiError(404, "no such key for this end user", code="key_not_found", param="key_id")
+    changes: dict = {"scopes": body.apply(current.scopes)}
+    if body.name is not None:
+        changes["name"] = body.name
+    key = await accounts.update_key(end_user_id, key_id, **changes)
+    if key is None:
+        raise ApiError(404, "no such key for this end user", code="key_not_found", param="key_id")
+    return _json(await _key_view(request, key))
 
 
 @routes.delete("/end-users/{id}/keys/{key_id}")
@@ -117,7 +140,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     key = await request.config_dict[ACCOUNTS].revoke_key(request.match_info["id"], request.match_info["key_id"])
     if key is None:
         raise ApiError(404, "no such key for this end user", code="key_not_found", param="key_id")
-    return _json(_key_view(key))
+    return _json(await _key_view(request, key))
 
 
 # ------------------------------------------------------------------- wallets

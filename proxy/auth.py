@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -52,6 +53,9 @@ async def authenticate(request: web.Request, body: Mapping[str, Any] | None) -> 
         key = await request.config_dict[ACCOUNTS].find_key(token)
         if key is None or key.revoked:
             raise _invalid_key()
+        expires_ms = key.scopes.get("expires_ms")
+        if expires_ms is not None and expires_ms <= time.time() * 1000:
+            raise ApiError(401, "this API key has expired", code="invalid_api_key")
         caller = await _profile_caller(request, key.end_user_id, key.id, key.scopes)
         if caller is None:
             raise _invalid_key()

@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from pricing import ModelPrice, RateCard, Usage, count_text_tokens, price_usage
-from proxy import metering
+from proxy import limits, metering
 from proxy.auth import Caller, authenticate
 from proxy.errors import ApiError, read_json
 from proxy.keys import BACKGROUND, CONFIG, HTTP, RATECARDS, WALLETS
@@ -175,11 +175,13 @@ async def _settle(wallets: WalletStore, call: MeteredCall, usage: Usage, *, usag
     settlement = await wallets.settle(call.caller.end_user_id, call.hold.hold_id, charge.price_micros, meta=meta)
     if settlement.shortfall_micros:
         log.warning("request %s: wallet %s could not cover %d micros", call.request_id, call.caller.end_user_id, settlement.shortfall_micros)
+    await limits.record(wallets, call.caller, call.request_id, settlement.captured_micros, usage)
     return settlement
 
 
 async def _release(wallets: WalletStore, call: MeteredCall, reason: str) -> None:
     await wallets.release(call.caller.end_user_id, call.hold.hold_id, reason=reason)
+    await limits.record(wallets, call.caller, call.request_id, 0, None)
 
 
 async def settle_or_release(request: web.Request, work: Awaitable[Any]) -> Any:
@@ -380,7 +382,8 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
     kind = _KIND[path]
     body, caller, quote = await _prepare(request, kind)
     request_id = "req_" + secrets.token_hex(12)
-    hold = await _hold(request, request_id, caller, quote)
+    async with limits.admission(request, caller, quote, request_id):
+        hold = await _hold(request, request_id, caller, quote)
     call = MeteredCall(request_id, caller, quote, hold, body)
     if body.get("stream") and kind != "embedding":
         return await _forward_stream(request, call, path)

@@ -15,7 +15,7 @@ from proxy import schemas
 _MODELS: list[type[BaseModel]] = [
     schemas.CreateEndUser, schemas.CreateKey, schemas.TopUp, schemas.Refund, schemas.Adjustment,
     schemas.WalletView, schemas.ReceiptView, schemas.LedgerPage, schemas.EndUserView, schemas.KeyView,
-    schemas.CreatedKeyView, schemas.KeyList,
+    schemas.CreatedKeyView, schemas.KeyList, schemas.UpdateKey,
 ]
 
 _ERROR_SCHEMA = {
@@ -76,7 +76,10 @@ def document() -> dict[str, Any]:
             "post": _op("Issue an sk-eu_ key (shown once)", 201, schemas.CreatedKeyView, schemas.CreateKey, params=[uid]),
             "get": _op("List an end user's keys, masked", 200, schemas.KeyList, params=[uid]),
         },
-        "/admin/end-users/{id}/keys/{key_id}": {"delete": _op("Revoke a key", 200, schemas.KeyView, params=[uid, kid])},
+        "/admin/end-users/{id}/keys/{key_id}": {
+            "delete": _op("Revoke a key", 200, schemas.KeyView, params=[uid, kid]),
+            "patch": _op("Change a key's name or limits (null removes a limit)", 200, schemas.KeyView, schemas.UpdateKey, params=[uid, kid]),
+        },
         "/admin/wallets/{id}": {"get": _op("Balance, held, available and credit limit", 200, schemas.WalletView, params=[uid])},
         "/admin/wallets/{id}/top-ups": {"post": _op("Add funds", 201, schemas.ReceiptView, schemas.TopUp, [uid, _IDEMPOTENCY], money)},
         "/admin/wallets/{id}/refunds": {"post": _op("Refund (part of) a charge", 201, schemas.ReceiptView, schemas.Refund, [uid, _IDEMPOTENCY], money)},

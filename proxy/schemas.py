@@ -30,8 +30,47 @@ class CreateEndUser(_Body):
     ratecard: StrictStr | None = Field(None, description="pin to a card: 'card_id' or 'card_id@version'")
 
 
-class CreateKey(_Body):
+Count = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT_MICROS)]
+Cap = Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT_MICROS, description="integer micros (1 USD = 1,000,000)")]
+ModelNames = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=200)]], Field(min_length=1, max_length=200)]
+
+
+class KeyScopes(_Body):
+    """What a key (or an end-user token) may do. Left out or null: no limit of that kind."""
+
+    models: ModelNames | None = Field(None, description="model names it may call; others are a 404")
+    max_spend_micros: Cap | None = Field(None, description="lifetime spend cap; over it, 402")
+    max_daily_spend_micros: Cap | None = Field(None, description="spend cap per UTC day; over it, 402")
+    requests_per_minute: Count | None = Field(None, description="sliding one-minute window; over it, 429")
+    tokens_per_minute: Count | None = Field(None, description="prompt + output bound at admission, corrected to the real usage at settlement; over it, 429")
+    expires_ms: Annotated[StrictInt, Field(ge=0)] | None = Field(None, description="unix time in ms after which it no longer authenticates")
+
+    def scopes(self) -> dict[str, Any]:
+        """The limits that are set, as stored on the key."""
+        return {name: getattr(self, name) for name in SCOPE_FIELDS if getattr(self, name) is not None}
+
+
+SCOPE_FIELDS = ("models", "max_spend_micros", "max_daily_spend_micros", "requests_per_minute", "tokens_per_minute", "expires_ms")
+
+
+class CreateKey(KeyScopes):
     name: Annotated[StrictStr, Field(max_length=200)] = ""
+
+
+class UpdateKey(KeyScopes):
+    """PATCH: only the fields sent change; a limit sent as null is removed."""
+
+    name: Annotated[StrictStr, Field(max_length=200)] | None = None
+
+    def apply(self, scopes: dict[str, Any]) -> dict[str, Any]:
+        out = dict(scopes)
+        for name in SCOPE_FIELDS:
+            if name in self.model_fields_set:
+                if getattr(self, name) is None:
+                    out.pop(name, None)
+                else:
+                    out[name] = getattr(self, name)
+        return out
 
 
 class TopUp(_Body):
@@ -117,6 +156,15 @@ class KeyView(BaseModel):
     created_ms: int
     revoked: bool
     revoked_ms: int | None
+    expired: bool = False
+    models: list[str] | None = None
+    max_spend_micros: int | None = None
+    max_daily_spend_micros: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    expires_ms: int | None = None
+    spent_micros: int = Field(0, description="lifetime spend through this key (calls in flight count their hold)")
+    spent_today_micros: int = Field(0, description="spend through this key in the current UTC day")
 
 
 class CreatedKeyView(KeyView):

@@ -1,0 +1,116 @@
+"""What an end-user credential may do, enforced before a call is forwarded.
+
+A scoped `sk-eu_` key or an end-user token carries limits in `Caller.scopes`:
+
+- `models`: the models it may call (enforced where the model is resolved);
+- `expires_ms`: after it, the credential no longer authenticates (see auth);
+- `requests_per_minute`, `tokens_per_minute`: sliding one-minute windows;
+- `max_spend_micros` (lifetime) and `max_daily_spend_micros` (per UTC day).
+
+`admission()` wraps the wallet hold: it counts the call and reserves the
+hold's amount against the spend caps in one Lua step (`key_limits.lua`), and
+undoes the reservation if the hold is refused. `record()` runs at settlement
+and replaces the reservation by the amount captured and the tokens used.
+Tokens per minute count the estimate at admission (prompt + the output bound,
+as OpenAI's own limiter does) and are corrected to the real usage at
+settlement. Over a rate: 429; over a spend cap: 402; nothing is forwarded and
+no hold is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from typing import Any, AsyncIterator, Mapping
+
+from aiohttp import web
+
+from pricing import Usage
+from proxy.auth import Caller
+from proxy.errors import ApiError
+from proxy.keys import WALLETS
+from proxy.metering import Quote
+from proxy.schemas import usd
+from proxy.store import LimitStore, Limited, WalletStore
+
+log = logging.getLogger(__name__)
+
+RATE_FIELDS = ("requests_per_minute", "tokens_per_minute")
+SPEND_FIELDS = ("max_spend_micros", "max_daily_spend_micros")
+
+
+def has_limits(scopes: Mapping[str, Any]) -> bool:
+    return any(scopes.get(name) is not None for name in (*RATE_FIELDS, *SPEND_FIELDS))
+
+
+def _metered_key(caller: Caller) -> bool:
+    """Operator calls are the operator's business; keys and tokens are counted."""
+    return caller.key_id != "operator"
+
+
+def _refusal(caller: Caller, limited: Limited, tokens: int, amount: int) -> ApiError:
+    retry = max(1, math.ceil(limited.retry_after_ms / 1000))
+    if limited.what == "requests":
+        return ApiError(
+            429, f"Rate limit reached for {caller.key_id} on requests per min (RPM): Limit {limited.limit}, "
+            f"Used {limited.used}, Requested 1. Please try again in {retry}s.",
+            type="requests", code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry), "X-RateLimit-Limit-Requests": str(limited.limit),
+                     "X-RateLimit-Remaining-Requests": str(max(0, limited.limit - limited.used))},
+        )
+    if limited.what == "tokens":
+        return ApiError(
+            429, f"Rate limit reached for {caller.key_id} on tokens per min (TPM): Limit {limited.limit}, "
+            f"Used {limited.used}, Requested {tokens}. Please try again in {retry}s.",
+            type="tokens", code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry), "X-RateLimit-Limit-Tokens": str(limited.limit),
+                     "X-RateLimit-Remaining-Tokens": str(max(0, limited.limit - limited.used))},
+        )
+    period = "daily" if limited.what == "daily_spend" else "lifetime"
+    return ApiError(
+        402, f"This key's {period} spend limit is {usd(limited.limit)} USD; it has spent {usd(limited.used)} "
+        f"and this call may cost up to {usd(amount)}.",
+        type="insufficient_quota", code="spend_limit_exceeded",
+    )
+
+
+@contextlib.asynccontextmanager
+async def admission(request: web.Request, caller: Caller, quote: Quote, request_id: str) -> AsyncIterator[None]:
+    """Admit the call under its credential's limits around the wallet hold (which runs in the body)."""
+    scopes = caller.scopes
+    if not (_metered_key(caller) and has_limits(scopes)):
+        yield
+        return
+    store = LimitStore(request.config_dict[WALLETS].redis)
+    tokens = quote.prompt_tokens + quote.max_output_tokens
+    amount = quote.hold.price_micros
+    limited = await store.admit(
+        caller.end_user_id, caller.key_id, request_id,
+        requests_per_minute=int(scopes.get("requests_per_minute") or 0),
+        tokens_per_minute=int(scopes.get("tokens_per_minute") or 0), tokens=tokens,
+        max_spend_micros=scopes.get("max_spend_micros"), max_daily_spend_micros=scopes.get("max_daily_spend_micros"),
+        amount_micros=amount,
+    )
+    if limited is not None:
+        raise _refusal(caller, limited, tokens, amount)
+    try:
+        yield
+    except BaseException:
+        # The hold was refused (or the handler cancelled): the call never ran.
+        await asyncio.shield(store.record(caller.end_user_id, caller.key_id, request_id, captured_micros=0, tokens=0))
+        raise
+
+
+async def record(wallets: WalletStore, caller: Caller, request_id: str, captured_micros: int, usage: Usage | None) -> None:
+    """At settlement (or release, with 0): count what the call really spent against its credential."""
+    if not _metered_key(caller) or (captured_micros == 0 and not has_limits(caller.scopes)):
+        return
+    tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
+    try:
+        await LimitStore(wallets.redis).record(
+            caller.end_user_id, caller.key_id, request_id, captured_micros=captured_micros, tokens=tokens,
+        )
+    except Exception:  # the wallet is settled; a lost counter must not fail the response
+        log.exception("request %s: could not record spend for %s", request_id, caller.key_id)
