@@ -16,6 +16,7 @@ from proxy import schemas
 from proxy.errors import ApiError, error_middleware, read_model
 from proxy.keys import ACCOUNTS, CONFIG, RATECARDS, WALLETS
 from proxy.store import ApiKey, LedgerEntry, LimitStore, Receipt, _now_ms
+from proxy.tokens import TOKENS
 
 routes = web.RouteTableDef()
 
@@ -141,6 +142,22 @@ async def revoke_key(request: web.Request) -> web.Response:
     if key is None:
         raise ApiError(404, "no such key for this end user", code="key_not_found", param="key_id")
     return _json(await _key_view(request, key))
+
+
+@routes.post("/end-users/{id}/tokens")
+async def mint_token(request: web.Request) -> web.Response:
+    """A short-lived end-user token, for operators who prefer metergate to hold the signing key."""
+    end_user_id = request.match_info["id"]
+    body = await read_model(request, schemas.MintToken)
+    await _end_user_view(request, end_user_id)
+    authority = request.config_dict[TOKENS]
+    if body.ttl_seconds > authority.cfg.max_ttl_seconds:
+        raise ApiError(400, f"ttl_seconds may be at most {authority.cfg.max_ttl_seconds}", code="invalid_request", param="ttl_seconds")
+    minted = authority.mint(end_user_id, body.ttl_seconds, body.scopes())
+    return _json(schemas.TokenView(
+        token=minted.token, end_user_id=end_user_id, jti=minted.jti, algorithm=minted.algorithm,
+        expires_at=minted.expires_at, expires_in=minted.expires_in,
+    ), 201)
 
 
 # ------------------------------------------------------------------- wallets

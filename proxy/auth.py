@@ -1,4 +1,4 @@
-"""Who is calling and whose wallet pays: an `sk-eu_` key, or an operator key plus `user`."""
+"""Who is calling and whose wallet pays: an `sk-eu_` key, an end-user JWT, or an operator key plus `user`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy.errors import ApiError
 from proxy.keys import ACCOUNTS, CONFIG, WALLETS
 from proxy.store import API_KEY_PREFIX
+from proxy.tokens import TOKENS, looks_like_jwt
 
 
 @dataclass(frozen=True)
@@ -67,5 +68,14 @@ async def authenticate(request: web.Request, body: Mapping[str, Any] | None) -> 
         caller = await _profile_caller(request, user, "operator", {})
         if caller is None:
             raise ApiError(400, f"no end user {user!r}", code="unknown_end_user", param="user")
+        return caller
+    if looks_like_jwt(token):
+        authority = request.config_dict.get(TOKENS)
+        if authority is None:
+            raise _invalid_key()
+        verified = authority.verify(token)
+        caller = await _profile_caller(request, verified.end_user_id, verified.key_id, verified.scopes)
+        if caller is None:
+            raise ApiError(401, "invalid token: its end user does not exist", code="invalid_token")
         return caller
     raise _invalid_key()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,13 +37,25 @@ class UpstreamConfig(_Strict):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
 class JWTConfig(_Strict):
-    """End-user tokens minted by the operator's backend."""
+    """End-user tokens: minted by the operator's backend (or by metergate), verified here.
+
+    HS* tokens verify against the secret in `hs256_secret_env`; the others
+    against `public_key_file` (PEM) or `jwks_file` (by `kid`). Only the listed
+    `algorithms` are accepted; `none` can never be listed. To let metergate
+    mint tokens (POST /admin/end-users/{id}/tokens) it needs the secret, or
+    `private_key_file` (PEM) with `key_id` as the tokens' `kid`.
+    """
 
     hs256_secret_env: str | None = None
     public_key_file: str | None = None
     jwks_file: str | None = None
-    algorithms: list[str] = ["HS256"]
+    private_key_file: str | None = None
+    key_id: str | None = None
+    algorithms: list[Literal[JWT_ALGORITHMS]] = ["HS256"]  # type: ignore[valid-type]
     audience: str | None = None
     issuer: str | None = None
     leeway_seconds: Annotated[int, Field(ge=0)] = 0

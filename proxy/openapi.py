@@ -15,7 +15,7 @@ from proxy import schemas
 _MODELS: list[type[BaseModel]] = [
     schemas.CreateEndUser, schemas.CreateKey, schemas.TopUp, schemas.Refund, schemas.Adjustment,
     schemas.WalletView, schemas.ReceiptView, schemas.LedgerPage, schemas.EndUserView, schemas.KeyView,
-    schemas.CreatedKeyView, schemas.KeyList, schemas.UpdateKey,
+    schemas.CreatedKeyView, schemas.KeyList, schemas.UpdateKey, schemas.MintToken, schemas.TokenView,
 ]
 
 _ERROR_SCHEMA = {
@@ -76,6 +76,7 @@ def document() -> dict[str, Any]:
             "post": _op("Issue an sk-eu_ key (shown once)", 201, schemas.CreatedKeyView, schemas.CreateKey, params=[uid]),
             "get": _op("List an end user's keys, masked", 200, schemas.KeyList, params=[uid]),
         },
+        "/admin/end-users/{id}/tokens": {"post": _op("Mint a short-lived end-user token (JWT)", 201, schemas.TokenView, schemas.MintToken, params=[uid], errors=(400, 401, 404, 409))},
         "/admin/end-users/{id}/keys/{key_id}": {
             "delete": _op("Revoke a key", 200, schemas.KeyView, params=[uid, kid]),
             "patch": _op("Change a key's name or limits (null removes a limit)", 200, schemas.KeyView, schemas.UpdateKey, params=[uid, kid]),

@@ -35,19 +35,24 @@ Cap = Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT_MICROS, description="intege
 ModelNames = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=200)]], Field(min_length=1, max_length=200)]
 
 
-class KeyScopes(_Body):
-    """What a key (or an end-user token) may do. Left out or null: no limit of that kind."""
+class TokenScopes(_Body):
+    """What an end-user token (or key) may do. Left out or null: no limit of that kind."""
 
     models: ModelNames | None = Field(None, description="model names it may call; others are a 404")
     max_spend_micros: Cap | None = Field(None, description="lifetime spend cap; over it, 402")
     max_daily_spend_micros: Cap | None = Field(None, description="spend cap per UTC day; over it, 402")
     requests_per_minute: Count | None = Field(None, description="sliding one-minute window; over it, 429")
     tokens_per_minute: Count | None = Field(None, description="prompt + output bound at admission, corrected to the real usage at settlement; over it, 429")
-    expires_ms: Annotated[StrictInt, Field(ge=0)] | None = Field(None, description="unix time in ms after which it no longer authenticates")
 
     def scopes(self) -> dict[str, Any]:
-        """The limits that are set, as stored on the key."""
-        return {name: getattr(self, name) for name in SCOPE_FIELDS if getattr(self, name) is not None}
+        """The limits that are set, as stored on the key or carried in the token."""
+        return {name: getattr(self, name) for name in SCOPE_FIELDS if getattr(self, name, None) is not None}
+
+
+class KeyScopes(TokenScopes):
+    """What a key may do. Left out or null: no limit of that kind."""
+
+    expires_ms: Annotated[StrictInt, Field(ge=0)] | None = Field(None, description="unix time in ms after which it no longer authenticates")
 
 
 SCOPE_FIELDS = ("models", "max_spend_micros", "max_daily_spend_micros", "requests_per_minute", "tokens_per_minute", "expires_ms")
@@ -169,6 +174,21 @@ class KeyView(BaseModel):
 
 class CreatedKeyView(KeyView):
     key: str = Field(description="the key itself, shown this once; only its hash is stored")
+
+
+class MintToken(TokenScopes):
+    ttl_seconds: Annotated[StrictInt, Field(ge=1)] = Field(900, description="at most jwt.max_ttl_seconds")
+
+
+class TokenView(BaseModel):
+    object: str = "end_user.token"
+    token: str = Field(description="send as Authorization: Bearer <token>")
+    token_type: str = "Bearer"
+    end_user_id: str
+    jti: str = Field(description="the token's id; its calls are recorded with key_id jwt:<jti>")
+    algorithm: str
+    expires_at: int = Field(description="unix time in seconds")
+    expires_in: int
 
 
 class KeyList(BaseModel):
