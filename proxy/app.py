@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import aiohttp
 
-from proxy import gateway, openapi, tokens
+from proxy import cors, gateway, openapi, tokens
 from proxy.admin import create_admin_app
 from proxy.config import Config
 from proxy.errors import error_middleware
@@ -129,6 +129,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     tokens.setup(app, config)
+    cors.setup(app)
     app[RATECARDS] = RateCardRegistry(config.resolve(config.ratecards_dir), set(config.upstreams))
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_http_ctx)
