@@ -115,6 +115,8 @@ async function send() {
   }
 }
 
+$("key").addEventListener("change", refreshBalance);
+$("base").addEventListener("change", refreshBalance);
 $("form").addEventListener("submit", (e) => {
   e.preventDefault();
   send();
