@@ -90,7 +90,8 @@ async def get_end_user(request: web.Request) -> web.Response:
 
 
 async def _key_view(request: web.Request, key: ApiKey) -> schemas.KeyView:
-    spend = await LimitStore(request.config_dict[WALLETS].redis).spend(key.end_user_id, key.id)
+    wallets = request.config_dict[WALLETS]
+    spend = await LimitStore(wallets.redis, wallets.commands).spend(key.end_user_id, key.id)
     expires_ms = key.scopes.get("expires_ms")
     return schemas.KeyView(
         id=key.id, end_user_id=key.end_user_id, name=key.name, masked=key.masked,

@@ -20,7 +20,8 @@ from proxy.config import Config
 from proxy.errors import error_middleware
 from proxy.keys import ACCOUNTS, BACKGROUND, CONFIG, HTTP, RATECARDS, REDIS, WALLETS
 from proxy.ratecards import RateCardRegistry
-from proxy.store import AccountStore, WalletStore, connect
+from proxy.redis_mux import MultiplexedConnection
+from proxy.store import AccountStore, Commands, RedisPyCommands, WalletStore, connect
 
 log = logging.getLogger("metergate")
 
@@ -39,12 +40,20 @@ def embedded_redis() -> aioredis.Redis:
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     client = connect(config.redis_url) if config.redis_url else embedded_redis()
+    # The request path sends its commands over one multiplexed connection
+    # (see proxy/redis_mux.py); everything else uses the redis-py client.
+    commands: Commands = RedisPyCommands(client)
+    if config.redis_url and config.redis_url.startswith(("redis://", "rediss://")):
+        commands = MultiplexedConnection(config.redis_url)
     app[REDIS] = client
     app[WALLETS] = WalletStore(
-        client, hold_ttl_ms=config.hold_ttl_seconds * 1000, idempotency_ttl_seconds=config.idempotency_ttl_seconds
+        client, hold_ttl_ms=config.hold_ttl_seconds * 1000, idempotency_ttl_seconds=config.idempotency_ttl_seconds,
+        commands=commands,
     )
-    app[ACCOUNTS] = AccountStore(client)
+    app[ACCOUNTS] = AccountStore(client, commands)
     yield
+    if isinstance(commands, MultiplexedConnection):
+        await commands.aclose()
     await client.aclose()
 
 

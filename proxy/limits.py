@@ -83,7 +83,8 @@ async def admission(request: web.Request, caller: Caller, quote: Quote, request_
     if not (_metered_key(caller) and has_limits(scopes)):
         yield
         return
-    store = LimitStore(request.config_dict[WALLETS].redis)
+    wallets = request.config_dict[WALLETS]
+    store = LimitStore(wallets.redis, wallets.commands)
     tokens = quote.prompt_tokens + quote.max_output_tokens
     amount = quote.hold.price_micros
     limited = await store.admit(
@@ -109,7 +110,7 @@ async def record(wallets: WalletStore, caller: Caller, request_id: str, captured
         return
     tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
     try:
-        await LimitStore(wallets.redis).record(
+        await LimitStore(wallets.redis, wallets.commands).record(
             caller.end_user_id, caller.key_id, request_id, captured_micros=captured_micros, tokens=tokens,
         )
     except Exception:  # the wallet is settled; a lost counter must not fail the response

@@ -19,7 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
 import orjson
 import redis.asyncio as aioredis
@@ -260,6 +260,45 @@ def fingerprint(operation: str, *parts: object) -> str:
     return hashlib.sha256(orjson.dumps([operation, *parts])).hexdigest()
 
 
+# ------------------------------------------------------------------ commands
+
+
+class Commands(Protocol):
+    """How the store sends commands: one at a time, or several in one round trip."""
+
+    async def execute(self, *args: Any) -> Any: ...
+
+    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Replies in order; an error reply comes back as its exception instead of being raised."""
+        ...
+
+
+class RedisPyCommands:
+    """`Commands` over a redis-py client: the embedded store (fakeredis) and tests.
+
+    Only commands whose raw replies redis-py passes through unchanged go
+    through here (EVALSHA, GET, HMGET, ZADD, ZREM), so both implementations
+    answer alike.
+    """
+
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+
+    async def execute(self, *args: Any) -> Any:
+        return await self.redis.execute_command(*args)
+
+    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        if len(commands) == 1:
+            try:
+                return [await self.redis.execute_command(*commands[0])]
+            except ResponseError as exc:
+                return [exc]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute(raise_on_error=False)
+
+
 # ------------------------------------------------------------------- scripts
 
 
@@ -281,36 +320,20 @@ class _Scripts:
             self.source[name] = body
             self.sha[name] = hashlib.sha1(body.encode()).hexdigest()
 
-    async def run(self, redis: aioredis.Redis, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[str]:
-        try:
-            try:
-                raw = await redis.evalsha(self.sha[name], len(keys), *keys, *args)
-            except NoScriptError:
-                await redis.script_load(self.source[name])
-                raw = await redis.evalsha(self.sha[name], len(keys), *keys, *args)
-        except ResponseError as exc:
-            _raise_script_error(exc)
-        return _strings(raw)
-
-    async def run_with(
-        self, redis: aioredis.Redis, name: str, keys: Sequence[str], args: Sequence[Any],
+    async def run(
+        self, commands: Commands, name: str, keys: Sequence[str], args: Sequence[Any],
         *, before: Sequence[Sequence[Any]] = (), after: Sequence[Sequence[Any]] = (),
     ) -> list[str]:
-        """Run a script with plain commands before and after it in one round trip.
+        """Run a script, with plain commands before and after it, in one round trip.
 
-        The commands must be idempotent: on NOSCRIPT the whole batch runs again.
+        Those commands must be idempotent: on NOSCRIPT the whole batch runs again.
         """
+        script = ["EVALSHA", self.sha[name], len(keys), *keys, *args]
         for attempt in (0, 1):
-            async with redis.pipeline(transaction=False) as pipe:
-                for command in before:
-                    pipe.execute_command(*command)
-                pipe.evalsha(self.sha[name], len(keys), *keys, *args)
-                for command in after:
-                    pipe.execute_command(*command)
-                results = await pipe.execute(raise_on_error=False)
+            results = await commands.batch([*before, script, *after])
             outcome = results[len(before)]
             if isinstance(outcome, NoScriptError) and attempt == 0:
-                await redis.script_load(self.source[name])
+                await commands.execute("SCRIPT", "LOAD", self.source[name])
                 continue
             if isinstance(outcome, ResponseError):
                 _raise_script_error(outcome)
@@ -355,15 +378,17 @@ class WalletStore:
         hold_ttl_ms: int = 600_000,
         idempotency_ttl_seconds: int = 7 * 24 * 3600,
         closed_hold_ttl_seconds: int = 7 * 24 * 3600,
+        commands: Commands | None = None,
     ):
         self.redis = redis
+        self.commands: Commands = commands or RedisPyCommands(redis)
         self.hold_ttl_ms = hold_ttl_ms
         self.idempotency_ttl_seconds = idempotency_ttl_seconds
         self.closed_hold_ttl_seconds = closed_hold_ttl_seconds
         self._scripts = _scripts()
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[str]:
-        return await self._scripts.run(self.redis, name, keys, args)
+        return await self._scripts.run(self.commands, name, keys, args)
 
     # -- wallets
 
@@ -379,7 +404,7 @@ class WalletStore:
     async def get(self, wallet_id: str) -> WalletState | None:
         if not WALLET_ID_RE.match(wallet_id):
             return None
-        balance, held, credit = await self.redis.hmget(_wallet_key(wallet_id), "balance", "held", "credit_limit")
+        balance, held, credit = await self.commands.execute("HMGET", _wallet_key(wallet_id), "balance", "held", "credit_limit")
         if balance is None:
             return None
         return WalletState(wallet_id, int(balance), int(held), int(credit))
@@ -387,7 +412,7 @@ class WalletStore:
     async def profile(self, wallet_id: str) -> dict[str, Any] | None:
         if not WALLET_ID_RE.match(wallet_id):
             return None
-        raw, created_ms = await self.redis.hmget(_profile_key(wallet_id), "profile", "created_ms")
+        raw, created_ms = await self.commands.execute("HMGET", _profile_key(wallet_id), "profile", "created_ms")
         return {**orjson.loads(raw), "created_ms": int(created_ms)} if raw is not None else None
 
     # -- funds
@@ -452,12 +477,12 @@ class WalletStore:
         # dropped by the reaper when it finds nothing to expire.
         member = _index_member(wallet_id, hold_id)
         try:
-            out = await self._scripts.run_with(
-                self.redis, "hold", self._hold_keys(wallet_id, hold_id), [hold_id, amount_micros, ttl_ms, _meta(meta)],
+            out = await self._scripts.run(
+                self.commands, "hold", self._hold_keys(wallet_id, hold_id), [hold_id, amount_micros, ttl_ms, _meta(meta)],
                 before=[("ZADD", HOLD_INDEX_KEY, _now_ms() + ttl_ms, member)],
             )
         except WalletError:
-            await self.redis.zrem(HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
+            await self.commands.execute("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
             raise
         return Hold(
             wallet_id=wallet_id, hold_id=out[1], amount_micros=int(out[2]), expires_at_ms=int(out[3]),
@@ -480,16 +505,16 @@ class WalletStore:
         # script must not refuse: an absurd usage report is capped (and the
         # wallet caps it further), never allowed to strand the hold.
         amount_micros = min(amount_micros, MAX_AMOUNT_MICROS)
-        out = await self._scripts.run_with(
-            self.redis, "settle", self._hold_keys(wallet_id, hold_id),
+        out = await self._scripts.run(
+            self.commands, "settle", self._hold_keys(wallet_id, hold_id),
             [hold_id, amount_micros, _meta(meta), self.closed_hold_ttl_seconds],
             after=[("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))],
         )
         return self._settlement(wallet_id, hold_id, out)
 
     async def release(self, wallet_id: str, hold_id: str, *, reason: str = "") -> Settlement:
-        out = await self._scripts.run_with(
-            self.redis, "release", self._hold_keys(wallet_id, hold_id),
+        out = await self._scripts.run(
+            self.commands, "release", self._hold_keys(wallet_id, hold_id),
             [hold_id, reason, "release", self.closed_hold_ttl_seconds],
             after=[("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))],
         )
@@ -631,8 +656,9 @@ def hash_api_key(plaintext: str) -> str:
 class AccountStore:
     """End users' API keys: created shown once, stored as a hash, looked up per request."""
 
-    def __init__(self, redis: aioredis.Redis):
+    def __init__(self, redis: aioredis.Redis, commands: Commands | None = None):
         self.redis = redis
+        self.commands: Commands = commands or RedisPyCommands(redis)
 
     async def create_key(
         self, end_user_id: str, *, name: str = "", scopes: Mapping[str, Any] | None = None
@@ -683,7 +709,7 @@ class AccountStore:
 
     async def find_key(self, plaintext: str) -> ApiKey | None:
         """The key record for a presented `sk-eu_` key (revoked ones included), or None."""
-        raw = await self.redis.get(_api_key_key(hash_api_key(plaintext)))
+        raw = await self.commands.execute("GET", _api_key_key(hash_api_key(plaintext)))
         return ApiKey.from_json(orjson.loads(raw)) if raw is not None else None
 
 
@@ -714,8 +740,9 @@ class LimitStore:
     against the spend caps, recording it replaces the reservation by the capture.
     """
 
-    def __init__(self, redis: aioredis.Redis):
+    def __init__(self, redis: aioredis.Redis, commands: Commands | None = None):
         self.redis = redis
+        self.commands: Commands = commands or RedisPyCommands(redis)
         self._scripts = _scripts()
 
     async def admit(
@@ -723,7 +750,7 @@ class LimitStore:
         tokens: int, max_spend_micros: int | None, max_daily_spend_micros: int | None, amount_micros: int,
     ) -> Limited | None:
         """Count the call and reserve `amount_micros`; or, over a limit, change nothing and say which."""
-        out = await self._scripts.run(self.redis, "key_limits", [_limits_key(end_user_id, key_id)], [
+        out = await self._scripts.run(self.commands, "key_limits", [_limits_key(end_user_id, key_id)], [
             "admit", request_id, requests_per_minute, tokens_per_minute, tokens,
             -1 if max_spend_micros is None else max_spend_micros,
             -1 if max_daily_spend_micros is None else max_daily_spend_micros, amount_micros,
@@ -734,7 +761,7 @@ class LimitStore:
 
     async def record(self, end_user_id: str, key_id: str, request_id: str, *, captured_micros: int, tokens: int) -> KeySpend:
         """Replace the call's reservation (if it had one) by what it captured and used."""
-        out = await self._scripts.run(self.redis, "key_limits", [_limits_key(end_user_id, key_id)], [
+        out = await self._scripts.run(self.commands, "key_limits", [_limits_key(end_user_id, key_id)], [
             "record", request_id, captured_micros, tokens,
         ])
         return KeySpend(int(out[1]), int(out[2]))

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app
 from proxy.config import Config, load_config
+from proxy.redis_mux import MultiplexedConnection
 from proxy.store import AccountStore, WalletStore, connect
 from tests.mock_upstream import MockUpstream, running_mock_upstream
 from tests.redis_server import RedisServer
@@ -124,3 +125,12 @@ def make_end_user(wallets: WalletStore, accounts: AccountStore):
         return EndUser(user_id, key)
 
     return make
+
+
+@pytest.fixture(params=["redis-py", "multiplexed"])
+async def wallets_on_each_client(request, redis: aioredis.Redis, redis_server: RedisServer) -> AsyncIterator[WalletStore]:
+    """The wallet store over each way it can send commands: the scripts must behave the same."""
+    commands = MultiplexedConnection(redis_server.url) if request.param == "multiplexed" else None
+    yield WalletStore(redis, hold_ttl_ms=60_000, commands=commands)
+    if commands is not None:
+        await commands.aclose()

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 
+from proxy.redis_mux import MultiplexedConnection
 from proxy.store import InsufficientFunds, WalletStore, connect
 from tests.conftest import assert_ledger_invariants
 from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+def wallets(wallets_on_each_client: WalletStore) -> WalletStore:
+    return wallets_on_each_client
 
 
 async def test_200_concurrent_holds_against_50_units_grant_exactly_50(wallets):
@@ -40,12 +47,14 @@ async def test_operations_survive_a_script_flush(wallets, redis):
     assert settled.wallet.balance_micros == 700_000
 
 
-async def test_operations_survive_a_redis_restart(tmp_path):
+@pytest.mark.parametrize("multiplexed", [False, True], ids=["redis-py", "multiplexed"])
+async def test_operations_survive_a_redis_restart(tmp_path, multiplexed):
     server = RedisServer(tmp_path, persistent=True)
     server.start()
     client = connect(server.url)
+    commands = MultiplexedConnection(server.url) if multiplexed else None
     try:
-        wallets = WalletStore(client)
+        wallets = WalletStore(client, commands=commands)
         await wallets.open("u_1", profile={})
         await wallets.top_up("u_1", 1_000_000, idempotency_key="k1")
         hold = await wallets.hold("u_1", 400_000)
@@ -54,5 +63,7 @@ async def test_operations_survive_a_redis_restart(tmp_path):
         assert settled.wallet.balance_micros == 750_000
         await assert_ledger_invariants(wallets)
     finally:
+        if commands is not None:
+            await commands.aclose()
         await client.aclose()
         server.stop()

@@ -22,6 +22,12 @@ from proxy.store import (
 )
 
 
+
+@pytest.fixture
+def wallets(wallets_on_each_client: WalletStore) -> WalletStore:
+    return wallets_on_each_client
+
+
 async def funded(wallets: WalletStore, wallet_id: str = "u_1", amount: int = 10_000_000, credit: int = 0) -> None:
     await wallets.open(wallet_id, credit_limit_micros=credit, profile={"tier": "default"})
     if amount:

@@ -1,0 +1,166 @@
+"""One multiplexed Redis connection for the request path.
+
+Every call in flight writes its command to the same socket at once and waits
+for its reply in order: Redis answers a connection's commands in the order
+they arrive, so a FIFO of futures is all the bookkeeping needed, and
+concurrent requests pipeline themselves. Measured on this project's 2-core
+machine (bench notes in the README), a command costs ~15 µs of client CPU
+this way against ~100 µs through redis-py's pooled client (and ~80 µs with
+valkey-glide, ~170 µs with coredis), and the request path sends five or six
+of them per call.
+
+It speaks only what the wallet store needs: commands in, hiredis-parsed
+replies out, errors as redis-py's exception classes (so the store does not
+care which client it has). redis-py remains the client for everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from typing import Any, Sequence
+from urllib.parse import unquote, urlparse
+
+import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+def _encode(args: Sequence[Any]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:
+            raise TypeError(f"unsupported Redis argument type {type(arg).__name__}")
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _error(reply: ResponseError) -> ResponseError:
+    message = str(reply)
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else reply
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader(replyError=ResponseError)
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            future = self.waiting.popleft()
+            if not future.done():  # a caller that timed out has gone away
+                future.set_result(_error(reply) if isinstance(reply, ResponseError) else reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        error = RedisConnectionError(f"connection to Redis lost: {exc or 'closed by server'}")
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def send(self, payload: bytes, count: int) -> list[asyncio.Future[Any]]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(count)]
+        self.waiting.extend(futures)
+        assert self.transport is not None
+        self.transport.write(payload)
+        return futures
+
+
+class MultiplexedConnection:
+    """`execute` one command or `batch` several; reconnects, and retries once, after a dropped connection.
+
+    Retrying is safe for what the store sends: every wallet script is
+    idempotent (holds by id, settles by hold state, the rest by idempotency
+    key), and plain reads and index updates are too.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 10.0):
+        parsed = urlparse(url)
+        if parsed.scheme not in ("redis", "rediss"):
+            raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r}")
+        self.host = parsed.hostname or "127.0.0.1"
+        self.port = parsed.port or 6379
+        self.username = unquote(parsed.username) if parsed.username else None
+        self.password = unquote(parsed.password) if parsed.password else None
+        self.db = int(parsed.path.lstrip("/") or 0)
+        self.tls = parsed.scheme == "rediss"
+        self.timeout = timeout
+        self._protocol: _Protocol | None = None
+        self._connecting = asyncio.Lock()
+
+    async def _connected(self) -> _Protocol:
+        protocol = self._protocol
+        if protocol is not None and not protocol.closed:
+            return protocol
+        async with self._connecting:
+            if self._protocol is None or self._protocol.closed:
+                self._protocol = await self._connect()
+            return self._protocol
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout):
+                _, protocol = await loop.create_connection(
+                    _Protocol, self.host, self.port, ssl=ssl.create_default_context() if self.tls else None
+                )
+                setup: list[list[Any]] = []
+                if self.password is not None:
+                    setup.append(["AUTH", *([self.username] if self.username else []), self.password])
+                if self.db:
+                    setup.append(["SELECT", self.db])
+                for command in setup:
+                    [reply] = await asyncio.gather(*protocol.send(_encode(command), 1))
+                    if isinstance(reply, ResponseError):
+                        raise reply
+        except (OSError, TimeoutError) as exc:
+            raise RedisConnectionError(f"cannot connect to Redis at {self.host}:{self.port}: {exc}") from exc
+        return protocol
+
+    async def _send(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        protocol = await self._connected()
+        futures = protocol.send(b"".join(_encode(c) for c in commands), len(commands))
+        try:
+            async with asyncio.timeout(self.timeout):
+                return [await f for f in futures]
+        except TimeoutError:
+            raise RedisTimeoutError(f"Redis did not answer within {self.timeout} s") from None
+        except RedisConnectionError:
+            for future in futures:  # the batch failed as one; its other replies are moot
+                if future.done() and not future.cancelled():
+                    future.exception()
+            raise
+
+    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Replies in order; an error reply is returned as its exception, not raised."""
+        try:
+            return await self._send(commands)
+        except RedisConnectionError:
+            return await self._send(commands)
+
+    async def execute(self, *args: Any) -> Any:
+        [reply] = await self.batch([args])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def aclose(self) -> None:
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._protocol = None

@@ -1,0 +1,71 @@
+"""The multiplexed Redis connection the request path uses: replies, errors, order, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from proxy.redis_mux import MultiplexedConnection
+
+
+@pytest.fixture
+async def mux(redis_server, redis):
+    connection = MultiplexedConnection(redis_server.url)
+    yield connection
+    await connection.aclose()
+
+
+async def test_replies_come_back_in_redis_types(mux):
+    assert await mux.execute("SET", "k", "v") == b"OK"
+    assert await mux.execute("GET", "k") == b"v"
+    assert await mux.execute("GET", "missing") is None
+    assert await mux.execute("HSET", "h", "a", 1, "b", 2) == 2
+    assert await mux.execute("HMGET", "h", "a", "b", "c") == [b"1", b"2", None]
+
+
+async def test_an_error_reply_is_raised_by_execute_and_returned_by_batch(mux):
+    with pytest.raises(ResponseError):
+        await mux.execute("INCR", "not", "a", "command")
+    ok, failed = await mux.batch([["SET", "k", "v"], ["LPUSH", "k", "x"]])
+    assert ok == b"OK" and isinstance(failed, ResponseError) and "WRONGTYPE" in str(failed)
+
+
+async def test_an_unknown_script_is_a_noscript_error(mux):
+    with pytest.raises(NoScriptError):
+        await mux.execute("EVALSHA", "0" * 40, 0)
+
+
+async def test_concurrent_callers_each_get_their_own_reply(mux):
+    async def one(i: int) -> bytes:
+        await mux.execute("SET", f"k{i}", i)
+        return await mux.execute("GET", f"k{i}")
+
+    replies = await asyncio.gather(*(one(i) for i in range(500)))
+    assert replies == [str(i).encode() for i in range(500)]
+
+
+async def test_a_dropped_connection_is_reopened_on_the_next_command(mux, redis):
+    await mux.execute("SET", "k", "v")
+    await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert await mux.execute("GET", "k") == b"v"
+
+
+async def test_the_database_in_the_url_is_selected(redis_server, redis):
+    mux = MultiplexedConnection(redis_server.url.rsplit("/", 1)[0] + "/3")
+    try:
+        await mux.execute("SET", "in-db-3", "yes")
+    finally:
+        await mux.aclose()
+    await redis.execute_command("SELECT", 3)
+    assert await redis.get("in-db-3") == b"yes"
+    await redis.flushall()
+    await redis.execute_command("SELECT", 0)
+
+
+async def test_an_unreachable_server_is_a_connection_error():
+    mux = MultiplexedConnection("redis://127.0.0.1:9/0", timeout=1)
+    with pytest.raises(RedisConnectionError):
+        await mux.execute("PING")
