@@ -331,6 +331,8 @@ async def _forward_stream(request: web.Request, call: MeteredCall, path: str) ->
         buffer = b""
         async for piece in upstream.content.iter_any():
             buffer += piece
+            # Events that arrived together leave together: one write per read.
+            relay: list[bytes] = []
             while (end := buffer.find(b"\n\n")) >= 0:
                 event, buffer = buffer[: end + 2], buffer[end + 2 :]
                 usage_chunk = _meter_event(meter, event)
@@ -345,7 +347,9 @@ async def _forward_stream(request: web.Request, call: MeteredCall, path: str) ->
                     usage_chunk["usage"]["cost"] = metering.usd_number(settled.captured_micros)
                     usage_chunk["usage"]["cost_micros"] = settled.captured_micros
                     event = b"data: " + orjson.dumps(usage_chunk) + b"\n\n"
-                await response.write(event)
+                relay.append(event)
+            if relay:
+                await response.write(b"".join(relay))
         if not meter.saw_done:
             outcome = "upstream_cut"
     except _CLIENT_GONE:
