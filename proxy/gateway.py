@@ -34,10 +34,15 @@ _KIND = {"/chat/completions": "chat", "/completions": "completion", "/embeddings
 _REQUIRED = {"chat": "messages", "completion": "prompt", "embedding": "input"}
 _HOP_BY_HOP_SAFE = ("Retry-After", "X-RateLimit-Limit-Requests", "X-RateLimit-Remaining-Requests")
 _CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
-_STREAM_CUT_EVENT = b"data: " + orjson.dumps({"error": {
-    "message": "the upstream provider ended the stream before it was complete; you were charged only for the tokens received",
-    "type": "api_error", "param": None, "code": "upstream_stream_cut",
-}}) + b"\n\n"
+_END_EVENTS = {
+    outcome: b"data: " + orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}) + b"\n\n"
+    for outcome, message, type_, code in (
+        ("upstream_cut", "the upstream provider ended the stream before it was complete; "
+         "you were charged only for the tokens received", "api_error", "upstream_stream_cut"),
+        ("wallet_exhausted", "the wallet ran out of funds during this stream; it was stopped and "
+         "you were charged for the tokens received", "insufficient_quota", "insufficient_quota"),
+    )
+}
 
 
 @dataclass
@@ -49,6 +54,12 @@ class MeteredCall:
     quote: metering.Quote
     hold: Hold
     body: dict[str, Any]
+    held_micros: int = 0  # the hold's amount now (it grows while a stream outruns it)
+    covered_output_tokens: int = 0  # output tokens the hold pays for
+
+    def __post_init__(self) -> None:
+        self.held_micros = self.hold.amount_micros
+        self.covered_output_tokens = self.quote.max_output_tokens
 
     @property
     def model(self) -> ModelPrice:
@@ -315,6 +326,28 @@ def _meter_event(meter: StreamMeter, event: bytes) -> Mapping[str, Any] | None:
     return None
 
 
+# A stream that outruns its hold (an upstream ignoring max_tokens) extends it
+# by at least this many output tokens at a time.
+MIN_EXTENSION_TOKENS = 256
+
+
+async def _cover(wallets: WalletStore, call: MeteredCall, counted_tokens: int) -> bool:
+    """Grow the hold to cover `counted_tokens` of output; False when the wallet cannot."""
+    if counted_tokens <= call.covered_output_tokens:
+        return True
+    step = max(counted_tokens - call.covered_output_tokens, MIN_EXTENSION_TOKENS)
+    try:
+        grown = await wallets.extend(
+            call.caller.end_user_id, call.hold.hold_id, metering.output_price(call.model, step),
+            current_micros=call.held_micros,
+        )
+    except InsufficientFunds:
+        return False
+    call.held_micros = grown.amount_micros
+    call.covered_output_tokens += step
+    return True
+
+
 async def _forward_stream(request: web.Request, call: MeteredCall, path: str) -> web.StreamResponse:
     wallets = request.config_dict[WALLETS]
     client_wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
@@ -350,8 +383,14 @@ async def _forward_stream(request: web.Request, call: MeteredCall, path: str) ->
                 relay.append(event)
             if relay:
                 await response.write(b"".join(relay))
-        if not meter.saw_done:
-            outcome = "upstream_cut"
+            if settlement is None and not await _cover(wallets, call, meter.completion_tokens):
+                # What was relayed is paid for as far as the wallet goes; no
+                # more is generated on a wallet that cannot pay for it.
+                outcome = "wallet_exhausted"
+                break
+        else:
+            if not meter.saw_done:
+                outcome = "upstream_cut"
     except _CLIENT_GONE:
         outcome = "client_disconnected"
     except asyncio.CancelledError:
@@ -360,11 +399,11 @@ async def _forward_stream(request: web.Request, call: MeteredCall, path: str) ->
     except (aiohttp.ClientError, asyncio.TimeoutError):
         outcome = "upstream_cut"
     finally:
-        if outcome == "upstream_cut":
+        if outcome in _END_EVENTS:
             # Say so in-band: the SDKs raise on an error event, where a
             # silently ended stream would look like a complete answer.
             with contextlib.suppress(*_CLIENT_GONE, RuntimeError):
-                await response.write(_STREAM_CUT_EVENT)
+                await response.write(_END_EVENTS[outcome])
         # Closing (not releasing) drops the upstream connection, so the
         # provider stops generating what nobody will read.
         upstream.close()

@@ -26,6 +26,12 @@ def quote(card: RateCard, model: ModelPrice, body: Mapping[str, Any]) -> Quote:
     return Quote(card, model, worst_case.prompt_tokens, worst_case.completion_tokens, price_usage(model, worst_case))
 
 
+def output_price(model: ModelPrice, tokens: int) -> int:
+    """What `tokens` more output tokens may cost at most (priced as reasoning when that is dearer)."""
+    reasoning = tokens if model.price.effective_reasoning > model.price.output else 0
+    return price_usage(model, Usage(completion_tokens=tokens, reasoning_tokens=reasoning, requests=0)).price_micros
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 

@@ -143,6 +143,17 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class HoldExtension:
+    """A hold after it grew: its new total and expiry."""
+
+    hold_id: str
+    amount_micros: int
+    expires_at_ms: int
+    wallet: WalletState
+    replayed: bool
+
+
+@dataclass(frozen=True)
 class Settlement:
     """How a hold closed: what was captured, released, and could not be captured."""
 
@@ -315,7 +326,7 @@ class _Scripts:
         prelude = (lua / "_prelude.lua").read_text()
         self.source: dict[str, str] = {}
         self.sha: dict[str, str] = {}
-        for name in ("open", "top_up", "adjust", "refund", "hold", "settle", "release", "key_limits"):
+        for name in ("open", "top_up", "adjust", "refund", "hold", "extend", "settle", "release", "key_limits"):
             body = prelude + "\n" + (lua / f"{name}.lua").read_text()
             self.source[name] = body
             self.sha[name] = hashlib.sha1(body.encode()).hexdigest()
@@ -487,6 +498,25 @@ class WalletStore:
         return Hold(
             wallet_id=wallet_id, hold_id=out[1], amount_micros=int(out[2]), expires_at_ms=int(out[3]),
             wallet=_state(wallet_id, *out[4:7]), ledger_id=out[7], replayed=out[0] == "replay",
+        )
+
+    async def extend(
+        self, wallet_id: str, hold_id: str, amount_micros: int, *, current_micros: int, ttl_ms: int | None = None,
+    ) -> HoldExtension:
+        """Grow an active hold by `amount_micros` (and push back its expiry); `InsufficientFunds` if it does not fit.
+
+        `current_micros` is the hold's amount as the caller knows it: a retry
+        after the hold already grew from that amount replays instead of
+        growing it twice.
+        """
+        ttl_ms = ttl_ms or self.hold_ttl_ms
+        out = await self._scripts.run(
+            self.commands, "extend", self._hold_keys(wallet_id, hold_id), [hold_id, amount_micros, ttl_ms, current_micros],
+            before=[("ZADD", HOLD_INDEX_KEY, _now_ms() + ttl_ms, _index_member(wallet_id, hold_id))],
+        )
+        return HoldExtension(
+            hold_id=hold_id, amount_micros=int(out[1]), expires_at_ms=int(out[2]),
+            wallet=_state(wallet_id, *out[3:6]), replayed=out[0] == "replay",
         )
 
     def _settlement(self, wallet_id: str, hold_id: str, out: list[str]) -> Settlement:

@@ -280,3 +280,41 @@ async def test_insufficient_funds_is_402_and_nothing_is_forwarded(gateway, make_
     assert body["error"]["type"] == "insufficient_quota" and body["error"]["code"] == "insufficient_quota"
     assert mock_upstream.request_count == 0
     assert (await wallets.get("u_1")).balance_micros == 10
+
+
+# ------------------------------------------------------- streams that outrun their hold
+
+
+async def test_stream_past_its_hold_extends_it_and_pays_the_reported_usage(base_url, make_end_user, mock_upstream, wallets):
+    user = await make_end_user()
+    mock_upstream.reply_words = 300  # the mock ignores max_tokens, as some upstreams do
+    mock_upstream.usage_override = make_usage(50, 900)
+    stream = await sdk(base_url, user.key).chat.completions.create(**{**CHAT, "max_tokens": 5}, stream=True)
+    pieces = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) == 300
+    await wait_settled(wallets, "u_1")
+    # 50 x 0.1875 + 900 x 0.75 = 9.375 + 675 = 684.375 -> 685
+    assert (await wallets.get("u_1")).balance_micros == 10_000_000 - 685
+    assert "hold_extend" in await ledger_types(wallets, "u_1")
+
+
+async def test_stream_past_its_hold_on_an_empty_wallet_is_cut_and_pays_what_it_got(base_url, gateway, make_end_user, mock_upstream, wallets):
+    user = await make_end_user(funds=100)  # the hold for 5 tokens fits; 256 more (192 micros) do not
+    mock_upstream.reply_words = 300
+    mock_upstream.chunk_delay = 0.01
+    received = []
+    with pytest.raises(openai.APIError) as err:
+        stream = await sdk(base_url, user.key).chat.completions.create(**{**CHAT, "max_tokens": 5}, stream=True)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+    assert err.value.body["code"] == "insufficient_quota"
+    assert await mock_upstream.wait_disconnected(timeout=5)
+    await wait_settled(wallets, "u_1")
+    charge = next(e for e in await wallets.ledger("u_1") if e.type == "charge")
+    counted = charge.details["completion_tokens"]
+    assert charge.details["outcome"] == "wallet_exhausted"
+    assert counted == sum(count_text_tokens(p) for p in received) and 5 < counted < 20
+    expected = price_usage(gpt4o_mini(gateway), Usage(prompt_tokens=estimate_prompt_tokens(CHAT), completion_tokens=counted))
+    assert -charge.amount_micros == min(expected.price_micros, 100)
+    assert (await wallets.get("u_1")).balance_micros == 100 + charge.amount_micros >= 0

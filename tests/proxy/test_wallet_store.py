@@ -388,3 +388,40 @@ async def test_settle_of_a_negative_amount_is_refused_and_the_hold_stays(wallets
         await wallets.settle("u_1", hold.hold_id, -1)
     assert await redis.zscore("mg:hold-index", f"u_1|{hold.hold_id}") is not None
     assert (await wallets.get("u_1")).held_micros == 3_000_000
+
+
+async def test_extend_grows_an_active_hold(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 3_000_000)
+    grown = await wallets.extend("u_1", hold.hold_id, 2_000_000, current_micros=3_000_000)
+    assert (grown.amount_micros, grown.wallet.held_micros, grown.wallet.available_micros) == (5_000_000, 5_000_000, 5_000_000)
+    assert grown.expires_at_ms >= hold.expires_at_ms
+    assert (await wallets.ledger("u_1"))[0].type == "hold_extend"
+    s = await wallets.settle("u_1", hold.hold_id, 4_000_000)
+    assert (s.captured_micros, s.released_micros) == (4_000_000, 1_000_000)
+
+
+async def test_extend_beyond_available_is_refused_and_the_hold_is_unchanged(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 8_000_000)
+    with pytest.raises(InsufficientFunds):
+        await wallets.extend("u_1", hold.hold_id, 2_000_001, current_micros=8_000_000)
+    assert (await wallets.get("u_1")).held_micros == 8_000_000
+    assert await wallets.active_holds("u_1") == {hold.hold_id: 8_000_000}
+
+
+async def test_extend_retried_from_the_same_amount_grows_once(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 1_000_000)
+    await wallets.extend("u_1", hold.hold_id, 500_000, current_micros=1_000_000)
+    again = await wallets.extend("u_1", hold.hold_id, 500_000, current_micros=1_000_000)
+    assert again.replayed and again.amount_micros == 1_500_000
+    assert (await wallets.get("u_1")).held_micros == 1_500_000
+
+
+async def test_extending_a_settled_hold_is_an_error(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 1_000_000)
+    await wallets.settle("u_1", hold.hold_id, 1)
+    with pytest.raises(HoldClosed):
+        await wallets.extend("u_1", hold.hold_id, 1, current_micros=1_000_000)

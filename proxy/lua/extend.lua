@@ -1,0 +1,43 @@
+-- extend: grow an active hold while its call runs (a stream that has spent
+-- what it held asks for more before relaying further).
+-- KEYS[1] wallet hash   KEYS[2] active holds hash   KEYS[3] this hold's record
+-- KEYS[4] ledger stream
+-- ARGV[1] hold id   ARGV[2] additional amount (micros, > 0)   ARGV[3] new ttl from now (ms, > 0)
+-- ARGV[4] idempotency step (the hold's amount the caller saw; a retried
+--         extension whose step already passed replays instead of growing twice)
+-- Returns {'ok'|'replay', hold amount, expires_ms, balance, held, credit_limit}.
+-- Errors: INSUFFICIENT_FUNDS when the addition does not fit (the caller cuts
+-- the call), HOLD_NOT_FOUND, HOLD_CLOSED.
+-- Keeps: available never goes below 0; held == sum of active holds.
+local amount = int_arg(ARGV[2], 1, MAX_AMOUNT)
+if amount == nil then
+  return fail('INVALID_AMOUNT', 'the extension must be an integer between 1 and ' .. fmt(MAX_AMOUNT))
+end
+local ttl = int_arg(ARGV[3], 1, 30 * 24 * 3600 * 1000)
+local seen = int_arg(ARGV[4], 0, MAX_AMOUNT)
+if ttl == nil or seen == nil then
+  return fail('INVALID_REQUEST', 'ttl and step must be non-negative integers')
+end
+local rec = redis.call('HMGET', KEYS[3], 'status', 'amount', 'expires_ms')
+if rec[1] == false then
+  return fail('HOLD_NOT_FOUND', 'no hold ' .. ARGV[1] .. ' in this wallet')
+end
+if rec[1] ~= 'active' then
+  return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. rec[1])
+end
+local balance, held, credit_limit = wallet_state(KEYS[1])
+local hold_amount = tonumber(rec[2])
+if hold_amount ~= seen then
+  return {'replay', fmt(hold_amount), rec[3], fmt(balance), fmt(held), fmt(credit_limit)}
+end
+local available = balance - held + credit_limit
+if amount > available then
+  return fail('INSUFFICIENT_FUNDS', 'extending the hold needs ' .. fmt(amount) .. ' micros and ' .. fmt(available) .. ' are available')
+end
+local expires = now_ms() + ttl
+held = redis.call('HINCRBY', KEYS[1], 'held', amount)
+hold_amount = redis.call('HINCRBY', KEYS[2], ARGV[1], amount)
+redis.call('HSET', KEYS[3], 'amount', hold_amount, 'expires_ms', expires)
+append_ledger(KEYS[4], {'type', 'hold_extend', 'amount', '0', 'held_delta', fmt(amount),
+  'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1]})
+return {'ok', fmt(hold_amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit)}
