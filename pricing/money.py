@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import decimal
 from dataclasses import dataclass, field
+from functools import cached_property
 from decimal import Decimal
 from typing import TYPE_CHECKING, Mapping
 
@@ -43,6 +44,11 @@ class Rates:
     tools: Mapping[str, Decimal] = field(default_factory=dict)  # micros per call
     per_image: Decimal = ZERO
     per_audio_second: Decimal = ZERO
+
+    @cached_property
+    def scaled(self) -> "ScaledRates":
+        """The same rates as integers over one power of ten, for fast exact sums."""
+        return ScaledRates.of(self)
 
     @property
     def effective_cached_input(self) -> Decimal:
@@ -134,10 +140,70 @@ def ceil_div(amount: Decimal, divisor: Decimal) -> int:
     return ceil_micros(_CEIL.divide(amount, divisor))
 
 
+@dataclass(frozen=True)
+class ScaledRates:
+    """`Rates` as integer numerators over a common denominator `scale` (a power of ten).
+
+    Summing integers is exact by construction and several times faster than a
+    trapped Decimal context; the request path prices every call two or three
+    times. `exact_total` stays the reference the tests compare against.
+    """
+
+    scale: int
+    input: int
+    cached_input: int
+    output: int
+    reasoning: int
+    per_request: int
+    per_image: int
+    per_audio_second: int
+    tools: Mapping[str, int]
+
+    @classmethod
+    def of(cls, rates: Rates) -> "ScaledRates":
+        named = {
+            "input": rates.input, "cached_input": rates.effective_cached_input, "output": rates.output,
+            "reasoning": rates.effective_reasoning, "per_request": rates.per_request, "per_image": rates.per_image,
+            "per_audio_second": rates.per_audio_second,
+        }
+        every = [*named.values(), *rates.tools.values()]
+        places = max((-int(d.as_tuple().exponent) for d in every if d.is_finite()), default=0)
+        scale = 10 ** max(places, 0)
+
+        def whole(d: Decimal) -> int:
+            value = d.scaleb(max(places, 0), _EXACT)
+            return int(value)
+
+        return cls(scale=scale, **{k: whole(v) for k, v in named.items()}, tools={k: whole(v) for k, v in rates.tools.items()})
+
+    def total(self, usage: Usage) -> int:
+        """`exact_total(rates, usage)` times `scale`, exactly."""
+        prompt = _count(usage.prompt_tokens)
+        cached = min(_count(usage.cached_tokens), prompt)
+        completion = _count(usage.completion_tokens)
+        reasoning = min(_count(usage.reasoning_tokens), completion)
+        total = (
+            self.input * (prompt - cached) + self.cached_input * cached
+            + self.output * (completion - reasoning) + self.reasoning * reasoning
+            + self.per_request * _count(usage.requests) + self.per_image * _count(usage.images)
+            + self.per_audio_second * _count(usage.audio_seconds)
+        )
+        for tool, calls in usage.tool_calls.items():
+            total += self.tools.get(tool, 0) * _count(calls)
+        return total
+
+
+def _ceil_fraction(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
 def price_usage(model: "ModelPrice", usage: Usage) -> Charge:
     """What `usage` of `model` costs the user and us, each rounded up once."""
-    price = ceil_micros(exact_total(model.price, usage))
-    cost = ceil_div(exact_total(model.cost, usage), model.cost_divisor)
+    price_rates, cost_rates = model.price.scaled, model.cost.scaled
+    price = _ceil_fraction(price_rates.total(usage), price_rates.scale)
+    # cost = total / markup, with the markup p/q exact: ceil(total * q / (scale * p)).
+    p, q = model.cost_divisor.as_integer_ratio()
+    cost = _ceil_fraction(cost_rates.total(usage) * q, cost_rates.scale * p)
     return Charge(price_micros=price, cost_micros=cost)
 
 

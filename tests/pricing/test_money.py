@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from decimal import Decimal
 
 import pytest
 
 from pricing import Charge, MeterPrice, Rates, Usage, format_micros, price_meter, price_usage
+from pricing.cards import ModelPrice
+from pricing.money import ceil_div, ceil_micros, exact_total
 
 from .helpers import D, model
 
@@ -140,3 +143,29 @@ def test_price_meter_refuses_floats_negatives_and_nan(bad: object) -> None:
 @pytest.mark.parametrize(("micros", "text"), [(1234, "0.001234 USD"), (0, "0.000000 USD"), (2_500_000, "2.500000 USD"), (-5, "-0.000005 USD")])
 def test_format_micros(micros: int, text: str) -> None:
     assert format_micros(micros) == text
+
+
+def test_integer_fast_path_matches_the_decimal_reference_exactly():
+    """price_usage sums scaled integers; exact_total (Decimal, trapped) is the reference."""
+    rng = random.Random(20261123)
+
+    def price() -> Decimal:
+        return Decimal(rng.randint(0, 10**7)).scaleb(-rng.randint(0, 9))
+
+    for _ in range(2000):
+        rates = [
+            Rates(input=price(), output=price(), cached_input=rng.choice([None, price()]),
+                  reasoning=rng.choice([None, price()]), per_request=price(), per_image=price(),
+                  per_audio_second=price(), tools={"web_search": price()})
+            for _ in range(2)
+        ]
+        markup = Decimal(rng.randint(100, 400)).scaleb(-2)
+        model = ModelPrice(name="m", upstream="u", upstream_model="m", kind="chat", max_output_tokens=1,
+                           price=rates[0], cost=rates[1], cost_divisor=markup)
+        prompt, completion = rng.randint(0, 10**9), rng.randint(0, 10**6)
+        usage = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=rng.randint(0, prompt),
+                      reasoning_tokens=rng.randint(0, completion), tool_calls={"web_search": rng.randint(0, 5)},
+                      images=rng.randint(0, 3), audio_seconds=rng.randint(0, 100), requests=rng.randint(0, 2))
+        charge = price_usage(model, usage)
+        assert charge.price_micros == ceil_micros(exact_total(rates[0], usage))
+        assert charge.cost_micros == ceil_div(exact_total(rates[1], usage), markup)
