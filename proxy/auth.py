@@ -41,7 +41,8 @@ def _invalid_key() -> ApiError:
 
 
 async def _profile_caller(request: web.Request, end_user_id: str, key_id: str, scopes: Mapping[str, Any]) -> Caller | None:
-    profile = await request.config_dict[WALLETS].profile(end_user_id)
+    max_age = request.config_dict[CONFIG].profile_cache_seconds
+    profile = await request.config_dict[WALLETS].profile(end_user_id, max_age_seconds=max_age)
     if profile is None:
         return None
     return Caller(end_user_id, key_id, profile.get("tier") or "default", profile.get("ratecard"), scopes)

@@ -69,6 +69,8 @@ class Config(_Strict):
     admin_keys: list[str] = []
     operator_keys: list[str] = []
     hold_ttl_seconds: PositiveInt = 600
+    # How old an end user's tier/card pin may be when a call reads it (0: always fresh).
+    profile_cache_seconds: Annotated[float, Field(ge=0)] = 5.0
     reaper_interval_seconds: PositiveFloat = 5.0
     idempotency_ttl_seconds: PositiveInt = 7 * 24 * 3600
     max_body_bytes: PositiveInt = 4 * 1024 * 1024

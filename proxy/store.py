@@ -393,6 +393,7 @@ class WalletStore:
     ):
         self.redis = redis
         self.commands: Commands = commands or RedisPyCommands(redis)
+        self._profiles: dict[str, tuple[float, dict[str, Any]]] = {}
         self.hold_ttl_ms = hold_ttl_ms
         self.idempotency_ttl_seconds = idempotency_ttl_seconds
         self.closed_hold_ttl_seconds = closed_hold_ttl_seconds
@@ -420,9 +421,26 @@ class WalletStore:
             return None
         return WalletState(wallet_id, int(balance), int(held), int(credit))
 
-    async def profile(self, wallet_id: str) -> dict[str, Any] | None:
+    async def profile(self, wallet_id: str, *, max_age_seconds: float = 0) -> dict[str, Any] | None:
+        """The end user's profile; up to `max_age_seconds` old from this process's cache.
+
+        The request path reads a profile on every call only for the tier and the
+        card pin, which change rarely and are not a security boundary (keys and
+        their revocation are never cached), so it may take a few seconds' old copy.
+        """
         if not WALLET_ID_RE.match(wallet_id):
             return None
+        if max_age_seconds > 0:
+            cached = self._profiles.get(wallet_id)
+            now = time.monotonic()
+            if cached is not None and cached[0] > now:
+                return cached[1]
+            found = await self.profile(wallet_id)
+            if found is not None:
+                if len(self._profiles) >= 100_000:
+                    self._profiles.clear()
+                self._profiles[wallet_id] = (now + max_age_seconds, found)
+            return found
         raw, created_ms = await self.commands.execute("HMGET", _profile_key(wallet_id), "profile", "created_ms")
         return {**orjson.loads(raw), "created_ms": int(created_ms)} if raw is not None else None
 

@@ -425,3 +425,17 @@ async def test_extending_a_settled_hold_is_an_error(wallets):
     await wallets.settle("u_1", hold.hold_id, 1)
     with pytest.raises(HoldClosed):
         await wallets.extend("u_1", hold.hold_id, 1, current_micros=1_000_000)
+
+
+async def test_profile_may_be_served_from_a_short_cache(wallets, redis):
+    await wallets.open("u_1", profile={"tier": "default"})
+    assert (await wallets.profile("u_1", max_age_seconds=60))["tier"] == "default"
+    await redis.hset("mg:{w:u_1}:profile", "profile", '{"tier": "pro"}')
+    assert (await wallets.profile("u_1", max_age_seconds=60))["tier"] == "default"
+    assert (await wallets.profile("u_1"))["tier"] == "pro"
+
+
+async def test_an_unknown_profile_is_not_cached(wallets):
+    assert await wallets.profile("u_1", max_age_seconds=60) is None
+    await wallets.open("u_1", profile={"tier": "default"})
+    assert (await wallets.profile("u_1", max_age_seconds=60))["tier"] == "default"
