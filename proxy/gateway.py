@@ -183,16 +183,19 @@ async def _settle(wallets: WalletStore, call: MeteredCall, usage: Usage, *, usag
         request_id=call.request_id, key_id=call.caller.key_id, quote=call.quote, usage=usage, charge=charge,
         usage_source=usage_source, outcome=outcome,
     )
-    settlement = await wallets.settle(call.caller.end_user_id, call.hold.hold_id, charge.price_micros, meta=meta)
+    settlement = await wallets.settle(
+        call.caller.end_user_id, call.hold.hold_id, charge.price_micros, meta=meta,
+        spend=limits.credential_spend(call.caller, call.request_id, usage.prompt_tokens + usage.completion_tokens),
+    )
     if settlement.shortfall_micros:
         log.warning("request %s: wallet %s could not cover %d micros", call.request_id, call.caller.end_user_id, settlement.shortfall_micros)
-    await limits.record(wallets, call.caller, call.request_id, settlement.captured_micros, usage)
     return settlement
 
 
 async def _release(wallets: WalletStore, call: MeteredCall, reason: str) -> None:
-    await wallets.release(call.caller.end_user_id, call.hold.hold_id, reason=reason)
-    await limits.record(wallets, call.caller, call.request_id, 0, None)
+    await wallets.release(
+        call.caller.end_user_id, call.hold.hold_id, reason=reason, spend=limits.credential_spend(call.caller, call.request_id, 0)
+    )
 
 
 async def settle_or_release(request: web.Request, work: Awaitable[Any]) -> Any:

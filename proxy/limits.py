@@ -27,13 +27,12 @@ from typing import Any, AsyncIterator, Mapping
 
 from aiohttp import web
 
-from pricing import Usage
 from proxy.auth import Caller
 from proxy.errors import ApiError
 from proxy.keys import WALLETS
 from proxy.metering import Quote
 from proxy.schemas import usd
-from proxy.store import LimitStore, Limited, WalletStore
+from proxy.store import CredentialSpend, LimitStore, Limited
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +103,10 @@ async def admission(request: web.Request, caller: Caller, quote: Quote, request_
         raise
 
 
-async def record(wallets: WalletStore, caller: Caller, request_id: str, captured_micros: int, usage: Usage | None) -> None:
-    """At settlement (or release, with 0): count what the call really spent against its credential."""
-    if not _metered_key(caller) or (captured_micros == 0 and not has_limits(caller.scopes)):
-        return
-    tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
-    try:
-        await LimitStore(wallets.redis, wallets.commands).record(
-            caller.end_user_id, caller.key_id, request_id, captured_micros=captured_micros, tokens=tokens,
-        )
-    except Exception:  # the wallet is settled; a lost counter must not fail the response
-        log.exception("request %s: could not record spend for %s", request_id, caller.key_id)
+def credential_spend(caller: Caller, request_id: str, tokens: int) -> CredentialSpend | None:
+    """What a settlement or release records against the caller's credential (in the same script).
+
+    Every key and token is counted, limited or not, so that a cap set later by
+    PATCH counts the spend since the credential was made; operator calls are not.
+    """
+    return CredentialSpend(caller.key_id, request_id, tokens) if _metered_key(caller) else None

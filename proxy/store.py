@@ -143,6 +143,15 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class CredentialSpend:
+    """Which credential's limits a settlement counts against: its id, the call's request id, tokens used."""
+
+    credential_id: str
+    request_id: str
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
 class HoldExtension:
     """A hold after it grew: its new total and expiry."""
 
@@ -543,8 +552,13 @@ class WalletStore:
             shortfall_micros=int(out[4]), wallet=_state(wallet_id, *out[5:8]), replayed=out[0] == "replay",
         )
 
+    def _closing_keys(self, wallet_id: str, hold_id: str, spend: CredentialSpend | None) -> list[str]:
+        keys = self._hold_keys(wallet_id, hold_id)
+        return [*keys, _limits_key(wallet_id, spend.credential_id)] if spend else keys
+
     async def settle(
-        self, wallet_id: str, hold_id: str, amount_micros: int, *, meta: Mapping[str, Any] | None = None
+        self, wallet_id: str, hold_id: str, amount_micros: int, *, meta: Mapping[str, Any] | None = None,
+        spend: CredentialSpend | None = None,
     ) -> Settlement:
         """Capture `amount_micros` (may exceed the hold, as far as the wallet allows); release the rest."""
         if amount_micros < 0:
@@ -554,16 +568,19 @@ class WalletStore:
         # wallet caps it further), never allowed to strand the hold.
         amount_micros = min(amount_micros, MAX_AMOUNT_MICROS)
         out = await self._scripts.run(
-            self.commands, "settle", self._hold_keys(wallet_id, hold_id),
-            [hold_id, amount_micros, _meta(meta), self.closed_hold_ttl_seconds],
+            self.commands, "settle", self._closing_keys(wallet_id, hold_id, spend),
+            [hold_id, amount_micros, _meta(meta), self.closed_hold_ttl_seconds,
+             *((spend.request_id, spend.tokens) if spend else ())],
             after=[("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))],
         )
         return self._settlement(wallet_id, hold_id, out)
 
-    async def release(self, wallet_id: str, hold_id: str, *, reason: str = "") -> Settlement:
+    async def release(
+        self, wallet_id: str, hold_id: str, *, reason: str = "", spend: CredentialSpend | None = None
+    ) -> Settlement:
         out = await self._scripts.run(
-            self.commands, "release", self._hold_keys(wallet_id, hold_id),
-            [hold_id, reason, "release", self.closed_hold_ttl_seconds],
+            self.commands, "release", self._closing_keys(wallet_id, hold_id, spend),
+            [hold_id, reason, "release", self.closed_hold_ttl_seconds, *((spend.request_id,) if spend else ())],
             after=[("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))],
         )
         return self._settlement(wallet_id, hold_id, out)

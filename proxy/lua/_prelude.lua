@@ -84,3 +84,62 @@ local function append_ledger(ledger_key, pairs_list)
   end
   return redis.call('XADD', ledger_key, '*', unpack(args))
 end
+
+-- Per-credential limits: a credential's limits hash (see key_limits.lua) as a
+-- table, with its minute windows and UTC day rolled forward to now. Loading
+-- writes nothing; limits_save writes the counters back.
+local LIMITS_WINDOW = 60000
+local LIMITS_DAY = 86400000
+
+local function limits_load(key)
+  local now = now_ms()
+  local L = {key = key, now = now, minute = math.floor(now / LIMITS_WINDOW), today = math.floor(now / LIMITS_DAY)}
+  local f = redis.call('HMGET', key, 'win', 'rq', 'rq0', 'tk', 'tk0', 'spent', 'day', 'spent_day')
+  local function num(v)
+    return tonumber(v) or 0
+  end
+  L.win, L.rq, L.rq0, L.tk, L.tk0 = num(f[1]), num(f[2]), num(f[3]), num(f[4]), num(f[5])
+  L.spent, L.day, L.spent_day = num(f[6]), num(f[7]), num(f[8])
+  if L.minute ~= L.win then
+    if L.minute == L.win + 1 then
+      L.rq0, L.tk0 = L.rq, L.tk
+    else
+      L.rq0, L.tk0 = 0, 0
+    end
+    L.rq, L.tk, L.win = 0, 0, L.minute
+  end
+  if L.day ~= L.today then
+    L.day, L.spent_day = L.today, 0
+  end
+  return L
+end
+
+local function limits_save(L)
+  redis.call('HSET', L.key, 'win', fmt(L.win), 'rq', fmt(L.rq), 'rq0', fmt(L.rq0), 'tk', fmt(L.tk), 'tk0', fmt(L.tk0),
+    'spent', fmt(L.spent), 'day', fmt(L.day), 'spent_day', fmt(L.spent_day))
+end
+
+-- A finished call's real spend and tokens replace its admission reservation
+-- (r:<request id>), or are added when it had none; then saved.
+local function limits_record(L, request_id, captured, used)
+  local res = redis.call('HGET', L.key, 'r:' .. request_id)
+  if res then
+    local r_amount, r_day, r_tokens, r_minute = string.match(res, '^(%d+)|(%d+)|(%d+)|(%d+)$')
+    r_amount, r_day, r_tokens, r_minute = tonumber(r_amount), tonumber(r_day), tonumber(r_tokens), tonumber(r_minute)
+    redis.call('HDEL', L.key, 'r:' .. request_id)
+    L.spent = math.max(0, L.spent + captured - r_amount)
+    if r_day == L.today then
+      L.spent_day = math.max(0, L.spent_day + captured - r_amount)
+    else
+      L.spent_day = L.spent_day + captured
+    end
+    if r_minute == L.win then
+      L.tk = math.max(0, L.tk + used - r_tokens)
+    elseif r_minute == L.win - 1 then
+      L.tk0 = math.max(0, L.tk0 + used - r_tokens)
+    end
+  else
+    L.spent, L.spent_day, L.tk = L.spent + captured, L.spent_day + captured, L.tk + used
+  end
+  limits_save(L)
+end

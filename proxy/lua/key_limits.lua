@@ -20,37 +20,10 @@
 -- Keeps: spent == sum of captured micros of recorded calls + reserved micros of
 -- admitted, unrecorded ones; so spent + hold <= cap is checked against every
 -- concurrent call, and a call refused here changed nothing.
-local WINDOW = 60000
-local DAY = 86400000
-local now = now_ms()
-local minute = math.floor(now / WINDOW)
-local today = math.floor(now / DAY)
-
-local function num(v)
-  return tonumber(v) or 0
-end
-
-local f = redis.call('HMGET', KEYS[1], 'win', 'rq', 'rq0', 'tk', 'tk0', 'spent', 'day', 'spent_day')
-local win, rq, rq0, tk, tk0 = num(f[1]), num(f[2]), num(f[3]), num(f[4]), num(f[5])
-local spent, day, spent_day = num(f[6]), num(f[7]), num(f[8])
--- Roll the minute windows and the day forward (nothing is written yet).
-if minute ~= win then
-  if minute == win + 1 then
-    rq0, tk0 = rq, tk
-  else
-    rq0, tk0 = 0, 0
-  end
-  rq, tk, win = 0, 0, minute
-end
-if day ~= today then
-  day, spent_day = today, 0
-end
+local L = limits_load(KEYS[1])
+local now, minute, today = L.now, L.minute, L.today
+local WINDOW, DAY = LIMITS_WINDOW, LIMITS_DAY
 local prev_weight = (WINDOW - (now % WINDOW)) / WINDOW
-
-local function save()
-  redis.call('HSET', KEYS[1], 'win', fmt(win), 'rq', fmt(rq), 'rq0', fmt(rq0), 'tk', fmt(tk), 'tk0', fmt(tk0),
-    'spent', fmt(spent), 'day', fmt(day), 'spent_day', fmt(spent_day))
-end
 
 -- ms until `prev * weight + cur + want <= limit`, or the end of the next window.
 local function retry_after(prev, cur, want, limit)
@@ -72,26 +45,26 @@ if ARGV[1] == 'admit' then
     return fail('INVALID_REQUEST', 'limits must be integers')
   end
   if rpm > 0 then
-    local used = math.floor(rq0 * prev_weight) + rq
+    local used = math.floor(L.rq0 * prev_weight) + L.rq
     if used + 1 > rpm then
-      return {'limited', 'requests', fmt(rpm), fmt(used), fmt(retry_after(rq0, rq, 1, rpm))}
+      return {'limited', 'requests', fmt(rpm), fmt(used), fmt(retry_after(L.rq0, L.rq, 1, rpm))}
     end
   end
   if tpm > 0 then
-    local used = math.floor(tk0 * prev_weight) + tk
+    local used = math.floor(L.tk0 * prev_weight) + L.tk
     if used + tokens > tpm then
-      return {'limited', 'tokens', fmt(tpm), fmt(used), fmt(retry_after(tk0, tk, tokens, tpm))}
+      return {'limited', 'tokens', fmt(tpm), fmt(used), fmt(retry_after(L.tk0, L.tk, tokens, tpm))}
     end
   end
-  if cap >= 0 and spent + amount > cap then
-    return {'limited', 'spend', fmt(cap), fmt(spent), '0'}
+  if cap >= 0 and L.spent + amount > cap then
+    return {'limited', 'spend', fmt(cap), fmt(L.spent), '0'}
   end
-  if daily_cap >= 0 and spent_day + amount > daily_cap then
-    return {'limited', 'daily_spend', fmt(daily_cap), fmt(spent_day), fmt(DAY - (now % DAY))}
+  if daily_cap >= 0 and L.spent_day + amount > daily_cap then
+    return {'limited', 'daily_spend', fmt(daily_cap), fmt(L.spent_day), fmt(DAY - (now % DAY))}
   end
-  rq, tk = rq + 1, tk + tokens
-  spent, spent_day = spent + amount, spent_day + amount
-  save()
+  L.rq, L.tk = L.rq + 1, L.tk + tokens
+  L.spent, L.spent_day = L.spent + amount, L.spent_day + amount
+  limits_save(L)
   redis.call('HSET', KEYS[1], 'r:' .. ARGV[2], fmt(amount) .. '|' .. fmt(today) .. '|' .. fmt(tokens) .. '|' .. fmt(minute))
   return {'ok'}
 end
@@ -102,27 +75,8 @@ if ARGV[1] == 'record' then
   if captured == nil or used == nil then
     return fail('INVALID_AMOUNT', 'captured micros and tokens must be non-negative integers')
   end
-  local res = redis.call('HGET', KEYS[1], 'r:' .. ARGV[2])
-  if res then
-    local r_amount, r_day, r_tokens, r_minute = string.match(res, '^(%d+)|(%d+)|(%d+)|(%d+)$')
-    r_amount, r_day, r_tokens, r_minute = tonumber(r_amount), tonumber(r_day), tonumber(r_tokens), tonumber(r_minute)
-    redis.call('HDEL', KEYS[1], 'r:' .. ARGV[2])
-    spent = math.max(0, spent + captured - r_amount)
-    if r_day == today then
-      spent_day = math.max(0, spent_day + captured - r_amount)
-    else
-      spent_day = spent_day + captured
-    end
-    if r_minute == win then
-      tk = math.max(0, tk + used - r_tokens)
-    elseif r_minute == win - 1 then
-      tk0 = math.max(0, tk0 + used - r_tokens)
-    end
-  else
-    spent, spent_day, tk = spent + captured, spent_day + captured, tk + used
-  end
-  save()
-  return {'ok', fmt(spent), fmt(spent_day)}
+  limits_record(L, ARGV[2], captured, used)
+  return {'ok', fmt(L.spent), fmt(L.spent_day)}
 end
 
 return fail('INVALID_REQUEST', 'mode must be admit or record')

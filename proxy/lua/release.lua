@@ -4,6 +4,8 @@
 -- KEYS[4] ledger stream
 -- ARGV[1] hold id   ARGV[2] reason   ARGV[3] 'release' or 'expire'
 -- ARGV[4] seconds to keep the closed hold's record
+-- Optional: KEYS[5] the limits hash of the credential that made the call and
+-- ARGV[5] its request id: the call's spend reservation is then given back too.
 -- Returns {'ok'|'replay', ledger_id, captured (0), released, shortfall (0), balance, held, credit_limit}
 -- or, for 'expire' of a hold whose TTL has not passed, {'not_due', expires_ms}.
 -- Releasing a released hold replays; releasing a settled or expired hold is
@@ -37,6 +39,9 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 local id = append_ledger(KEYS[4], {'type', mode, 'amount', '0', 'held_delta', fmt(-hold_amount),
   'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1], 'reason', ARGV[2]})
 local result = {'ok', id, '0', fmt(hold_amount), '0', fmt(balance), fmt(held), fmt(credit_limit)}
+if KEYS[5] then
+  limits_record(limits_load(KEYS[5]), ARGV[5], 0, 0)
+end
 redis.call('HSET', KEYS[3], 'status', closed_as, 'release_result', table.concat(result, ',', 2))
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 return result

@@ -4,6 +4,9 @@
 -- ARGV[1] hold id   ARGV[2] amount to capture (micros, >= 0, may exceed the hold)
 -- ARGV[3] metadata JSON (tokens, price, cost, model, request id...)
 -- ARGV[4] seconds to keep the closed hold's record (for replays)
+-- Optional, for calls made with an end-user key or token: KEYS[5] that
+-- credential's limits hash, ARGV[5] the call's request id, ARGV[6] tokens
+-- used; the capture is then counted as the credential's spend in the same step.
 -- Returns {'ok'|'replay', ledger_id, captured, released, shortfall, balance, held, credit_limit}.
 -- More than the hold is captured only as far as the wallet allows (down to
 -- -credit_limit once this hold is released); what could not be captured is
@@ -14,6 +17,13 @@
 local amount = int_arg(ARGV[2], 0, MAX_AMOUNT)
 if amount == nil then
   return fail('INVALID_AMOUNT', 'the settle amount must be an integer between 0 and ' .. fmt(MAX_AMOUNT))
+end
+local tokens_used = 0
+if KEYS[5] then
+  tokens_used = int_arg(ARGV[6], 0, MAX_AMOUNT)
+  if tokens_used == nil then
+    return fail('INVALID_REQUEST', 'tokens used must be a non-negative integer')
+  end
 end
 local rec = redis.call('HMGET', KEYS[3], 'status', 'amount', 'settle_result')
 if rec[1] == false then
@@ -42,6 +52,9 @@ local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(-captured), '
   'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1], 'requested', fmt(amount),
   'shortfall', fmt(shortfall), 'meta', ARGV[3]})
 local result = {'ok', id, fmt(captured), fmt(released), fmt(shortfall), fmt(balance), fmt(held), fmt(credit_limit)}
+if KEYS[5] then
+  limits_record(limits_load(KEYS[5]), ARGV[5], captured, tokens_used)
+end
 redis.call('HSET', KEYS[3], 'status', 'settled', 'settle_result', table.concat(result, ',', 2))
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 return result
