@@ -14,7 +14,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Collection, Iterable, Literal, Mapping
+from typing import Any, Collection, Iterable, Literal
 
 from pydantic import ValidationError
 

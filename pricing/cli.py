@@ -12,7 +12,6 @@ from pricing.cards import (
     ModelPrice,
     RateCard,
     RateCardError,
-    RateCardSet,
     expand_paths,
     load_rate_card,
     load_rate_card_files,

@@ -78,7 +78,7 @@ async def error_middleware(
         return exc.response()
     except store.WalletError as exc:
         return from_wallet_error(exc).response()
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         limit = request.config_dict[CONFIG].max_body_bytes
         return error_response(413, f"request body too large (limit {limit} bytes)", code="request_too_large")
     except web.HTTPNotFound:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import openai
-import pytest
 
 from tests.conftest import OPERATOR_KEY, UPSTREAM_KEY
 from tests.mock_upstream import make_usage
