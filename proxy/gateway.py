@@ -157,6 +157,7 @@ async def _hold(request: web.Request, request_id: str, caller: Caller, quote: me
         return await request.config_dict[WALLETS].hold(
             caller.end_user_id, quote.hold.price_micros,
             meta={"request_id": request_id, "model": quote.model.name, "key_id": caller.key_id},
+            spend=limits.credential_spend(caller, request_id, 0),
         )
     except InsufficientFunds as exc:
         raise ApiError(

@@ -504,9 +504,13 @@ class WalletStore:
 
     async def hold(
         self, wallet_id: str, amount_micros: int, *, hold_id: str | None = None, ttl_ms: int | None = None,
-        meta: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None, spend: CredentialSpend | None = None,
     ) -> Hold:
-        """Reserve `amount_micros`; raises `InsufficientFunds` when it does not fit."""
+        """Reserve `amount_micros`; raises `InsufficientFunds` when it does not fit.
+
+        `spend` names the credential whose limits reserved this call, so that
+        the reaper can give that reservation back if the call never settles.
+        """
         _check_wallet_id(wallet_id)
         hold_id = hold_id or self.new_hold_id()
         ttl_ms = ttl_ms or self.hold_ttl_ms
@@ -516,7 +520,8 @@ class WalletStore:
         member = _index_member(wallet_id, hold_id)
         try:
             out = await self._scripts.run(
-                self.commands, "hold", self._hold_keys(wallet_id, hold_id), [hold_id, amount_micros, ttl_ms, _meta(meta)],
+                self.commands, "hold", self._hold_keys(wallet_id, hold_id),
+                [hold_id, amount_micros, ttl_ms, _meta(meta), *((spend.credential_id, spend.request_id) if spend else ())],
                 before=[("ZADD", HOLD_INDEX_KEY, _now_ms() + ttl_ms, member)],
             )
         except WalletError:
@@ -587,9 +592,11 @@ class WalletStore:
 
     async def expire(self, wallet_id: str, hold_id: str) -> Settlement | None:
         """Expire one hold whose TTL has passed; None if it is not due yet."""
+        credential, request_id = await self.redis.hmget(_hold_key(wallet_id, hold_id), "credential", "request_id")
+        spend = CredentialSpend(credential.decode(), request_id.decode()) if credential and request_id else None
         out = await self._run(
-            "release", self._hold_keys(wallet_id, hold_id),
-            [hold_id, "ttl passed", "expire", self.closed_hold_ttl_seconds],
+            "release", self._closing_keys(wallet_id, hold_id, spend),
+            [hold_id, "ttl passed", "expire", self.closed_hold_ttl_seconds, *((spend.request_id,) if spend else ())],
         )
         if out[0] == "not_due":
             await self.redis.zadd(HOLD_INDEX_KEY, {_index_member(wallet_id, hold_id): int(out[1])})

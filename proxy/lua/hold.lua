@@ -2,6 +2,9 @@
 -- KEYS[1] wallet hash   KEYS[2] active holds hash (hold id -> amount)
 -- KEYS[3] this hold's record   KEYS[4] ledger stream
 -- ARGV[1] hold id   ARGV[2] amount (micros, >= 0)   ARGV[3] ttl (ms, > 0)   ARGV[4] metadata JSON
+-- ARGV[5], ARGV[6] (optional) the credential that made the call and its request
+-- id, kept on the hold so that expiring it also gives back that credential's
+-- spend reservation.
 -- Returns {'ok'|'replay', hold_id, amount, expires_ms, balance, held, credit_limit, ledger_id}.
 -- The hold id is the idempotency key: the same id and amount replays the first
 -- result; the same id with another amount is an IDEMPOTENCY_CONFLICT.
@@ -39,4 +42,7 @@ local id = append_ledger(KEYS[4], {'type', 'hold', 'amount', '0', 'held_delta', 
   'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1], 'meta', ARGV[4]})
 redis.call('HSET', KEYS[3], 'status', 'active', 'amount', amount, 'created_ms', now, 'expires_ms', expires,
   'ledger_id', id)
+if ARGV[5] and ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[3], 'credential', ARGV[5], 'request_id', ARGV[6])
+end
 return {'ok', ARGV[1], fmt(amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit), id}

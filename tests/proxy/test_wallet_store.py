@@ -7,6 +7,8 @@ import asyncio
 import pytest
 
 from proxy.store import (
+    CredentialSpend,
+    LimitStore,
     BalanceLimit,
     ChargeNotFound,
     HoldClosed,
@@ -439,3 +441,18 @@ async def test_an_unknown_profile_is_not_cached(wallets):
     assert await wallets.profile("u_1", max_age_seconds=60) is None
     await wallets.open("u_1", profile={"tier": "default"})
     assert (await wallets.profile("u_1", max_age_seconds=60))["tier"] == "default"
+
+
+async def test_expiring_a_hold_gives_back_its_credentials_spend_reservation(wallets, redis):
+    limits = LimitStore(redis)
+    await funded(wallets)
+    limited = await limits.admit(
+        "u_1", "key_a", "req_1", requests_per_minute=0, tokens_per_minute=0, tokens=10,
+        max_spend_micros=5_000_000, max_daily_spend_micros=None, amount_micros=3_000_000,
+    )
+    assert limited is None and (await limits.spend("u_1", "key_a")).spent_micros == 3_000_000
+    await wallets.hold("u_1", 3_000_000, ttl_ms=30, spend=CredentialSpend("key_a", "req_1"))
+    await asyncio.sleep(0.08)
+    [expired] = await wallets.expire_due()
+    assert expired.released_micros == 3_000_000
+    assert (await limits.spend("u_1", "key_a")).spent_micros == 0
