@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from proxy import schemas
 from proxy.errors import ApiError, error_middleware, read_model
 from proxy.keys import ACCOUNTS, CONFIG, RATECARDS, WALLETS
+from proxy.ratecards import RateCardRegistry
 from proxy.store import ApiKey, LedgerEntry, LimitStore, Receipt, _now_ms
 from proxy.tokens import TOKENS
 
@@ -238,18 +239,17 @@ def _is_stream_id(value: str) -> bool:
 # ----------------------------------------------------------------- rate cards
 
 
-def _ratecards_view(registry) -> dict:
-    cards = registry.current.all_cards()
-    return {
-        "cards": [{"id": c.id, "version": c.version, "ref": c.ref, "effective_from": c.effective_from.isoformat(),
-                   "models": sorted(c.models)} for c in cards],
-        "tiers": registry.current.tiers,
-    }
+def _ratecards_view(registry: RateCardRegistry) -> schemas.RateCardsView:
+    return schemas.RateCardsView(
+        cards=[schemas.RateCardSummary(id=c.id, version=c.version, ref=c.ref, effective_from=c.effective_from.isoformat(),
+                                       models=sorted(c.models)) for c in registry.current.all_cards()],
+        tiers=registry.current.tiers,
+    )
 
 
 @routes.get("/ratecards")
 async def list_ratecards(request: web.Request) -> web.Response:
-    return web.json_response(_ratecards_view(request.config_dict[RATECARDS]))
+    return _json(_ratecards_view(request.config_dict[RATECARDS]))
 
 
 @routes.post("/ratecards/reload")
@@ -257,7 +257,7 @@ async def reload_ratecards(request: web.Request) -> web.Response:
     registry = request.config_dict[RATECARDS]
     if not await registry.reload():
         raise ApiError(422, "rate cards refused; the running cards stay in force: " + str(registry.last_error), code="invalid_ratecard")
-    return web.json_response(_ratecards_view(registry))
+    return _json(_ratecards_view(registry))
 
 
 def create_admin_app() -> web.Application:

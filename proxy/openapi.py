@@ -15,7 +15,7 @@ from proxy import schemas
 _MODELS: list[type[BaseModel]] = [
     schemas.CreateEndUser, schemas.CreateKey, schemas.TopUp, schemas.Refund, schemas.Adjustment,
     schemas.WalletView, schemas.ReceiptView, schemas.LedgerPage, schemas.EndUserView, schemas.KeyView,
-    schemas.CreatedKeyView, schemas.KeyList, schemas.UpdateKey, schemas.MintToken, schemas.TokenView,
+    schemas.CreatedKeyView, schemas.KeyList, schemas.RateCardsView, schemas.UpdateKey, schemas.MintToken, schemas.TokenView,
 ]
 
 _ERROR_SCHEMA = {
@@ -90,6 +90,11 @@ def document() -> dict[str, Any]:
             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
             {"name": "starting_after", "in": "query", "schema": {"type": "string"}, "description": "next_cursor of the previous page"},
         ])},
+        "/admin/ratecards": {"get": _op("The rate cards in force and the tier map", 200, schemas.RateCardsView, errors=(401,))},
+        "/admin/ratecards/reload": {"post": _op(
+            "Reload the rate cards from disk; an invalid set is refused (422, with file:line) and the running one stays",
+            200, schemas.RateCardsView, errors=(401, 422))},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
         "/readyz": {"get": {"summary": "Readiness (the store answers)", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
     }

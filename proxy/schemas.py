@@ -194,3 +194,16 @@ class TokenView(BaseModel):
 class KeyList(BaseModel):
     object: str = "list"
     data: list[KeyView]
+
+
+class RateCardSummary(BaseModel):
+    id: str
+    version: int
+    ref: str = Field(description="id@version, what an end user can be pinned to")
+    effective_from: str
+    models: list[str]
+
+
+class RateCardsView(BaseModel):
+    cards: list[RateCardSummary]
+    tiers: dict[str, str]

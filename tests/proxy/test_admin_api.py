@@ -286,7 +286,7 @@ async def test_unknown_route_is_404_in_openai_shape(client):
 async def test_openapi_document_describes_the_admin_api(client):
     doc = await (await client.get("/openapi.json")).json()
     assert doc["openapi"].startswith("3.")
-    for path in ("/admin/end-users", "/admin/end-users/{id}/keys", "/admin/wallets/{id}/top-ups",
+    for path in ("/admin/end-users", "/admin/end-users/{id}/keys", "/admin/wallets/{id}/top-ups", "/admin/ratecards/reload",
                  "/admin/wallets/{id}/refunds", "/admin/wallets/{id}/adjustments", "/admin/wallets/{id}/ledger"):
         assert path in doc["paths"]
     top_up_schema = doc["components"]["schemas"]["TopUp"]
@@ -313,3 +313,24 @@ async def test_the_service_reaper_expires_stale_holds(client, wallets):
     assert wallet["held_micros"] == 0 and wallet["balance_micros"] == 1_000_000
     types = [e["type"] for e in (await (await client.get("/admin/wallets/u_28f3a/ledger", headers=ADMIN)).json())["data"]]
     assert types[0] == "expire"
+
+
+async def test_every_reference_in_the_openapi_document_resolves(client):
+    doc = await (await client.get("/openapi.json")).json()
+
+    def refs(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = list(refs(doc))
+    assert found
+    for ref in found:
+        target = doc
+        for part in ref.removeprefix("#/").split("/"):
+            target = target[part]
