@@ -44,6 +44,15 @@ local function wallet_state(key)
   return tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
 end
 
+-- A result kept as 'a,b,c' (see remember_result), answered again as {'replay', a, b, c}.
+local function stored_replay(text)
+  local out = {'replay'}
+  for part in string.gmatch(text, '[^,]+') do
+    out[#out + 1] = part
+  end
+  return out
+end
+
 -- Idempotency record: {'replay', ...first result} for the same fingerprint,
 -- an error for a different one, nil when the key is new (or not given).
 local function idempotent_replay(idem_key, fingerprint)
@@ -57,11 +66,7 @@ local function idempotent_replay(idem_key, fingerprint)
   if rec[1] ~= fingerprint then
     return fail('IDEMPOTENCY_CONFLICT', 'this Idempotency-Key was already used with a different request')
   end
-  local out = {'replay'}
-  for part in string.gmatch(rec[2], '[^,]+') do
-    out[#out + 1] = part
-  end
-  return out
+  return stored_replay(rec[2])
 end
 
 local function remember_result(idem_key, fingerprint, ttl_seconds, result)
@@ -142,4 +147,38 @@ local function limits_record(L, request_id, captured, used)
     L.spent, L.spent_day, L.tk = L.spent + captured, L.spent_day + captured, L.tk + used
   end
   limits_save(L)
+end
+
+-- The shared shape of top_up, adjust and refund, which move a balance by a
+-- signed amount under an idempotency key. KEYS[1] wallet hash, KEYS[2] ledger
+-- stream, KEYS[3] idempotency record; ARGV[2] fingerprint, ARGV[3] its TTL.
+-- Start: an early answer (the first result replayed, or an error), else the
+-- wallet's balance, held and credit_limit. Nothing is written.
+local function balance_op_start()
+  local replay = idempotent_replay(KEYS[3], ARGV[2])
+  if replay then
+    return replay
+  end
+  local balance, held, credit_limit = wallet_state(KEYS[1])
+  if balance == nil then
+    return fail('WALLET_NOT_FOUND', 'no such wallet')
+  end
+  return nil, balance, held, credit_limit
+end
+
+-- Finish: refuse a balance beyond MAX_BALANCE (before any write), then move
+-- the balance, append the ledger entry (its type, amount, the balance and held
+-- after, and `fields`) and remember the result under the idempotency key.
+local function balance_op_finish(entry_type, amount, balance, held, credit_limit, fields)
+  if balance + amount > MAX_BALANCE then
+    return nil, fail('BALANCE_LIMIT', 'the balance would exceed ' .. fmt(MAX_BALANCE) .. ' micros')
+  end
+  balance = redis.call('HINCRBY', KEYS[1], 'balance', amount)
+  local entry = {'type', entry_type, 'amount', fmt(amount), 'balance', fmt(balance), 'held', fmt(held)}
+  for i = 1, #fields do
+    entry[#entry + 1] = fields[i]
+  end
+  local result = {'ok', append_ledger(KEYS[2], entry), fmt(balance), fmt(held), fmt(credit_limit)}
+  remember_result(KEYS[3], ARGV[2], ARGV[3], result)
+  return result
 end

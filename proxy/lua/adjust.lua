@@ -12,23 +12,13 @@ end
 if ARGV[4] == '' then
   return fail('INVALID_REQUEST', 'a reason is required')
 end
-local replay = idempotent_replay(KEYS[3], ARGV[2])
-if replay then
-  return replay
-end
-local balance, held, credit_limit = wallet_state(KEYS[1])
-if balance == nil then
-  return fail('WALLET_NOT_FOUND', 'no such wallet')
+local early, balance, held, credit_limit = balance_op_start()
+if early then
+  return early
 end
 if amount < 0 and balance - held + credit_limit + amount < 0 then
   return fail('INSUFFICIENT_FUNDS', 'available is ' .. fmt(balance - held + credit_limit) .. ' micros')
 end
-if balance + amount > MAX_BALANCE then
-  return fail('BALANCE_LIMIT', 'the balance would exceed ' .. fmt(MAX_BALANCE) .. ' micros')
-end
-balance = redis.call('HINCRBY', KEYS[1], 'balance', amount)
-local id = append_ledger(KEYS[2], {'type', 'adjustment', 'amount', fmt(amount), 'balance', fmt(balance),
-  'held', fmt(held), 'reason', ARGV[4], 'idempotency_key', ARGV[6], 'meta', ARGV[5]})
-local result = {'ok', id, fmt(balance), fmt(held), fmt(credit_limit)}
-remember_result(KEYS[3], ARGV[2], ARGV[3], result)
-return result
+local result, err = balance_op_finish('adjustment', amount, balance, held, credit_limit,
+  {'reason', ARGV[4], 'idempotency_key', ARGV[6], 'meta', ARGV[5]})
+return result or err

@@ -13,13 +13,9 @@ end
 if not string.match(ARGV[4], '^%d+%-%d+$') then
   return fail('INVALID_REQUEST', 'charge_id must be the ledger id of a charge')
 end
-local replay = idempotent_replay(KEYS[3], ARGV[2])
-if replay then
-  return replay
-end
-local balance, held, credit_limit = wallet_state(KEYS[1])
-if balance == nil then
-  return fail('WALLET_NOT_FOUND', 'no such wallet')
+local early, balance, held, credit_limit = balance_op_start()
+if early then
+  return early
 end
 local entries = redis.call('XRANGE', KEYS[2], ARGV[4], ARGV[4])
 local charged = nil
@@ -41,13 +37,9 @@ if already + amount > charged then
   return fail('REFUND_EXCEEDS_CHARGE', 'charge ' .. ARGV[4] .. ' captured ' .. fmt(charged) ..
     ' micros and ' .. fmt(already) .. ' are already refunded')
 end
-if balance + amount > MAX_BALANCE then
-  return fail('BALANCE_LIMIT', 'the balance would exceed ' .. fmt(MAX_BALANCE) .. ' micros')
+local result, err = balance_op_finish('refund', amount, balance, held, credit_limit,
+  {'charge_id', ARGV[4], 'reason', ARGV[5], 'idempotency_key', ARGV[7], 'meta', ARGV[6]})
+if result then
+  redis.call('HINCRBY', KEYS[4], ARGV[4], amount)
 end
-balance = redis.call('HINCRBY', KEYS[1], 'balance', amount)
-redis.call('HINCRBY', KEYS[4], ARGV[4], amount)
-local id = append_ledger(KEYS[2], {'type', 'refund', 'amount', fmt(amount), 'balance', fmt(balance),
-  'held', fmt(held), 'charge_id', ARGV[4], 'reason', ARGV[5], 'idempotency_key', ARGV[7], 'meta', ARGV[6]})
-local result = {'ok', id, fmt(balance), fmt(held), fmt(credit_limit)}
-remember_result(KEYS[3], ARGV[2], ARGV[3], result)
-return result
+return result or err

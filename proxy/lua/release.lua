@@ -20,11 +20,7 @@ if rec[1] == false then
 end
 local closed_as = mode == 'release' and 'released' or 'expired'
 if rec[1] == closed_as then
-  local out = {'replay'}
-  for part in string.gmatch(rec[4], '[^,]+') do
-    out[#out + 1] = part
-  end
-  return out
+  return stored_replay(rec[4])
 end
 if rec[1] ~= 'active' then
   return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. rec[1])

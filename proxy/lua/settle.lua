@@ -30,11 +30,7 @@ if rec[1] == false then
   return fail('HOLD_NOT_FOUND', 'no hold ' .. ARGV[1] .. ' in this wallet')
 end
 if rec[1] == 'settled' then
-  local out = {'replay'}
-  for part in string.gmatch(rec[3], '[^,]+') do
-    out[#out + 1] = part
-  end
-  return out
+  return stored_replay(rec[3])
 end
 if rec[1] ~= 'active' then
   return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. rec[1])
