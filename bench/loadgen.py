@@ -12,7 +12,7 @@ is the number of OK requests, ``rps = requests / seconds``; failures are in
 ``errors`` and not in the latency percentiles.
 
 On a 2-core machine run the load generator in its own process
-(:func:`run_load_in_subprocess` / :func:`run_load_in_subprocess_async`) so it
+(:func:`run_load_in_subprocess`) so it
 does not compete with the server's event loop.
 """
 
@@ -198,8 +198,7 @@ def run_load_in_subprocess(
     timeout: float | None = None,
 ) -> LoadResult:
     """:func:`run_load` in a fresh ``python -m bench.loadgen`` process (blocking).
-    Do not call this from a running event loop that serves the target: use
-    :func:`run_load_in_subprocess_async` there."""
+    Do not call this from a running event loop that serves the target."""
     spec = _subprocess_spec(url, body, headers, concurrency, requests, duration, stream, warmup)
     p = subprocess.run(
         [sys.executable, "-m", "bench.loadgen", "--spec-stdin"],
@@ -209,37 +208,6 @@ def run_load_in_subprocess(
         timeout=timeout,
     )
     return _parse_result(p.stdout, p.stderr, p.returncode)
-
-
-async def run_load_in_subprocess_async(
-    url: str,
-    body: bytes,
-    headers: dict,
-    concurrency: int,
-    requests: int | None = None,
-    duration: float | None = None,
-    stream: bool = False,
-    warmup: float = 0.0,
-    timeout: float | None = None,
-) -> LoadResult:
-    """Like :func:`run_load_in_subprocess` but awaitable, so the caller's event loop
-    (e.g. an in-process server under test) keeps running."""
-    spec = _subprocess_spec(url, body, headers, concurrency, requests, duration, stream, warmup)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.loadgen", "--spec-stdin",
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(spec), timeout)
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    return _parse_result(out, err, proc.returncode)
-
-
-# --------------------------------------------------------------------------- server processes
 
 
 def free_port(host: str = "127.0.0.1") -> int:
