@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pricing import Charge, ModelPrice, RateCard, Usage, price_usage
 from pricing.tokens import estimate_usage
