@@ -170,6 +170,7 @@ def _rates(spec: PriceSpec | CostSpec, fallback_output: Decimal = ZERO) -> Rates
         tools={name: _micros_per_unit(p) for name, p in (spec.tools or {}).items()},
         per_image=_micros_per_unit(spec.per_image or ZERO),
         per_audio_second=_micros_per_unit(spec.per_audio_second or ZERO),
+        per_audio_minute=_micros_per_unit(spec.per_audio_minute or ZERO),
     )
 
 

@@ -28,6 +28,7 @@ COMPONENTS: list[tuple[str, str, bool]] = [
     ("per_request", "per_request", False),
     ("per_image", "per_image", False),
     ("per_audio_second", "per_audio_second", False),
+    ("per_audio_minute", "per_audio_minute", False),
 ]
 
 

@@ -14,9 +14,11 @@ inexact results, so a charge is either exact or an error, never quietly off.
 from __future__ import annotations
 
 import decimal
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from decimal import Decimal
+from fractions import Fraction
 from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,8 +30,6 @@ ZERO = Decimal(0)
 # Wide enough for any realistic sum (10^12 tokens at prices with 20 decimals),
 # and Inexact is a trap: a product or sum that would lose a digit raises.
 _EXACT = decimal.Context(prec=80, rounding=decimal.ROUND_CEILING, traps=[decimal.Inexact, decimal.InvalidOperation])
-# For the one division (a markup): rounded toward +inf, see `ceil_div`.
-_CEIL = decimal.Context(prec=80, rounding=decimal.ROUND_CEILING, traps=[decimal.InvalidOperation])
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Rates:
     tools: Mapping[str, Decimal] = field(default_factory=dict)  # micros per call
     per_image: Decimal = ZERO
     per_audio_second: Decimal = ZERO
+    per_audio_minute: Decimal = ZERO  # charged per second of audio, as rate x seconds / 60
 
     @cached_property
     def scaled(self) -> "ScaledRates":
@@ -97,8 +98,9 @@ def _count(value: int) -> int:
     return max(value, 0)
 
 
-def exact_total(rates: Rates, usage: Usage) -> Decimal:
-    """The unrounded amount, in micros, that `usage` costs at `rates`."""
+def exact_total(rates: Rates, usage: Usage) -> Fraction:
+    """The unrounded amount, in micros, that `usage` costs at `rates` (exact: a per-minute
+    audio price charged by the second need not be a finite decimal)."""
     prompt = _count(usage.prompt_tokens)
     cached = min(_count(usage.cached_tokens), prompt)
     completion = _count(usage.completion_tokens)
@@ -120,29 +122,24 @@ def exact_total(rates: Rates, usage: Usage) -> Decimal:
     for rate, quantity in parts:
         if quantity:
             total = ctx.add(total, ctx.multiply(rate, Decimal(quantity)))
-    return total
+    return Fraction(total) + Fraction(rates.per_audio_minute) * _count(usage.audio_seconds) / 60
 
 
-def ceil_micros(amount: Decimal) -> int:
-    """Round an exact Decimal amount of micros up to a whole micro."""
-    return int(amount.to_integral_value(rounding=decimal.ROUND_CEILING))
+def ceil_micros(amount: Decimal | Fraction) -> int:
+    """Round an exact amount of micros up to a whole micro."""
+    return math.ceil(Fraction(amount))
 
 
-def ceil_div(amount: Decimal, divisor: Decimal) -> int:
-    """ceil(amount / divisor) exactly, for a positive divisor.
-
-    The quotient is computed rounded toward +inf at 80 digits. Any integer n
-    with q <= n is representable at that precision, so the rounded quotient
-    never passes n: its ceiling is the true ceiling.
-    """
+def ceil_div(amount: Decimal | Fraction, divisor: Decimal) -> int:
+    """ceil(amount / divisor) exactly, for a positive divisor (both as exact fractions)."""
     if divisor <= 0:
         raise ValueError("divisor must be positive")
-    return ceil_micros(_CEIL.divide(amount, divisor))
+    return math.ceil(Fraction(amount) / Fraction(divisor))
 
 
 @dataclass(frozen=True)
 class ScaledRates:
-    """`Rates` as integer numerators over a common denominator `scale` (a power of ten).
+    """`Rates` as integer numerators over a common denominator `scale` (60 times a power of ten).
 
     Summing integers is exact by construction and several times faster than a
     trapped Decimal context; the request path prices every call two or three
@@ -157,6 +154,7 @@ class ScaledRates:
     per_request: int
     per_image: int
     per_audio_second: int
+    per_audio_minute: int  # over scale / 60: its quantity is seconds
     tools: Mapping[str, int]
 
     @classmethod
@@ -166,15 +164,17 @@ class ScaledRates:
             "reasoning": rates.effective_reasoning, "per_request": rates.per_request, "per_image": rates.per_image,
             "per_audio_second": rates.per_audio_second,
         }
-        every = [*named.values(), *rates.tools.values()]
-        places = max((-int(d.as_tuple().exponent) for d in every if d.is_finite()), default=0)
-        scale = 10 ** max(places, 0)
+        every = [*named.values(), *rates.tools.values(), rates.per_audio_minute]
+        places = max(0, max((-int(d.as_tuple().exponent) for d in every if d.is_finite()), default=0))
 
         def whole(d: Decimal) -> int:
-            value = d.scaleb(max(places, 0), _EXACT)
-            return int(value)
+            return int(d.scaleb(places, _EXACT))
 
-        return cls(scale=scale, **{k: whole(v) for k, v in named.items()}, tools={k: whole(v) for k, v in rates.tools.items()})
+        # Everything is counted in sixtieths, so per-minute audio charged by the second stays whole.
+        return cls(
+            scale=10**places * 60, **{k: whole(v) * 60 for k, v in named.items()},
+            per_audio_minute=whole(rates.per_audio_minute), tools={k: whole(v) * 60 for k, v in rates.tools.items()},
+        )
 
     def total(self, usage: Usage) -> int:
         """`exact_total(rates, usage)` times `scale`, exactly."""
@@ -186,7 +186,7 @@ class ScaledRates:
             self.input * (prompt - cached) + self.cached_input * cached
             + self.output * (completion - reasoning) + self.reasoning * reasoning
             + self.per_request * _count(usage.requests) + self.per_image * _count(usage.images)
-            + self.per_audio_second * _count(usage.audio_seconds)
+            + (self.per_audio_second + self.per_audio_minute) * _count(usage.audio_seconds)
         )
         for tool, calls in usage.tool_calls.items():
             total += self.tools.get(tool, 0) * _count(calls)

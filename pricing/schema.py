@@ -70,6 +70,7 @@ class PriceSpec(_Strict):
     per_request: Money = Decimal(0)
     per_image: Money = Decimal(0)
     per_audio_second: Money = Decimal(0)
+    per_audio_minute: Money = Decimal(0)  # charged by the second: price x seconds / 60
     tools: dict[Name, Money] = {}  # tool name -> USD per call
 
 
@@ -84,6 +85,7 @@ class CostSpec(_Strict):
     per_request: Money | None = None
     per_image: Money | None = None
     per_audio_second: Money | None = None
+    per_audio_minute: Money | None = None
     tools: dict[Name, Money] | None = None
 
 

@@ -48,6 +48,9 @@ PRICE_TABLE = [
         30000,
     ),
     ("images and audio seconds", Rates(input=D("0"), per_image=D("7"), per_audio_second=D("3")), Usage(images=2, audio_seconds=10), 44),
+    # 0.01 USD per audio minute = 10,000 micros a minute, charged by the second
+    ("audio priced per minute, 90 s", Rates(input=D("0"), per_audio_minute=D("10000")), Usage(audio_seconds=90), 15000),
+    ("audio priced per minute, 1 s is 166.67 -> 167", Rates(input=D("0"), per_audio_minute=D("10000")), Usage(audio_seconds=1), 167),
     (
         "three components of 0.3 micros round up once to 1, not 3",
         Rates(input=D("0.3"), output=D("0.3"), per_request=D("0.3")),
@@ -146,7 +149,7 @@ def test_format_micros(micros: int, text: str) -> None:
 
 
 def test_integer_fast_path_matches_the_decimal_reference_exactly():
-    """price_usage sums scaled integers; exact_total (Decimal, trapped) is the reference."""
+    """price_usage sums scaled integers; exact_total (Decimal and Fraction) is the reference."""
     rng = random.Random(20261123)
 
     def price() -> Decimal:
@@ -156,7 +159,7 @@ def test_integer_fast_path_matches_the_decimal_reference_exactly():
         rates = [
             Rates(input=price(), output=price(), cached_input=rng.choice([None, price()]),
                   reasoning=rng.choice([None, price()]), per_request=price(), per_image=price(),
-                  per_audio_second=price(), tools={"web_search": price()})
+                  per_audio_second=price(), per_audio_minute=price(), tools={"web_search": price()})
             for _ in range(2)
         ]
         markup = Decimal(rng.randint(100, 400)).scaleb(-2)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pricing import RateCardError, load_rate_card, load_rate_cards
+from pricing import RateCardError, Usage, load_rate_card, load_rate_cards, price_usage
 
 from .helpers import minimal_card, write
 
@@ -190,3 +190,19 @@ def test_load_rate_card_reads_one_file(tmp_path: Path) -> None:
 
 def test_empty_directory_is_an_error(tmp_path: Path) -> None:
     assert issues_of(tmp_path) == [f"{tmp_path}:0: -: no rate cards (*.yaml) in this directory"]
+
+
+def test_audio_can_be_priced_per_minute_and_is_charged_by_the_second(tmp_path: Path) -> None:
+    path = card(tmp_path, """
+models:
+  transcribe:
+    upstream: openai
+    max_output_tokens: 100
+    price: {input: 0, output: 0, per_audio_minute: 0.01}
+    cost: {markup: 1.25}
+""")
+    model = load_rate_card(path).model("transcribe")
+    assert model.price.per_audio_minute == Decimal("10000")
+    # 61 s x 10,000 / 60 = 10,166.67 -> 10,167; cost 10,166.67 / 1.25 = 8,133.33 -> 8,134
+    charge = price_usage(model, Usage(audio_seconds=61, requests=0))
+    assert (charge.price_micros, charge.cost_micros) == (10_167, 8_134)
