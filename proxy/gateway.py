@@ -57,6 +57,7 @@ class MeteredCall:
     body: dict[str, Any]
     held_micros: int = 0  # the hold's amount now (it grows while a stream outruns it)
     covered_output_tokens: int = 0  # output tokens the hold pays for
+    refresh_at: float = 0.0  # loop time after which a long stream pushes its hold's expiry back
 
     def __post_init__(self) -> None:
         self.held_micros = self.hold.amount_micros
@@ -335,19 +336,23 @@ MIN_EXTENSION_TOKENS = 256
 
 
 async def _cover(wallets: WalletStore, call: MeteredCall, counted_tokens: int) -> bool:
-    """Grow the hold to cover `counted_tokens` of output; False when the wallet cannot."""
-    if counted_tokens <= call.covered_output_tokens:
+    """Keep the hold covering the stream: grow it to `counted_tokens` of output, and
+    push its expiry back at half its TTL so the reaper never takes a live call's
+    hold. False when the wallet cannot cover the output."""
+    loop_time = asyncio.get_running_loop().time()
+    if counted_tokens <= call.covered_output_tokens and loop_time < call.refresh_at:
         return True
-    step = max(counted_tokens - call.covered_output_tokens, MIN_EXTENSION_TOKENS)
+    step = 0
+    if counted_tokens > call.covered_output_tokens:
+        step = max(counted_tokens - call.covered_output_tokens, MIN_EXTENSION_TOKENS)
+    amount = metering.output_price(call.model, step) if step else 0
     try:
-        grown = await wallets.extend(
-            call.caller.end_user_id, call.hold.hold_id, metering.output_price(call.model, step),
-            current_micros=call.held_micros,
-        )
+        grown = await wallets.extend(call.caller.end_user_id, call.hold.hold_id, amount, current_micros=call.held_micros)
     except InsufficientFunds:
         return False
     call.held_micros = grown.amount_micros
     call.covered_output_tokens += step
+    call.refresh_at = loop_time + wallets.hold_ttl_ms / 2000
     return True
 
 
@@ -360,6 +365,7 @@ async def _forward_stream(request: web.Request, call: MeteredCall, path: str) ->
         "X-Request-Id": call.request_id, "X-Model": call.model.name,
     })
     meter = StreamMeter()
+    call.refresh_at = asyncio.get_running_loop().time() + wallets.hold_ttl_ms / 2000
     settlement: asyncio.Task[Any] | None = None
     outcome = "completed"
     try:

@@ -2,16 +2,17 @@
 -- what it held asks for more before relaying further).
 -- KEYS[1] wallet hash   KEYS[2] active holds hash   KEYS[3] this hold's record
 -- KEYS[4] ledger stream
--- ARGV[1] hold id   ARGV[2] additional amount (micros, > 0)   ARGV[3] new ttl from now (ms, > 0)
+-- ARGV[1] hold id   ARGV[2] additional amount (micros, >= 0; 0 only pushes back
+--         the expiry of a long call, and writes no ledger entry)   ARGV[3] new ttl from now (ms, > 0)
 -- ARGV[4] idempotency step (the hold's amount the caller saw; a retried
 --         extension whose step already passed replays instead of growing twice)
 -- Returns {'ok'|'replay', hold amount, expires_ms, balance, held, credit_limit}.
 -- Errors: INSUFFICIENT_FUNDS when the addition does not fit (the caller cuts
 -- the call), HOLD_NOT_FOUND, HOLD_CLOSED.
 -- Keeps: available never goes below 0; held == sum of active holds.
-local amount = int_arg(ARGV[2], 1, MAX_AMOUNT)
+local amount = int_arg(ARGV[2], 0, MAX_AMOUNT)
 if amount == nil then
-  return fail('INVALID_AMOUNT', 'the extension must be an integer between 1 and ' .. fmt(MAX_AMOUNT))
+  return fail('INVALID_AMOUNT', 'the extension must be an integer between 0 and ' .. fmt(MAX_AMOUNT))
 end
 local ttl = int_arg(ARGV[3], 1, 30 * 24 * 3600 * 1000)
 local seen = int_arg(ARGV[4], 0, MAX_AMOUNT)
@@ -35,9 +36,11 @@ if amount > available then
   return fail('INSUFFICIENT_FUNDS', 'extending the hold needs ' .. fmt(amount) .. ' micros and ' .. fmt(available) .. ' are available')
 end
 local expires = now_ms() + ttl
-held = redis.call('HINCRBY', KEYS[1], 'held', amount)
-hold_amount = redis.call('HINCRBY', KEYS[2], ARGV[1], amount)
+if amount > 0 then
+  held = redis.call('HINCRBY', KEYS[1], 'held', amount)
+  hold_amount = redis.call('HINCRBY', KEYS[2], ARGV[1], amount)
+  append_ledger(KEYS[4], {'type', 'hold_extend', 'amount', '0', 'held_delta', fmt(amount),
+    'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1]})
+end
 redis.call('HSET', KEYS[3], 'amount', hold_amount, 'expires_ms', expires)
-append_ledger(KEYS[4], {'type', 'hold_extend', 'amount', '0', 'held_delta', fmt(amount),
-  'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1]})
 return {'ok', fmt(hold_amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit)}

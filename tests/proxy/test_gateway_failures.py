@@ -317,3 +317,21 @@ async def test_stream_past_its_hold_on_an_empty_wallet_is_cut_and_pays_what_it_g
     expected = price_usage(gpt4o_mini(gateway), Usage(prompt_tokens=estimate_prompt_tokens(CHAT), completion_tokens=counted))
     assert -charge.amount_micros == min(expected.price_micros, 100)
     assert (await wallets.get("u_1")).balance_micros == 100 + charge.amount_micros >= 0
+
+
+async def test_a_stream_longer_than_the_hold_ttl_keeps_its_hold_alive(aiohttp_client, gateway_config, make_end_user, mock_upstream, wallets):
+    from proxy.app import create_app
+
+    config = gateway_config.model_copy(update={"hold_ttl_seconds": 1, "reaper_interval_seconds": 0.05})
+    app_client = await aiohttp_client(create_app(config), server_kwargs={"handler_cancellation": True})
+    user = await make_end_user()
+    mock_upstream.reply_words = 25
+    mock_upstream.chunk_delay = 0.1  # 2.5 s of stream against a 1 s hold TTL and a busy reaper
+    mock_upstream.usage_override = make_usage(100, 20)
+    stream = await sdk(str(app_client.make_url("/v1")), user.key).chat.completions.create(**CHAT, stream=True)
+    pieces = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) == 25
+    await wait_settled(wallets, "u_1")
+    # 100 x 0.1875 + 20 x 0.75 = 33.75 -> 34
+    assert (await wallets.get("u_1")).balance_micros == 10_000_000 - 34
+    assert "expire" not in await ledger_types(wallets, "u_1")

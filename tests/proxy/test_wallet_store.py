@@ -456,3 +456,13 @@ async def test_expiring_a_hold_gives_back_its_credentials_spend_reservation(wall
     [expired] = await wallets.expire_due()
     assert expired.released_micros == 3_000_000
     assert (await limits.spend("u_1", "key_a")).spent_micros == 0
+
+
+async def test_extend_by_zero_only_pushes_back_the_expiry(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 1_000_000, ttl_ms=1_000)
+    entries = len(await wallets.ledger("u_1"))
+    kept = await wallets.extend("u_1", hold.hold_id, 0, current_micros=1_000_000, ttl_ms=60_000)
+    assert kept.amount_micros == 1_000_000 and kept.expires_at_ms > hold.expires_at_ms + 30_000
+    assert len(await wallets.ledger("u_1")) == entries
+    assert (await wallets.get("u_1")).held_micros == 1_000_000
