@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 
 from proxy import store
 from proxy.keys import CONFIG
@@ -89,6 +90,18 @@ async def error_middleware(
         if exc.status < 400:
             raise
         return error_response(exc.status, exc.reason or "error", code=None)
+    except RedisError as exc:
+        # Nothing was charged: every wallet change is a script that ran whole
+        # or not at all. Before the hold nothing was forwarded; a hold whose
+        # settle failed is released by the reaper once the store is back.
+        log.error("%s %s: the wallet store is unreachable: %s", request.method, request.path, exc)
+        return error_response(
+            503, "the wallet store is unavailable; nothing was charged, try again shortly",
+            type="api_error", code="store_unavailable", headers={"Retry-After": "1"},
+        )
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal error; it has been logged", type="server_error", code="internal_error")
 
 
 async def read_json(request: web.Request) -> Any:

@@ -335,3 +335,21 @@ async def test_a_stream_longer_than_the_hold_ttl_keeps_its_hold_alive(aiohttp_cl
     # 100 x 0.1875 + 20 x 0.75 = 33.75 -> 34
     assert (await wallets.get("u_1")).balance_micros == 10_000_000 - 34
     assert "expire" not in await ledger_types(wallets, "u_1")
+
+
+async def test_an_unreachable_store_is_a_503_in_openai_shape(aiohttp_client, gateway_config, tmp_path):
+    from proxy.app import create_app
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        app_client = await aiohttp_client(create_app(gateway_config.model_copy(update={"redis_url": server.url})))
+        server.stop()
+        resp = await app_client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-eu_anything"})
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+        body = await resp.json()
+        assert body["error"]["code"] == "store_unavailable" and body["error"]["type"] == "api_error"
+        assert (await app_client.get("/readyz")).status == 503
+    finally:
+        server.stop()
