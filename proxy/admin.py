@@ -77,12 +77,36 @@ async def _end_user_view(request: web.Request, end_user_id: str) -> schemas.EndU
 # ---------------------------------------------------------------- end users
 
 
+def _check_pricing(request: web.Request, tier: str, pin: str | None) -> None:
+    """A tier and pin must name a card in force now, or calls would fail later with a 500."""
+    try:
+        request.config_dict[RATECARDS].current.card_for(tier, pin)
+    except KeyError as exc:
+        param = "ratecard" if pin else "tier"
+        raise ApiError(400, f"no rate card for this end user: {exc.args[0]}", code="invalid_ratecard", param=param) from None
+
+
 @routes.post("/end-users")
 async def create_end_user(request: web.Request) -> web.Response:
     body = await read_model(request, schemas.CreateEndUser)
+    _check_pricing(request, body.tier, body.ratecard)
     profile = {"tier": body.tier, "metadata": body.metadata, "ratecard": body.ratecard}
     await request.config_dict[WALLETS].open(body.id, credit_limit_micros=body.credit_limit_micros, profile=profile)
     return _json(await _end_user_view(request, body.id), 201)
+
+
+@routes.patch("/end-users/{id}")
+async def update_end_user(request: web.Request) -> web.Response:
+    end_user_id = request.match_info["id"]
+    body = await read_model(request, schemas.UpdateEndUser)
+    changes = body.model_dump(include=body.model_fields_set)
+    for name in ("tier", "metadata"):
+        if name in changes and changes[name] is None:
+            raise ApiError(400, f"{name} cannot be null", code="invalid_request", param=name)
+    current = await _end_user_view(request, end_user_id)
+    _check_pricing(request, changes.get("tier", current.tier), changes.get("ratecard", current.ratecard))
+    await request.config_dict[WALLETS].update_profile(end_user_id, changes)
+    return _json(await _end_user_view(request, end_user_id))
 
 
 @routes.get("/end-users/{id}")

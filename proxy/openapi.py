@@ -13,7 +13,7 @@ from pydantic.json_schema import models_json_schema
 from proxy import schemas
 
 _MODELS: list[type[BaseModel]] = [
-    schemas.CreateEndUser, schemas.CreateKey, schemas.TopUp, schemas.Refund, schemas.Adjustment,
+    schemas.CreateEndUser, schemas.UpdateEndUser, schemas.CreateKey, schemas.TopUp, schemas.Refund, schemas.Adjustment,
     schemas.WalletView, schemas.ReceiptView, schemas.LedgerPage, schemas.EndUserView, schemas.KeyView,
     schemas.CreatedKeyView, schemas.KeyList, schemas.RateCardsView, schemas.UpdateKey, schemas.MintToken, schemas.TokenView,
 ]
@@ -71,7 +71,11 @@ def document() -> dict[str, Any]:
     money = (400, 401, 404, 409)
     paths = {
         "/admin/end-users": {"post": _op("Create an end user and their wallet", 201, schemas.EndUserView, schemas.CreateEndUser, errors=(400, 401, 409))},
-        "/admin/end-users/{id}": {"get": _op("Get an end user", 200, schemas.EndUserView, params=[uid])},
+        "/admin/end-users/{id}": {
+            "get": _op("Get an end user", 200, schemas.EndUserView, params=[uid]),
+            "patch": _op("Change an end user's tier, card pin (grandfathering) or metadata", 200, schemas.EndUserView,
+                         schemas.UpdateEndUser, params=[uid]),
+        },
         "/admin/end-users/{id}/keys": {
             "post": _op("Issue an sk-eu_ key (shown once)", 201, schemas.CreatedKeyView, schemas.CreateKey, params=[uid]),
             "get": _op("List an end user's keys, masked", 200, schemas.KeyList, params=[uid]),

@@ -30,6 +30,14 @@ class CreateEndUser(_Body):
     ratecard: StrictStr | None = Field(None, description="pin to a card: 'card_id' or 'card_id@version'")
 
 
+class UpdateEndUser(_Body):
+    """Only the fields sent change; `"ratecard": null` unpins the end user (back to their tier's card)."""
+
+    tier: StrictStr | None = None
+    metadata: dict[str, Any] | None = None
+    ratecard: StrictStr | None = Field(None, description="'card_id' or 'card_id@version' (grandfathered); null unpins")
+
+
 Count = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT_MICROS)]
 Cap = Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT_MICROS, description="integer micros (1 USD = 1,000,000)")]
 ModelNames = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=200)]], Field(min_length=1, max_length=200)]

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError, WatchError
 
 log = logging.getLogger(__name__)
 
@@ -452,6 +452,25 @@ class WalletStore:
             return found
         raw, created_ms = await self.commands.execute("HMGET", _profile_key(wallet_id), "profile", "created_ms")
         return {**orjson.loads(raw), "created_ms": int(created_ms)} if raw is not None else None
+
+    async def update_profile(self, wallet_id: str, changes: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Merge `changes` into the end user's profile atomically (WATCH/MULTI); None if there is none."""
+        key = _profile_key(wallet_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.hget(key, "profile")
+                    if raw is None:
+                        return None
+                    profile = {**orjson.loads(raw), **changes}
+                    pipe.multi()
+                    pipe.hset(key, "profile", orjson.dumps(profile))
+                    await pipe.execute()
+                    self._profiles.pop(wallet_id, None)
+                    return profile
+                except WatchError:
+                    continue
 
     # -- funds
 

@@ -334,3 +334,44 @@ async def test_every_reference_in_the_openapi_document_resolves(client):
         target = doc
         for part in ref.removeprefix("#/").split("/"):
             target = target[part]
+
+
+@pytest.mark.parametrize(("extra", "param"), [({"tier": "platinum"}, "tier"), ({"ratecard": "default@99"}, "ratecard")])
+async def test_create_end_user_with_a_tier_or_pin_that_prices_nothing_is_400(client, extra, param):
+    resp = await client.post("/admin/end-users", json={"id": "u_x", **extra}, headers=ADMIN)
+    assert resp.status == 400
+    body = await resp.json()
+    assert_openai_error(body, "invalid_ratecard")
+    assert body["error"]["param"] == param
+    assert (await client.get("/admin/end-users/u_x", headers=ADMIN)).status == 404
+
+
+async def test_patch_end_user_changes_only_what_is_sent(client):
+    await create_user(client, metadata={"plan": "trial"})
+    resp = await client.patch("/admin/end-users/u_28f3a", json={"ratecard": "default@1"}, headers=ADMIN)
+    assert resp.status == 200
+    user = await resp.json()
+    assert (user["ratecard"], user["tier"], user["metadata"]) == ("default@1", "default", {"plan": "trial"})
+    user = await (await client.patch("/admin/end-users/u_28f3a", json={"ratecard": None, "tier": "pro"}, headers=ADMIN)).json()
+    assert (user["ratecard"], user["tier"]) == (None, "pro")
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    ({"ratecard": "nope@1"}, "invalid_ratecard"),
+    ({"tier": "platinum"}, "invalid_ratecard"),
+    ({"tier": None}, "invalid_request"),
+    ({"balance": 5}, "invalid_request"),
+])
+async def test_bad_patch_of_an_end_user_is_400_and_changes_nothing(client, body, code):
+    await create_user(client)
+    resp = await client.patch("/admin/end-users/u_28f3a", json=body, headers=ADMIN)
+    assert resp.status == 400
+    assert_openai_error(await resp.json(), code)
+    user = await (await client.get("/admin/end-users/u_28f3a", headers=ADMIN)).json()
+    assert (user["tier"], user["ratecard"]) == ("default", None)
+
+
+async def test_patch_of_an_unknown_end_user_is_404(client):
+    resp = await client.patch("/admin/end-users/nobody", json={"tier": "pro"}, headers=ADMIN)
+    assert resp.status == 404
+    assert_openai_error(await resp.json(), "end_user_not_found")

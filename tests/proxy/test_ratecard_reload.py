@@ -146,3 +146,18 @@ async def test_metrics_are_exposed(reloading_gateway):
     resp = await reloading_gateway.get("/metrics")
     assert resp.status == 200
     assert "metergate_ratecard_reloads_total" in await resp.text()
+
+
+async def test_a_user_pinned_to_an_old_version_keeps_its_prices(reloading_gateway, cards_dir, make_end_user, mock_upstream, wallets):
+    """Publishing default@2 moves the tier; PATCHing a user to default@1 grandfathers them."""
+    user = await make_end_user()
+    mock_upstream.usage_override = make_usage(1_000_000, 0)
+    v2 = (cards_dir / "default.yaml").read_text().replace("version: 1", "version: 2").replace("input: 0.1875", "input: 0.25")
+    (cards_dir / "default-v2.yaml").write_text(v2)
+    registry = reloading_gateway.server.app[RATECARDS]
+    assert await registry.reload() and registry.current.card_for("default").version == 2
+    assert await charge_for_one_call(reloading_gateway, user.key, wallets) == 250_000
+    resp = await reloading_gateway.patch("/admin/end-users/u_1", json={"ratecard": "default@1"}, headers=ADMIN)
+    assert resp.status == 200
+    assert await charge_for_one_call(reloading_gateway, user.key, wallets) == 187_500
+    assert (await wallets.ledger("u_1"))[0].details["ratecard"] == "default@1"
