@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from proxy import schemas
+from proxy.auth import presented_bearer
 from proxy.errors import ApiError, error_middleware, read_model
 from proxy.keys import ACCOUNTS, CONFIG, RATECARDS, WALLETS
 from proxy.ratecards import RateCardRegistry
@@ -28,18 +29,17 @@ def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = 
     )
 
 
-def _bearer(request: web.Request) -> str:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
 @web.middleware
 async def admin_auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    token = _bearer(request)
+    token = presented_bearer(request)
     admin_keys = request.config_dict[CONFIG].admin_keys
     if not token or not any(hmac.compare_digest(token, k) for k in admin_keys):
         raise ApiError(401, "missing or wrong admin key (Authorization: Bearer <admin key>)", code="invalid_api_key")
     return await handler(request)
+
+
+def _key_not_found() -> ApiError:
+    return ApiError(404, "no such key for this end user", code="key_not_found", param="key_id")
 
 
 def _idempotency_key(request: web.Request) -> str:
@@ -152,13 +152,13 @@ async def update_key(request: web.Request) -> web.Response:
     accounts = request.config_dict[ACCOUNTS]
     current = next((k for k in await accounts.list_keys(end_user_id) if k.id == key_id), None)
     if current is None:
-        raise ApiError(404, "no such key for this end user", code="key_not_found", param="key_id")
+        raise _key_not_found()
     changes: dict = {"scopes": body.apply(current.scopes)}
     if body.name is not None:
         changes["name"] = body.name
     key = await accounts.update_key(end_user_id, key_id, **changes)
     if key is None:
-        raise ApiError(404, "no such key for this end user", code="key_not_found", param="key_id")
+        raise _key_not_found()
     return _json(await _key_view(request, key))
 
 
@@ -166,7 +166,7 @@ async def update_key(request: web.Request) -> web.Response:
 async def revoke_key(request: web.Request) -> web.Response:
     key = await request.config_dict[ACCOUNTS].revoke_key(request.match_info["id"], request.match_info["key_id"])
     if key is None:
-        raise ApiError(404, "no such key for this end user", code="key_not_found", param="key_id")
+        raise _key_not_found()
     return _json(await _key_view(request, key))
 
 

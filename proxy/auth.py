@@ -26,14 +26,20 @@ class Caller:
     scopes: Mapping[str, Any] = field(default_factory=dict)
 
 
-def bearer_token(request: web.Request) -> str:
+def presented_bearer(request: web.Request) -> str:
+    """The token of an `Authorization: Bearer ...` header, or "" when there is none."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def bearer_token(request: web.Request) -> str:
+    token = presented_bearer(request)
+    if not token:
         raise ApiError(
             401, "no API key provided: send Authorization: Bearer sk-eu_... (or an operator key with `user`)",
             code="invalid_api_key",
         )
-    return token.strip()
+    return token
 
 
 def _invalid_key() -> ApiError:
