@@ -9,8 +9,9 @@ A scoped `sk-eu_` key or an end-user token carries limits in `Caller.scopes`:
 
 `admission()` wraps the wallet hold: it counts the call and reserves the
 hold's amount against the spend caps in one Lua step (`key_limits.lua`), and
-undoes the reservation if the hold is refused. `record()` runs at settlement
-and replaces the reservation by the amount captured and the tokens used.
+undoes the reservation if the hold is refused. The settle and release scripts
+then replace the reservation by the amount captured and the tokens used, in
+the same step as the charge (`credential_spend()` names what they record).
 Tokens per minute count the estimate at admission (prompt + the output bound,
 as OpenAI's own limiter does) and are corrected to the real usage at
 settlement. Over a rate: 429; over a spend cap: 402; nothing is forwarded and
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 from typing import Any, AsyncIterator, Mapping
 
@@ -33,8 +33,6 @@ from proxy.keys import WALLETS
 from proxy.metering import Quote
 from proxy.schemas import usd
 from proxy.store import CredentialSpend, LimitStore, Limited
-
-log = logging.getLogger(__name__)
 
 RATE_FIELDS = ("requests_per_minute", "tokens_per_minute")
 SPEND_FIELDS = ("max_spend_micros", "max_daily_spend_micros")

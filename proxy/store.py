@@ -544,7 +544,7 @@ class WalletStore:
                 before=[("ZADD", HOLD_INDEX_KEY, _now_ms() + ttl_ms, member)],
             )
         except WalletError:
-            await self.commands.execute("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
+            await self.commands.execute("ZREM", HOLD_INDEX_KEY, member)
             raise
         return Hold(
             wallet_id=wallet_id, hold_id=out[1], amount_micros=int(out[2]), expires_at_ms=int(out[3]),
@@ -772,7 +772,8 @@ class AccountStore:
         keys = [ApiKey.from_json(orjson.loads(v)["key"]) for v in raw.values()]
         return sorted(keys, key=lambda k: k.created_ms)
 
-    async def _update_key(self, end_user_id: str, key_id: str, **changes: Any) -> ApiKey | None:
+    async def update_key(self, end_user_id: str, key_id: str, **changes: Any) -> ApiKey | None:
+        """Change a key's fields (`name`, `scopes`, `revoked_ms`); in force for the next request on every replica."""
         raw = await self.redis.hget(_user_keys_key(end_user_id), key_id)
         if raw is None:
             return None
@@ -789,14 +790,7 @@ class AccountStore:
         if current is None:
             return None
         revoked_ms = orjson.loads(current)["key"].get("revoked_ms") or _now_ms()
-        return await self._update_key(end_user_id, key_id, revoked_ms=revoked_ms)
-
-    async def update_key(self, end_user_id: str, key_id: str, **changes: Any) -> ApiKey | None:
-        """Change a key's `name` and/or `scopes`; in force for the next request on every replica."""
-        return await self._update_key(end_user_id, key_id, **changes)
-
-    async def update_key_scopes(self, end_user_id: str, key_id: str, scopes: Mapping[str, Any]) -> ApiKey | None:
-        return await self._update_key(end_user_id, key_id, scopes=dict(scopes))
+        return await self.update_key(end_user_id, key_id, revoked_ms=revoked_ms)
 
     async def find_key(self, plaintext: str) -> ApiKey | None:
         """The key record for a presented `sk-eu_` key (revoked ones included), or None."""
