@@ -8,11 +8,10 @@ import logging
 import signal
 from typing import AsyncIterator
 
+import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-import aiohttp
 
 from proxy import cors, gateway, openapi, tokens
 from proxy.admin import create_admin_app

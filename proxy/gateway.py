@@ -70,12 +70,11 @@ class MeteredCall:
 
 @dataclass
 class StreamMeter:
-    """What a stream has shown so far: counted tokens, and the upstream's usage if it sent one."""
+    """What a stream has shown so far: its counted output tokens, and whether it ended properly."""
 
     completion_tokens: int = 0
     saw_output: bool = False
     saw_done: bool = False
-    usage: Mapping[str, Any] | None = None
 
     def count_choice(self, choice: Mapping[str, Any]) -> None:
         delta = choice.get("delta")
@@ -325,7 +324,6 @@ def _meter_event(meter: StreamMeter, event: bytes) -> Mapping[str, Any] | None:
             if isinstance(choice, Mapping):
                 meter.count_choice(choice)
         if isinstance(chunk.get("usage"), dict):
-            meter.usage = chunk["usage"]
             return chunk
     return None
 
@@ -381,7 +379,7 @@ async def _forward_stream(request: web.Request, call: MeteredCall, path: str) ->
                 if usage_chunk is not None and settlement is None:
                     # The usage chunk is the last before [DONE]: settle now, so
                     # the client can be shown the exact charge in it.
-                    usage = metering.usage_from_openai(meter.usage or {})
+                    usage = metering.usage_from_openai(usage_chunk["usage"])
                     settlement = _finish(request, _settle(wallets, call, usage, usage_source="upstream", outcome="completed"))
                     settled = await asyncio.shield(settlement)
                     if not usage_chunk.get("choices") and not client_wants_usage:
