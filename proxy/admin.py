@@ -15,10 +15,10 @@ from pydantic import BaseModel
 from proxy import schemas
 from proxy.auth import presented_bearer
 from proxy.errors import ApiError, error_middleware, read_model
-from proxy.keys import ACCOUNTS, CONFIG, RATECARDS, WALLETS
+from proxy.appstate import ACCOUNTS, CONFIG, RATECARDS, WALLETS
 from proxy.ratecards import RateCardRegistry
-from proxy.store import ApiKey, LedgerEntry, LimitStore, Receipt, _now_ms
-from proxy.tokens import TOKENS
+from proxy.store import ApiKey, LedgerEntry, LimitStore, Receipt, now_ms
+from proxy.enduser_jwt import TOKENS
 
 routes = web.RouteTableDef()
 
@@ -121,7 +121,7 @@ async def _key_view(request: web.Request, key: ApiKey) -> schemas.KeyView:
     return schemas.KeyView(
         id=key.id, end_user_id=key.end_user_id, name=key.name, masked=key.masked,
         created_ms=key.created_ms, revoked=key.revoked, revoked_ms=key.revoked_ms,
-        expired=expires_ms is not None and expires_ms <= _now_ms(),
+        expired=expires_ms is not None and expires_ms <= now_ms(),
         **{name: key.scopes.get(name) for name in schemas.SCOPE_FIELDS},
         spent_micros=spend.spent_micros, spent_today_micros=spend.spent_today_micros,
     )

@@ -13,13 +13,13 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy import cors, gateway, openapi, tokens
+from proxy import cors, enduser_jwt, gateway, openapi
 from proxy.admin import create_admin_app
 from proxy.config import Config
 from proxy.errors import error_middleware
-from proxy.keys import ACCOUNTS, BACKGROUND, CONFIG, HTTP, RATECARDS, REDIS, WALLETS
+from proxy.appstate import ACCOUNTS, BACKGROUND, CONFIG, HTTP, RATECARDS, REDIS, WALLETS
 from proxy.ratecards import RateCardRegistry
-from proxy.redis_mux import MultiplexedConnection
+from proxy.store.redis_mux import MultiplexedConnection
 from proxy.store import AccountStore, Commands, RedisPyCommands, WalletStore, connect
 
 log = logging.getLogger("metergate")
@@ -40,7 +40,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     client = connect(config.redis_url) if config.redis_url else embedded_redis()
     # The request path sends its commands over one multiplexed connection
-    # (see proxy/redis_mux.py); everything else uses the redis-py client.
+    # (see proxy/store/redis_mux.py); everything else uses the redis-py client.
     commands: Commands = RedisPyCommands(client)
     if config.redis_url and config.redis_url.startswith(("redis://", "rediss://")):
         commands = MultiplexedConnection(config.redis_url)
@@ -136,7 +136,7 @@ async def metrics(request: web.Request) -> web.Response:
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
-    tokens.setup(app, config)
+    enduser_jwt.setup(app, config)
     cors.setup(app)
     app[RATECARDS] = RateCardRegistry(config.resolve(config.ratecards_dir), set(config.upstreams))
     app.cleanup_ctx.append(_redis_ctx)

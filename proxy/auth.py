@@ -10,9 +10,9 @@ from typing import Any, Mapping
 from aiohttp import web
 
 from proxy.errors import ApiError
-from proxy.keys import ACCOUNTS, CONFIG, WALLETS
+from proxy.appstate import ACCOUNTS, CONFIG, WALLETS
 from proxy.store import API_KEY_PREFIX
-from proxy.tokens import TOKENS, looks_like_jwt
+from proxy.enduser_jwt import TOKENS, looks_like_jwt
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from proxy.errors import error_response
-from proxy.keys import CONFIG
+from proxy.appstate import CONFIG
 
 EXPOSED = ", ".join((
     "X-Request-Id", "X-Model", "X-Usage-Cost", "X-Total-Tokens", "X-Wallet-Balance", "Retry-After",

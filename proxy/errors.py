@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from proxy import store
-from proxy.keys import CONFIG
+from proxy.appstate import CONFIG
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pricing import ModelPrice, RateCard, Usage, count_text_tokens, price_usage
 from proxy import limits, metering
 from proxy.auth import Caller, authenticate
 from proxy.errors import ApiError, read_json
-from proxy.keys import BACKGROUND, CONFIG, HTTP, RATECARDS, WALLETS
+from proxy.appstate import BACKGROUND, CONFIG, HTTP, RATECARDS, WALLETS
 from proxy.schemas import WalletView, usd
 from proxy.store import Hold, InsufficientFunds, Settlement, WalletStore
 

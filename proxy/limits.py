@@ -29,7 +29,7 @@ from aiohttp import web
 
 from proxy.auth import Caller
 from proxy.errors import ApiError
-from proxy.keys import WALLETS
+from proxy.appstate import WALLETS
 from proxy.metering import Quote
 from proxy.schemas import usd
 from proxy.store import CredentialSpend, LimitStore, Limited

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app
 from proxy.config import Config, load_config
-from proxy.redis_mux import MultiplexedConnection
+from proxy.store.redis_mux import MultiplexedConnection
 from proxy.store import AccountStore, WalletStore, connect
 from tests.mock_upstream import MockUpstream, running_mock_upstream
 from tests.redis_server import RedisServer

@@ -1,4 +1,4 @@
--- Prelude: prepended by proxy/store.py to every wallet script; never run alone.
+-- Prelude: prepended by proxy/store/scripts.py to every wallet script; never run alone.
 -- It holds only pure helpers (no writes), so each script below still reads as
 -- "validate everything, then write": Redis does not roll back a script that
 -- fails half-way, so no script may fail after its first write.

@@ -27,7 +27,7 @@ async def wait_settled(wallets, user_id: str) -> None:
 
 
 def gpt4o_mini(gateway):
-    from proxy.keys import RATECARDS
+    from proxy.appstate import RATECARDS
 
     return gateway.server.app[RATECARDS].current.card_for("default").model("gpt-4o-mini")
 
@@ -97,7 +97,7 @@ async def test_upstream_429_is_passed_through_with_retry_after_and_no_charge(bas
 
 
 async def test_unreachable_upstream_is_502_and_no_charge(gateway, make_end_user, mock_upstream, wallets):
-    from proxy.keys import CONFIG
+    from proxy.appstate import CONFIG
 
     user = await make_end_user()
     config = gateway.server.app[CONFIG]

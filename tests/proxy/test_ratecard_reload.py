@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from proxy.app import create_app
-from proxy.keys import RATECARDS
+from proxy.appstate import RATECARDS
 from tests.conftest import ADMIN
 from tests.mock_upstream import make_usage
 

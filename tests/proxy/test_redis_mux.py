@@ -8,7 +8,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from proxy.redis_mux import MultiplexedConnection
+from proxy.store.redis_mux import MultiplexedConnection
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.redis_mux import MultiplexedConnection
+from proxy.store.redis_mux import MultiplexedConnection
 from proxy.store import InsufficientFunds, WalletStore, connect
 from tests.conftest import assert_ledger_invariants
 from tests.redis_server import RedisServer

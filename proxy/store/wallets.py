@@ -1,113 +1,26 @@
-"""The one module that talks to Redis: every key name and every Lua script live here.
+"""`WalletStore`: money operations on wallets, one method per Lua script in `proxy/lua/`.
 
-`WalletStore` moves money: one method per script in `proxy/lua/`, each an
-atomic check-change-append on one wallet's keys. `AccountStore` keeps end-user
-profiles and API keys. Handlers never build a key themselves.
-
-All keys of one wallet share the hash tag `{w:<wallet_id>}`, so every script
-touches a single Redis Cluster slot. The only cross-wallet key is the hold
-index, a sorted set the reaper reads; it is written beside (not inside) the
-scripts, before a hold and after it closes, so every live hold is always in it.
+Each is an atomic check-change-append on one wallet's keys; the hold index
+(the reaper's) is written beside the scripts, never inside them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from importlib import resources
-from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError, WatchError
+from redis.exceptions import WatchError
 
-log = logging.getLogger(__name__)
-
-PREFIX = "mg"
-HOLD_INDEX_KEY = f"{PREFIX}:hold-index"
-WALLET_ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
-MAX_AMOUNT_MICROS = 10**15
-
-
-# --------------------------------------------------------------------- errors
-
-
-class WalletError(Exception):
-    """A refusal from a wallet script; `code` is stable and machine-readable."""
-
-    code = "WALLET_ERROR"
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class WalletNotFound(WalletError):
-    code = "WALLET_NOT_FOUND"
-
-
-class WalletExists(WalletError):
-    code = "WALLET_EXISTS"
-
-
-class InsufficientFunds(WalletError):
-    code = "INSUFFICIENT_FUNDS"
-
-
-class IdempotencyConflict(WalletError):
-    code = "IDEMPOTENCY_CONFLICT"
-
-
-class HoldNotFound(WalletError):
-    code = "HOLD_NOT_FOUND"
-
-
-class HoldClosed(WalletError):
-    code = "HOLD_CLOSED"
-
-
-class ChargeNotFound(WalletError):
-    code = "CHARGE_NOT_FOUND"
-
-
-class RefundExceedsCharge(WalletError):
-    code = "REFUND_EXCEEDS_CHARGE"
-
-
-class InvalidAmount(WalletError):
-    code = "INVALID_AMOUNT"
-
-
-class BalanceLimit(WalletError):
-    code = "BALANCE_LIMIT"
-
-
-class InvalidWalletRequest(WalletError):
-    code = "INVALID_REQUEST"
-
-
-_ERRORS: dict[str, type[WalletError]] = {
-    cls.code: cls
-    for cls in (
-        WalletNotFound, WalletExists, InsufficientFunds, IdempotencyConflict, HoldNotFound, HoldClosed,
-        ChargeNotFound, RefundExceedsCharge, InvalidAmount, BalanceLimit, InvalidWalletRequest,
-    )
-}
-
-
-def _raise_script_error(exc: ResponseError) -> None:
-    code, _, message = str(exc).partition(" ")
-    cls = _ERRORS.get(code)
-    if cls is None:
-        raise exc
-    raise cls(message) from None
-
-
-# ------------------------------------------------------------------- results
+from proxy.store.errors import HoldClosed, HoldNotFound, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
+from proxy.store.keyspace import (
+    HOLD_INDEX_KEY, MAX_AMOUNT_MICROS, PREFIX, WALLET_ID_RE, _check_wallet_id, _hold_key, _holds_key,
+    _idempotency_key, _index_member, _ledger_key, _limits_key, _profile_key, _refunded_key, _wallet_key,
+)
+from proxy.store.scripts import Commands, RedisPyCommands, _scripts, fingerprint
 
 
 @dataclass(frozen=True)
@@ -199,182 +112,6 @@ class Audit:
             self.wallet.balance_micros == self.ledger_sum_micros
             and self.wallet.held_micros == self.active_holds_sum_micros
         )
-
-
-# ---------------------------------------------------------------------- keys
-
-
-def _tag(wallet_id: str) -> str:
-    return f"{PREFIX}:{{w:{wallet_id}}}"
-
-
-def _wallet_key(w: str) -> str:
-    return f"{_tag(w)}:wallet"
-
-
-def _ledger_key(w: str) -> str:
-    return f"{_tag(w)}:ledger"
-
-
-def _holds_key(w: str) -> str:
-    return f"{_tag(w)}:holds"
-
-
-def _hold_key(w: str, hold_id: str) -> str:
-    return f"{_tag(w)}:hold:{hold_id}"
-
-
-def _idempotency_key(w: str, key: str) -> str:
-    return f"{_tag(w)}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-def _profile_key(w: str) -> str:
-    return f"{_tag(w)}:profile"
-
-
-def _refunded_key(w: str) -> str:
-    return f"{_tag(w)}:refunded"
-
-
-def _user_keys_key(w: str) -> str:
-    return f"{_tag(w)}:api-keys"
-
-
-def _limits_key(w: str, key_id: str) -> str:
-    return f"{_tag(w)}:limits:{key_id}"
-
-
-def _api_key_key(key_hash: str) -> str:
-    return f"{PREFIX}:api-key:{key_hash}"
-
-
-def _index_member(wallet_id: str, hold_id: str) -> str:
-    return f"{wallet_id}|{hold_id}"
-
-
-def _check_wallet_id(wallet_id: str) -> None:
-    if not WALLET_ID_RE.match(wallet_id):
-        raise InvalidWalletRequest("ids are 1-128 characters of A-Z a-z 0-9 _ . @ -")
-
-
-def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    """A client for the store: a bounded pool that makes callers wait rather than fail
-    under bursts, and retries on a dropped connection (every script is safe to
-    retry: holds are keyed by id, settles by hold state, the rest by idempotency key)."""
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
-
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=10,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=5),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionError],
-    )
-    return aioredis.Redis(connection_pool=pool)
-
-
-def fingerprint(operation: str, *parts: object) -> str:
-    """What an idempotency key is bound to: the operation and its arguments."""
-    return hashlib.sha256(orjson.dumps([operation, *parts])).hexdigest()
-
-
-# ------------------------------------------------------------------ commands
-
-
-class Commands(Protocol):
-    """How the store sends commands: one at a time, or several in one round trip."""
-
-    async def execute(self, *args: Any) -> Any: ...
-
-    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Replies in order; an error reply comes back as its exception instead of being raised."""
-        ...
-
-
-class RedisPyCommands:
-    """`Commands` over a redis-py client: the embedded store (fakeredis) and tests.
-
-    Only commands whose raw replies redis-py passes through unchanged go
-    through here (EVALSHA, GET, HMGET, ZADD, ZREM), so both implementations
-    answer alike.
-    """
-
-    def __init__(self, redis: aioredis.Redis):
-        self.redis = redis
-
-    async def execute(self, *args: Any) -> Any:
-        return await self.redis.execute_command(*args)
-
-    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        if len(commands) == 1:
-            try:
-                return [await self.redis.execute_command(*commands[0])]
-            except ResponseError as exc:
-                return [exc]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            return await pipe.execute(raise_on_error=False)
-
-
-# ------------------------------------------------------------------- scripts
-
-
-class _Scripts:
-    """Lua sources with their SHA1; EVALSHA first, loading on NOSCRIPT.
-
-    A Redis restart or SCRIPT FLUSH empties the script cache; the next call
-    gets NOSCRIPT, loads the script and runs again, which is safe because
-    NOSCRIPT means the script did not run.
-    """
-
-    def __init__(self) -> None:
-        lua = resources.files("proxy") / "lua"
-        prelude = (lua / "_prelude.lua").read_text()
-        self.source: dict[str, str] = {}
-        self.sha: dict[str, str] = {}
-        for name in ("open", "top_up", "adjust", "refund", "hold", "extend", "settle", "release", "key_limits"):
-            body = prelude + "\n" + (lua / f"{name}.lua").read_text()
-            self.source[name] = body
-            self.sha[name] = hashlib.sha1(body.encode()).hexdigest()
-
-    async def run(
-        self, commands: Commands, name: str, keys: Sequence[str], args: Sequence[Any],
-        *, before: Sequence[Sequence[Any]] = (), after: Sequence[Sequence[Any]] = (),
-    ) -> list[str]:
-        """Run a script, with plain commands before and after it, in one round trip.
-
-        Those commands must be idempotent: on NOSCRIPT the whole batch runs again.
-        """
-        script = ["EVALSHA", self.sha[name], len(keys), *keys, *args]
-        for attempt in (0, 1):
-            results = await commands.batch([*before, script, *after])
-            outcome = results[len(before)]
-            if isinstance(outcome, NoScriptError) and attempt == 0:
-                await commands.execute("SCRIPT", "LOAD", self.source[name])
-                continue
-            if isinstance(outcome, ResponseError):
-                _raise_script_error(outcome)
-            if isinstance(outcome, Exception):
-                raise outcome
-            return _strings(outcome)
-        raise AssertionError("unreachable")
-
-
-def _strings(raw: Sequence[Any]) -> list[str]:
-    return [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
-
-
-_SCRIPTS: _Scripts | None = None
-
-
-def _scripts() -> _Scripts:
-    global _SCRIPTS
-    if _SCRIPTS is None:
-        _SCRIPTS = _Scripts()
-    return _SCRIPTS
 
 
 def _state(wallet_id: str, balance: str, held: str, credit: str) -> WalletState:
@@ -541,7 +278,7 @@ class WalletStore:
             out = await self._scripts.run(
                 self.commands, "hold", self._hold_keys(wallet_id, hold_id),
                 [hold_id, amount_micros, ttl_ms, _meta(meta), *((spend.credential_id, spend.request_id) if spend else ())],
-                before=[("ZADD", HOLD_INDEX_KEY, _now_ms() + ttl_ms, member)],
+                before=[("ZADD", HOLD_INDEX_KEY, now_ms() + ttl_ms, member)],
             )
         except WalletError:
             await self.commands.execute("ZREM", HOLD_INDEX_KEY, member)
@@ -563,7 +300,7 @@ class WalletStore:
         ttl_ms = ttl_ms or self.hold_ttl_ms
         out = await self._scripts.run(
             self.commands, "extend", self._hold_keys(wallet_id, hold_id), [hold_id, amount_micros, ttl_ms, current_micros],
-            before=[("ZADD", HOLD_INDEX_KEY, _now_ms() + ttl_ms, _index_member(wallet_id, hold_id))],
+            before=[("ZADD", HOLD_INDEX_KEY, now_ms() + ttl_ms, _index_member(wallet_id, hold_id))],
         )
         return HoldExtension(
             hold_id=hold_id, amount_micros=int(out[1]), expires_at_ms=int(out[2]),
@@ -625,7 +362,7 @@ class WalletStore:
 
     async def expire_due(self, *, limit: int = 100) -> list[Settlement]:
         """One reaper pass: expire up to `limit` holds whose TTL has passed."""
-        due = await self.redis.zrangebyscore(HOLD_INDEX_KEY, "-inf", _now_ms(), start=0, num=limit)
+        due = await self.redis.zrangebyscore(HOLD_INDEX_KEY, "-inf", now_ms(), start=0, num=limit)
         expired = []
         for raw in due:
             member = raw.decode()
@@ -699,160 +436,5 @@ def _ledger_entry(entry_id: bytes, fields: Mapping[bytes, bytes]) -> LedgerEntry
     )
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-# ------------------------------------------------------------------ accounts
-
-API_KEY_PREFIX = "sk-eu_"
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """An end user's key as stored: never the key itself, only its hash and a masked form."""
-
-    id: str
-    end_user_id: str
-    masked: str
-    created_ms: int
-    name: str = ""
-    revoked_ms: int | None = None
-    scopes: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_ms is not None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "end_user_id": self.end_user_id, "masked": self.masked, "name": self.name,
-            "created_ms": self.created_ms, "revoked_ms": self.revoked_ms, "scopes": self.scopes,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ApiKey":
-        return cls(
-            id=data["id"], end_user_id=data["end_user_id"], masked=data["masked"], name=data.get("name", ""),
-            created_ms=data["created_ms"], revoked_ms=data.get("revoked_ms"), scopes=data.get("scopes") or {},
-        )
-
-
-def hash_api_key(plaintext: str) -> str:
-    # Keys carry 256 bits of randomness, so a fast hash is enough: there is
-    # nothing to brute-force, and lookups stay one Redis GET.
-    return hashlib.sha256(plaintext.encode()).hexdigest()
-
-
-class AccountStore:
-    """End users' API keys: created shown once, stored as a hash, looked up per request."""
-
-    def __init__(self, redis: aioredis.Redis, commands: Commands | None = None):
-        self.redis = redis
-        self.commands: Commands = commands or RedisPyCommands(redis)
-
-    async def create_key(
-        self, end_user_id: str, *, name: str = "", scopes: Mapping[str, Any] | None = None
-    ) -> tuple[ApiKey, str]:
-        plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
-        key = ApiKey(
-            id="key_" + secrets.token_hex(8), end_user_id=end_user_id,
-            masked=f"{plaintext[:10]}…{plaintext[-4:]}", created_ms=_now_ms(), name=name, scopes=dict(scopes or {}),
-        )
-        digest = hash_api_key(plaintext)
-        record = orjson.dumps(key.to_json())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(_api_key_key(digest), record)
-            pipe.hset(_user_keys_key(end_user_id), key.id, orjson.dumps({"hash": digest, "key": key.to_json()}))
-            await pipe.execute()
-        return key, plaintext
-
-    async def list_keys(self, end_user_id: str) -> list[ApiKey]:
-        raw = await self.redis.hgetall(_user_keys_key(end_user_id))
-        keys = [ApiKey.from_json(orjson.loads(v)["key"]) for v in raw.values()]
-        return sorted(keys, key=lambda k: k.created_ms)
-
-    async def update_key(self, end_user_id: str, key_id: str, **changes: Any) -> ApiKey | None:
-        """Change a key's fields (`name`, `scopes`, `revoked_ms`); in force for the next request on every replica."""
-        raw = await self.redis.hget(_user_keys_key(end_user_id), key_id)
-        if raw is None:
-            return None
-        entry = orjson.loads(raw)
-        key = ApiKey.from_json({**entry["key"], **changes})
-        # The lookup record is what requests read, so it changes first: a
-        # revocation is in force before this call returns, on every replica.
-        await self.redis.set(_api_key_key(entry["hash"]), orjson.dumps(key.to_json()))
-        await self.redis.hset(_user_keys_key(end_user_id), key_id, orjson.dumps({"hash": entry["hash"], "key": key.to_json()}))
-        return key
-
-    async def revoke_key(self, end_user_id: str, key_id: str) -> ApiKey | None:
-        current = await self.redis.hget(_user_keys_key(end_user_id), key_id)
-        if current is None:
-            return None
-        revoked_ms = orjson.loads(current)["key"].get("revoked_ms") or _now_ms()
-        return await self.update_key(end_user_id, key_id, revoked_ms=revoked_ms)
-
-    async def find_key(self, plaintext: str) -> ApiKey | None:
-        """The key record for a presented `sk-eu_` key (revoked ones included), or None."""
-        raw = await self.commands.execute("GET", _api_key_key(hash_api_key(plaintext)))
-        return ApiKey.from_json(orjson.loads(raw)) if raw is not None else None
-
-
-# -------------------------------------------------------------------- limits
-
-
-@dataclass(frozen=True)
-class Limited:
-    """Why a call was refused by its key's limits: `what` is requests|tokens|spend|daily_spend."""
-
-    what: str
-    limit: int
-    used: int
-    retry_after_ms: int
-
-
-@dataclass(frozen=True)
-class KeySpend:
-    spent_micros: int
-    spent_today_micros: int
-
-
-class LimitStore:
-    """Per-credential rate windows and spend counters (`proxy/lua/key_limits.lua`).
-
-    Each credential (an `sk-eu_` key id, or `jwt:<jti>`) has one hash in its end
-    user's `{w:<id>}` slot; admitting a call counts it and reserves its hold
-    against the spend caps, recording it replaces the reservation by the capture.
-    """
-
-    def __init__(self, redis: aioredis.Redis, commands: Commands | None = None):
-        self.redis = redis
-        self.commands: Commands = commands or RedisPyCommands(redis)
-        self._scripts = _scripts()
-
-    async def admit(
-        self, end_user_id: str, key_id: str, request_id: str, *, requests_per_minute: int, tokens_per_minute: int,
-        tokens: int, max_spend_micros: int | None, max_daily_spend_micros: int | None, amount_micros: int,
-    ) -> Limited | None:
-        """Count the call and reserve `amount_micros`; or, over a limit, change nothing and say which."""
-        out = await self._scripts.run(self.commands, "key_limits", [_limits_key(end_user_id, key_id)], [
-            "admit", request_id, requests_per_minute, tokens_per_minute, tokens,
-            -1 if max_spend_micros is None else max_spend_micros,
-            -1 if max_daily_spend_micros is None else max_daily_spend_micros, amount_micros,
-        ])
-        if out[0] == "ok":
-            return None
-        return Limited(what=out[1], limit=int(out[2]), used=int(out[3]), retry_after_ms=int(out[4]))
-
-    async def record(self, end_user_id: str, key_id: str, request_id: str, *, captured_micros: int, tokens: int) -> KeySpend:
-        """Replace the call's reservation (if it had one) by what it captured and used."""
-        out = await self._scripts.run(self.commands, "key_limits", [_limits_key(end_user_id, key_id)], [
-            "record", request_id, captured_micros, tokens,
-        ])
-        return KeySpend(int(out[1]), int(out[2]))
-
-    async def spend(self, end_user_id: str, key_id: str) -> KeySpend:
-        """What a credential has spent (reservations of calls in flight included), in total and today (UTC)."""
-        spent, day, spent_day = await self.redis.hmget(_limits_key(end_user_id, key_id), "spent", "day", "spent_day")
-        today = _now_ms() // 86_400_000
-        return KeySpend(int(spent or 0), int(spent_day or 0) if day is not None and int(day) == today else 0)

@@ -1,0 +1,107 @@
+"""`AccountStore`: end users' API keys, shown once, stored as a hash, looked up per request."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import orjson
+import redis.asyncio as aioredis
+
+from proxy.store.keyspace import _api_key_key, _user_keys_key
+from proxy.store.scripts import Commands, RedisPyCommands
+from proxy.store.wallets import now_ms
+
+API_KEY_PREFIX = "sk-eu_"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An end user's key as stored: never the key itself, only its hash and a masked form."""
+
+    id: str
+    end_user_id: str
+    masked: str
+    created_ms: int
+    name: str = ""
+    revoked_ms: int | None = None
+    scopes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_ms is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "end_user_id": self.end_user_id, "masked": self.masked, "name": self.name,
+            "created_ms": self.created_ms, "revoked_ms": self.revoked_ms, "scopes": self.scopes,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ApiKey":
+        return cls(
+            id=data["id"], end_user_id=data["end_user_id"], masked=data["masked"], name=data.get("name", ""),
+            created_ms=data["created_ms"], revoked_ms=data.get("revoked_ms"), scopes=data.get("scopes") or {},
+        )
+
+
+def hash_api_key(plaintext: str) -> str:
+    # Keys carry 256 bits of randomness, so a fast hash is enough: there is
+    # nothing to brute-force, and lookups stay one Redis GET.
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+class AccountStore:
+    """End users' API keys: created shown once, stored as a hash, looked up per request."""
+
+    def __init__(self, redis: aioredis.Redis, commands: Commands | None = None):
+        self.redis = redis
+        self.commands: Commands = commands or RedisPyCommands(redis)
+
+    async def create_key(
+        self, end_user_id: str, *, name: str = "", scopes: Mapping[str, Any] | None = None
+    ) -> tuple[ApiKey, str]:
+        plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        key = ApiKey(
+            id="key_" + secrets.token_hex(8), end_user_id=end_user_id,
+            masked=f"{plaintext[:10]}…{plaintext[-4:]}", created_ms=now_ms(), name=name, scopes=dict(scopes or {}),
+        )
+        digest = hash_api_key(plaintext)
+        record = orjson.dumps(key.to_json())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(_api_key_key(digest), record)
+            pipe.hset(_user_keys_key(end_user_id), key.id, orjson.dumps({"hash": digest, "key": key.to_json()}))
+            await pipe.execute()
+        return key, plaintext
+
+    async def list_keys(self, end_user_id: str) -> list[ApiKey]:
+        raw = await self.redis.hgetall(_user_keys_key(end_user_id))
+        keys = [ApiKey.from_json(orjson.loads(v)["key"]) for v in raw.values()]
+        return sorted(keys, key=lambda k: k.created_ms)
+
+    async def update_key(self, end_user_id: str, key_id: str, **changes: Any) -> ApiKey | None:
+        """Change a key's fields (`name`, `scopes`, `revoked_ms`); in force for the next request on every replica."""
+        raw = await self.redis.hget(_user_keys_key(end_user_id), key_id)
+        if raw is None:
+            return None
+        entry = orjson.loads(raw)
+        key = ApiKey.from_json({**entry["key"], **changes})
+        # The lookup record is what requests read, so it changes first: a
+        # revocation is in force before this call returns, on every replica.
+        await self.redis.set(_api_key_key(entry["hash"]), orjson.dumps(key.to_json()))
+        await self.redis.hset(_user_keys_key(end_user_id), key_id, orjson.dumps({"hash": entry["hash"], "key": key.to_json()}))
+        return key
+
+    async def revoke_key(self, end_user_id: str, key_id: str) -> ApiKey | None:
+        current = await self.redis.hget(_user_keys_key(end_user_id), key_id)
+        if current is None:
+            return None
+        revoked_ms = orjson.loads(current)["key"].get("revoked_ms") or now_ms()
+        return await self.update_key(end_user_id, key_id, revoked_ms=revoked_ms)
+
+    async def find_key(self, plaintext: str) -> ApiKey | None:
+        """The key record for a presented `sk-eu_` key (revoked ones included), or None."""
+        raw = await self.commands.execute("GET", _api_key_key(hash_api_key(plaintext)))
+        return ApiKey.from_json(orjson.loads(raw)) if raw is not None else None

@@ -1,0 +1,76 @@
+"""The store's refusals: each Lua script error code maps to one exception class."""
+
+from __future__ import annotations
+
+from redis.exceptions import ResponseError
+
+
+class WalletError(Exception):
+    """A refusal from a wallet script; `code` is stable and machine-readable."""
+
+    code = "WALLET_ERROR"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class WalletNotFound(WalletError):
+    code = "WALLET_NOT_FOUND"
+
+
+class WalletExists(WalletError):
+    code = "WALLET_EXISTS"
+
+
+class InsufficientFunds(WalletError):
+    code = "INSUFFICIENT_FUNDS"
+
+
+class IdempotencyConflict(WalletError):
+    code = "IDEMPOTENCY_CONFLICT"
+
+
+class HoldNotFound(WalletError):
+    code = "HOLD_NOT_FOUND"
+
+
+class HoldClosed(WalletError):
+    code = "HOLD_CLOSED"
+
+
+class ChargeNotFound(WalletError):
+    code = "CHARGE_NOT_FOUND"
+
+
+class RefundExceedsCharge(WalletError):
+    code = "REFUND_EXCEEDS_CHARGE"
+
+
+class InvalidAmount(WalletError):
+    code = "INVALID_AMOUNT"
+
+
+class BalanceLimit(WalletError):
+    code = "BALANCE_LIMIT"
+
+
+class InvalidWalletRequest(WalletError):
+    code = "INVALID_REQUEST"
+
+
+_ERRORS: dict[str, type[WalletError]] = {
+    cls.code: cls
+    for cls in (
+        WalletNotFound, WalletExists, InsufficientFunds, IdempotencyConflict, HoldNotFound, HoldClosed,
+        ChargeNotFound, RefundExceedsCharge, InvalidAmount, BalanceLimit, InvalidWalletRequest,
+    )
+}
+
+
+def _raise_script_error(exc: ResponseError) -> None:
+    code, _, message = str(exc).partition(" ")
+    cls = _ERRORS.get(code)
+    if cls is None:
+        raise exc
+    raise cls(message) from None

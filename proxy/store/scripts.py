@@ -1,0 +1,133 @@
+"""How the store reaches Redis: the client, the `Commands` protocol, and the Lua scripts by name."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any, Protocol, Sequence
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, ResponseError
+
+from proxy.store.errors import _raise_script_error
+
+
+def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+    """A client for the store: a bounded pool that makes callers wait rather than fail
+    under bursts, and retries on a dropped connection (every script is safe to
+    retry: holds are keyed by id, settles by hold state, the rest by idempotency key)."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=5),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionError],
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def fingerprint(operation: str, *parts: object) -> str:
+    """What an idempotency key is bound to: the operation and its arguments."""
+    return hashlib.sha256(orjson.dumps([operation, *parts])).hexdigest()
+
+
+# ------------------------------------------------------------------ commands
+
+
+class Commands(Protocol):
+    """How the store sends commands: one at a time, or several in one round trip."""
+
+    async def execute(self, *args: Any) -> Any: ...
+
+    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Replies in order; an error reply comes back as its exception instead of being raised."""
+        ...
+
+
+class RedisPyCommands:
+    """`Commands` over a redis-py client: the embedded store (fakeredis) and tests.
+
+    Only commands whose raw replies redis-py passes through unchanged go
+    through here (EVALSHA, GET, HMGET, ZADD, ZREM), so both implementations
+    answer alike.
+    """
+
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+
+    async def execute(self, *args: Any) -> Any:
+        return await self.redis.execute_command(*args)
+
+    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        if len(commands) == 1:
+            try:
+                return [await self.redis.execute_command(*commands[0])]
+            except ResponseError as exc:
+                return [exc]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute(raise_on_error=False)
+
+
+# ------------------------------------------------------------------- scripts
+
+
+class _Scripts:
+    """Lua sources with their SHA1; EVALSHA first, loading on NOSCRIPT.
+
+    A Redis restart or SCRIPT FLUSH empties the script cache; the next call
+    gets NOSCRIPT, loads the script and runs again, which is safe because
+    NOSCRIPT means the script did not run.
+    """
+
+    def __init__(self) -> None:
+        lua = resources.files("proxy") / "lua"
+        prelude = (lua / "_prelude.lua").read_text()
+        self.source: dict[str, str] = {}
+        self.sha: dict[str, str] = {}
+        for name in ("open", "top_up", "adjust", "refund", "hold", "extend", "settle", "release", "key_limits"):
+            body = prelude + "\n" + (lua / f"{name}.lua").read_text()
+            self.source[name] = body
+            self.sha[name] = hashlib.sha1(body.encode()).hexdigest()
+
+    async def run(
+        self, commands: Commands, name: str, keys: Sequence[str], args: Sequence[Any],
+        *, before: Sequence[Sequence[Any]] = (), after: Sequence[Sequence[Any]] = (),
+    ) -> list[str]:
+        """Run a script, with plain commands before and after it, in one round trip.
+
+        Those commands must be idempotent: on NOSCRIPT the whole batch runs again.
+        """
+        script = ["EVALSHA", self.sha[name], len(keys), *keys, *args]
+        for attempt in (0, 1):
+            results = await commands.batch([*before, script, *after])
+            outcome = results[len(before)]
+            if isinstance(outcome, NoScriptError) and attempt == 0:
+                await commands.execute("SCRIPT", "LOAD", self.source[name])
+                continue
+            if isinstance(outcome, ResponseError):
+                _raise_script_error(outcome)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return _strings(outcome)
+        raise AssertionError("unreachable")
+
+
+def _strings(raw: Sequence[Any]) -> list[str]:
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
+
+
+_SCRIPTS: _Scripts | None = None
+
+
+def _scripts() -> _Scripts:
+    global _SCRIPTS
+    if _SCRIPTS is None:
+        _SCRIPTS = _Scripts()
+    return _SCRIPTS
