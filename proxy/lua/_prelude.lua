@@ -182,3 +182,36 @@ local function balance_op_finish(entry_type, amount, balance, held, credit_limit
   remember_result(KEYS[3], ARGV[2], ARGV[3], result)
   return result
 end
+
+-- Close an active hold by capturing `amount` of it (settle, or expire for a
+-- checkpoint): KEYS[1] wallet hash, KEYS[2] active holds hash, KEYS[3] the
+-- hold's record, KEYS[4] ledger stream. More than the hold is captured only as
+-- far as the wallet allows (down to -credit_limit once this hold is released);
+-- the rest is the shortfall. Appends the 'charge' entry (with `meta`) and
+-- returns {'ok', ledger_id, captured, released, shortfall, balance, held,
+-- credit_limit} and the captured amount. The caller marks the record closed.
+local function capture_hold(hold_id, hold_amount, amount, meta)
+  local balance, held, credit_limit = wallet_state(KEYS[1])
+  local allowed = balance - (held - hold_amount) + credit_limit
+  local captured = math.min(amount, math.max(allowed, 0))
+  local shortfall = amount - captured
+  local released = math.max(hold_amount - captured, 0)
+  balance = redis.call('HINCRBY', KEYS[1], 'balance', -captured)
+  held = redis.call('HINCRBY', KEYS[1], 'held', -hold_amount)
+  redis.call('HDEL', KEYS[2], hold_id)
+  local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(-captured), 'held_delta', fmt(-hold_amount),
+    'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'requested', fmt(amount),
+    'shortfall', fmt(shortfall), 'meta', meta})
+  return {'ok', id, fmt(captured), fmt(released), fmt(shortfall), fmt(balance), fmt(held), fmt(credit_limit)}, captured
+end
+
+-- Give a whole active hold back (release, or expire with nothing checkpointed):
+-- keys as for capture_hold; `entry_type` is 'release' or 'expire'.
+local function release_hold(hold_id, hold_amount, entry_type, reason)
+  local balance, held, credit_limit = wallet_state(KEYS[1])
+  held = redis.call('HINCRBY', KEYS[1], 'held', -hold_amount)
+  redis.call('HDEL', KEYS[2], hold_id)
+  local id = append_ledger(KEYS[4], {'type', entry_type, 'amount', '0', 'held_delta', fmt(-hold_amount),
+    'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'reason', reason})
+  return {'ok', id, '0', fmt(hold_amount), '0', fmt(balance), fmt(held), fmt(credit_limit)}
+end

@@ -1,11 +1,17 @@
--- extend: grow an active hold while its call runs (a stream that has spent
--- what it held asks for more before relaying further).
+-- extend: keep an active hold covering its call while it runs: grow it (a
+-- stream that has spent what it held asks for more before relaying further),
+-- push back its expiry (a live call is never taken by the reaper), and
+-- checkpoint the usage counted so far (what the reaper charges if the proxy
+-- dies: see expire.lua).
 -- KEYS[1] wallet hash   KEYS[2] active holds hash   KEYS[3] this hold's record
 -- KEYS[4] ledger stream
--- ARGV[1] hold id   ARGV[2] additional amount (micros, >= 0; 0 only pushes back
---         the expiry of a long call, and writes no ledger entry)   ARGV[3] new ttl from now (ms, > 0)
+-- ARGV[1] hold id   ARGV[2] additional amount (micros, >= 0; 0 only refreshes the
+--         expiry and the checkpoint, and writes no ledger entry)   ARGV[3] new ttl from now (ms, > 0)
 -- ARGV[4] idempotency step (the hold's amount the caller saw; a retried
 --         extension whose step already passed replays instead of growing twice)
+-- ARGV[5], ARGV[6], ARGV[7] (optional) checkpoint: the price of the usage
+--         counted so far (micros), its tokens, and the charge metadata JSON.
+--         A checkpoint below the one recorded is ignored (a late retry).
 -- Returns {'ok'|'replay', hold amount, expires_ms, balance, held, credit_limit}.
 -- Errors: INSUFFICIENT_FUNDS when the addition does not fit (the caller cuts
 -- the call), HOLD_NOT_FOUND, HOLD_CLOSED.
@@ -19,7 +25,15 @@ local seen = int_arg(ARGV[4], 0, MAX_AMOUNT)
 if ttl == nil or seen == nil then
   return fail('INVALID_REQUEST', 'ttl and step must be non-negative integers')
 end
-local rec = redis.call('HMGET', KEYS[3], 'status', 'amount', 'expires_ms')
+local checkpoint, checkpoint_tokens = nil, nil
+if ARGV[5] and ARGV[5] ~= '' then
+  checkpoint = int_arg(ARGV[5], 0, MAX_AMOUNT)
+  checkpoint_tokens = int_arg(ARGV[6], 0, MAX_AMOUNT)
+  if checkpoint == nil or checkpoint_tokens == nil then
+    return fail('INVALID_REQUEST', 'the checkpoint must be non-negative integers')
+  end
+end
+local rec = redis.call('HMGET', KEYS[3], 'status', 'amount', 'expires_ms', 'checkpoint')
 if rec[1] == false then
   return fail('HOLD_NOT_FOUND', 'no hold ' .. ARGV[1] .. ' in this wallet')
 end
@@ -28,7 +42,7 @@ if rec[1] ~= 'active' then
 end
 local balance, held, credit_limit = wallet_state(KEYS[1])
 local hold_amount = tonumber(rec[2])
-if hold_amount ~= seen then
+if amount > 0 and hold_amount ~= seen then
   return {'replay', fmt(hold_amount), rec[3], fmt(balance), fmt(held), fmt(credit_limit)}
 end
 local available = balance - held + credit_limit
@@ -43,4 +57,8 @@ if amount > 0 then
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1]})
 end
 redis.call('HSET', KEYS[3], 'amount', hold_amount, 'expires_ms', expires)
+if checkpoint ~= nil and checkpoint >= (tonumber(rec[4]) or 0) then
+  redis.call('HSET', KEYS[3], 'checkpoint', fmt(checkpoint), 'checkpoint_tokens', fmt(checkpoint_tokens),
+    'checkpoint_meta', ARGV[7] or '')
+end
 return {'ok', fmt(hold_amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit)}

@@ -10,8 +10,8 @@
 -- Returns {'ok'|'replay', ledger_id, captured, released, shortfall, balance, held, credit_limit}.
 -- More than the hold is captured only as far as the wallet allows (down to
 -- -credit_limit once this hold is released); what could not be captured is
--- recorded as the shortfall. Settling a settled hold replays the first result;
--- settling a released or expired hold is HOLD_CLOSED.
+-- recorded as the shortfall (see capture_hold). Settling a settled hold replays
+-- the first result; settling a released or expired hold is HOLD_CLOSED.
 -- Keeps: balance == sum of ledger amounts; held == sum of active holds;
 -- balance never goes below -credit_limit.
 local amount = int_arg(ARGV[2], 0, MAX_AMOUNT)
@@ -35,19 +35,7 @@ end
 if rec[1] ~= 'active' then
   return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. rec[1])
 end
-local balance, held, credit_limit = wallet_state(KEYS[1])
-local hold_amount = tonumber(rec[2])
-local allowed = balance - (held - hold_amount) + credit_limit
-local captured = math.min(amount, math.max(allowed, 0))
-local shortfall = amount - captured
-local released = math.max(hold_amount - captured, 0)
-balance = redis.call('HINCRBY', KEYS[1], 'balance', -captured)
-held = redis.call('HINCRBY', KEYS[1], 'held', -hold_amount)
-redis.call('HDEL', KEYS[2], ARGV[1])
-local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(-captured), 'held_delta', fmt(-hold_amount),
-  'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1], 'requested', fmt(amount),
-  'shortfall', fmt(shortfall), 'meta', ARGV[3]})
-local result = {'ok', id, fmt(captured), fmt(released), fmt(shortfall), fmt(balance), fmt(held), fmt(credit_limit)}
+local result, captured = capture_hold(ARGV[1], tonumber(rec[2]), amount, ARGV[3])
 if KEYS[5] then
   limits_record(limits_load(KEYS[5]), ARGV[5], captured, tokens_used)
 end

@@ -12,18 +12,38 @@ Handlers never build a key themselves.
 
 from proxy.store.accounts import API_KEY_PREFIX, AccountStore, ApiKey, hash_api_key
 from proxy.store.errors import (
-    BalanceLimit, ChargeNotFound, HoldClosed, HoldNotFound, IdempotencyConflict, InsufficientFunds, InvalidAmount,
-    InvalidWalletRequest, RefundExceedsCharge, WalletError, WalletExists, WalletNotFound,
+    BalanceLimit,
+    ChargeNotFound,
+    HoldClosed,
+    HoldNotFound,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidAmount,
+    InvalidWalletRequest,
+    RefundExceedsCharge,
+    WalletError,
+    WalletExists,
+    WalletNotFound,
 )
 from proxy.store.keyspace import HOLD_INDEX_KEY, MAX_AMOUNT_MICROS, PREFIX, WALLET_ID_RE
 from proxy.store.limits import KeySpend, Limited, LimitStore
 from proxy.store.scripts import Commands, RedisPyCommands, connect, fingerprint
 from proxy.store.wallets import (
-    Audit, CredentialSpend, Hold, HoldExtension, LedgerEntry, Receipt, Settlement, WalletState, WalletStore, now_ms,
+    Audit,
+    Checkpoint,
+    CredentialSpend,
+    Hold,
+    HoldExtension,
+    LedgerEntry,
+    Receipt,
+    Settlement,
+    WalletState,
+    WalletStore,
+    now_ms,
 )
 
 __all__ = [
-    "API_KEY_PREFIX", "AccountStore", "ApiKey", "Audit", "BalanceLimit", "ChargeNotFound", "Commands", "CredentialSpend",
+    "API_KEY_PREFIX", "AccountStore", "ApiKey", "Audit", "BalanceLimit", "Checkpoint", "ChargeNotFound", "Commands", "CredentialSpend",
     "HOLD_INDEX_KEY", "Hold", "HoldClosed", "HoldExtension", "HoldNotFound", "IdempotencyConflict", "InsufficientFunds",
     "InvalidAmount", "InvalidWalletRequest", "KeySpend", "LedgerEntry", "LimitStore", "Limited", "MAX_AMOUNT_MICROS",
     "PREFIX", "Receipt", "RedisPyCommands", "RefundExceedsCharge", "Settlement", "WALLET_ID_RE", "WalletError",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -40,7 +41,7 @@ class ApiKey:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ApiKey":
+    def from_json(cls, data: Mapping[str, Any]) -> ApiKey:
         return cls(
             id=data["id"], end_user_id=data["end_user_id"], masked=data["masked"], name=data.get("name", ""),
             created_ms=data["created_ms"], revoked_ms=data.get("revoked_ms"), scopes=data.get("scopes") or {},

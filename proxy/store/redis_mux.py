@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import hiredis

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from importlib import resources
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -19,7 +20,8 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     retry: holds are keyed by id, settles by hold state, the rest by idempotency key)."""
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
@@ -91,7 +93,7 @@ class _Scripts:
         prelude = (lua / "_prelude.lua").read_text()
         self.source: dict[str, str] = {}
         self.sha: dict[str, str] = {}
-        for name in ("open", "top_up", "adjust", "refund", "hold", "extend", "settle", "release", "key_limits"):
+        for name in ("open", "top_up", "adjust", "refund", "hold", "extend", "settle", "release", "expire", "key_limits"):
             body = prelude + "\n" + (lua / f"{name}.lua").read_text()
             self.source[name] = body
             self.sha[name] = hashlib.sha1(body.encode()).hexdigest()

@@ -6,21 +6,37 @@ Each is an atomic check-change-append on one wallet's keys; the hold index
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 
-from proxy.store.errors import HoldClosed, HoldNotFound, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
+from proxy.store.errors import HoldNotFound, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
 from proxy.store.keyspace import (
-    HOLD_INDEX_KEY, MAX_AMOUNT_MICROS, PREFIX, WALLET_ID_RE, _check_wallet_id, _hold_key, _holds_key,
-    _idempotency_key, _index_member, _ledger_key, _limits_key, _profile_key, _refunded_key, _wallet_key,
+    HOLD_INDEX_KEY,
+    MAX_AMOUNT_MICROS,
+    PREFIX,
+    WALLET_ID_RE,
+    _check_wallet_id,
+    _hold_key,
+    _holds_key,
+    _idempotency_key,
+    _index_member,
+    _ledger_key,
+    _limits_key,
+    _profile_key,
+    _refunded_key,
+    _wallet_key,
 )
 from proxy.store.scripts import Commands, RedisPyCommands, _scripts, fingerprint
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,16 @@ class CredentialSpend:
     credential_id: str
     request_id: str
     tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a call in flight has consumed so far, written onto its hold: what the
+    reaper charges if the call's proxy dies before closing it."""
+
+    price_micros: int
+    tokens: int
+    meta: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -290,16 +316,21 @@ class WalletStore:
 
     async def extend(
         self, wallet_id: str, hold_id: str, amount_micros: int, *, current_micros: int, ttl_ms: int | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> HoldExtension:
-        """Grow an active hold by `amount_micros` (and push back its expiry); `InsufficientFunds` if it does not fit.
+        """Grow an active hold by `amount_micros`, push back its expiry, and record `checkpoint`;
+        `InsufficientFunds` if the growth does not fit.
 
         `current_micros` is the hold's amount as the caller knows it: a retry
         after the hold already grew from that amount replays instead of
-        growing it twice.
+        growing it twice. An amount of 0 only refreshes the expiry and the checkpoint.
         """
         ttl_ms = ttl_ms or self.hold_ttl_ms
+        args: list[Any] = [hold_id, amount_micros, ttl_ms, current_micros]
+        if checkpoint is not None:
+            args += [checkpoint.price_micros, checkpoint.tokens, _meta(checkpoint.meta)]
         out = await self._scripts.run(
-            self.commands, "extend", self._hold_keys(wallet_id, hold_id), [hold_id, amount_micros, ttl_ms, current_micros],
+            self.commands, "extend", self._hold_keys(wallet_id, hold_id), args,
             before=[("ZADD", HOLD_INDEX_KEY, now_ms() + ttl_ms, _index_member(wallet_id, hold_id))],
         )
         return HoldExtension(
@@ -317,6 +348,15 @@ class WalletStore:
         keys = self._hold_keys(wallet_id, hold_id)
         return [*keys, _limits_key(wallet_id, spend.credential_id)] if spend else keys
 
+    async def _unindex(self, wallet_id: str, hold_id: str) -> None:
+        """Drop a closed hold from the reaper's index. Only after its close succeeded:
+        an active hold must never be missing from the index. A failure here is
+        harmless (the reaper drops entries whose hold is closed), so it is not raised."""
+        try:
+            await self.commands.execute("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
+        except RedisError as exc:
+            log.warning("could not drop closed hold %s from the reaper's index: %s", hold_id, exc)
+
     async def settle(
         self, wallet_id: str, hold_id: str, amount_micros: int, *, meta: Mapping[str, Any] | None = None,
         spend: CredentialSpend | None = None,
@@ -324,16 +364,15 @@ class WalletStore:
         """Capture `amount_micros` (may exceed the hold, as far as the wallet allows); release the rest."""
         if amount_micros < 0:
             raise InvalidAmount("the settle amount cannot be negative")
-        # The hold leaves the reaper's index in the same round trip, so the
-        # script must not refuse: an absurd usage report is capped (and the
-        # wallet caps it further), never allowed to strand the hold.
+        # An absurd usage report is capped (and the wallet caps it further),
+        # never allowed to make the script refuse and strand the hold.
         amount_micros = min(amount_micros, MAX_AMOUNT_MICROS)
         out = await self._scripts.run(
             self.commands, "settle", self._closing_keys(wallet_id, hold_id, spend),
             [hold_id, amount_micros, _meta(meta), self.closed_hold_ttl_seconds,
              *((spend.request_id, spend.tokens) if spend else ())],
-            after=[("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))],
         )
+        await self._unindex(wallet_id, hold_id)
         return self._settlement(wallet_id, hold_id, out)
 
     async def release(
@@ -341,36 +380,38 @@ class WalletStore:
     ) -> Settlement:
         out = await self._scripts.run(
             self.commands, "release", self._closing_keys(wallet_id, hold_id, spend),
-            [hold_id, reason, "release", self.closed_hold_ttl_seconds, *((spend.request_id,) if spend else ())],
-            after=[("ZREM", HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))],
+            [hold_id, reason, self.closed_hold_ttl_seconds, *((spend.request_id,) if spend else ())],
         )
+        await self._unindex(wallet_id, hold_id)
         return self._settlement(wallet_id, hold_id, out)
 
     async def expire(self, wallet_id: str, hold_id: str) -> Settlement | None:
-        """Expire one hold whose TTL has passed; None if it is not due yet."""
-        credential, request_id = await self.redis.hmget(_hold_key(wallet_id, hold_id), "credential", "request_id")
-        spend = CredentialSpend(credential.decode(), request_id.decode()) if credential and request_id else None
-        out = await self._run(
-            "release", self._closing_keys(wallet_id, hold_id, spend),
-            [hold_id, "ttl passed", "expire", self.closed_hold_ttl_seconds, *((spend.request_id,) if spend else ())],
-        )
+        """Close one hold whose TTL has passed: charge its checkpoint, or release it.
+        None if it is not due yet or was closed meanwhile."""
+        credential: bytes | None = await self.redis.hget(_hold_key(wallet_id, hold_id), "credential")  # type: ignore[assignment]
+        keys = self._hold_keys(wallet_id, hold_id)
+        if credential:
+            keys.append(_limits_key(wallet_id, credential.decode()))
+        out = await self._run("expire", keys, [hold_id, self.closed_hold_ttl_seconds])
+        member = _index_member(wallet_id, hold_id)
         if out[0] == "not_due":
-            await self.redis.zadd(HOLD_INDEX_KEY, {_index_member(wallet_id, hold_id): int(out[1])})
+            await self.redis.zadd(HOLD_INDEX_KEY, {member: int(out[1])})
             return None
-        await self.redis.zrem(HOLD_INDEX_KEY, _index_member(wallet_id, hold_id))
-        return self._settlement(wallet_id, hold_id, out)
+        await self.redis.zrem(HOLD_INDEX_KEY, member)
+        return None if out[0] == "closed" else self._settlement(wallet_id, hold_id, out)
 
     async def expire_due(self, *, limit: int = 100) -> list[Settlement]:
-        """One reaper pass: expire up to `limit` holds whose TTL has passed."""
-        due = await self.redis.zrangebyscore(HOLD_INDEX_KEY, "-inf", now_ms(), start=0, num=limit)
+        """One reaper pass: close up to `limit` holds whose TTL has passed."""
+        due: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
+            HOLD_INDEX_KEY, "-inf", now_ms(), start=0, num=limit)
         expired = []
         for raw in due:
             member = raw.decode()
             wallet_id, _, hold_id = member.partition("|")
             try:
                 outcome = await self.expire(wallet_id, hold_id)
-            except (HoldNotFound, HoldClosed, InvalidWalletRequest):
-                # Settled or released already, or never granted: nothing to expire.
+            except (HoldNotFound, InvalidWalletRequest):
+                # Never granted (the index entry is written first): nothing to expire.
                 await self.redis.zrem(HOLD_INDEX_KEY, member)
                 continue
             if outcome is not None:
@@ -378,7 +419,7 @@ class WalletStore:
         return expired
 
     async def active_holds(self, wallet_id: str) -> dict[str, int]:
-        raw = await self.redis.hgetall(_holds_key(wallet_id))
+        raw: dict[bytes, bytes] = await self.redis.hgetall(_holds_key(wallet_id))  # type: ignore[assignment]
         return {k.decode(): int(v) for k, v in raw.items()}
 
     # -- ledger
@@ -386,7 +427,8 @@ class WalletStore:
     async def ledger(self, wallet_id: str, *, before: str | None = None, limit: int = 50) -> list[LedgerEntry]:
         """Entries newest first; `before` is the id of the last entry of the previous page."""
         top = f"({before}" if before else "+"
-        raw = await self.redis.xrevrange(_ledger_key(wallet_id), max=top, min="-", count=limit)
+        raw: list[tuple[bytes, dict[bytes, bytes]]] = await self.redis.xrevrange(  # type: ignore[assignment]
+            _ledger_key(wallet_id), max=top, min="-", count=limit)
         return [_ledger_entry(entry_id, fields) for entry_id, fields in raw]
 
     async def audit(self, wallet_id: str) -> Audit:
@@ -403,7 +445,8 @@ class WalletStore:
     async def _iter_ledger(self, wallet_id: str) -> AsyncIterator[LedgerEntry]:
         start = "-"
         while True:
-            batch = await self.redis.xrange(_ledger_key(wallet_id), min=start, max="+", count=1000)
+            batch: list[tuple[bytes, dict[bytes, bytes]]] = await self.redis.xrange(  # type: ignore[assignment]
+                _ledger_key(wallet_id), min=start, max="+", count=1000)
             for entry_id, fields in batch:
                 yield _ledger_entry(entry_id, fields)
             if len(batch) < 1000:

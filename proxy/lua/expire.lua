@@ -1,0 +1,40 @@
+-- expire: close a hold whose TTL has passed (the proxy that held it died or
+-- lost the store mid-call). A hold whose call checkpointed its counted usage
+-- (see extend.lua) is charged that checkpoint -- the provider billed what was
+-- relayed -- with the checkpoint's metadata; a hold without one is released.
+-- KEYS[1] wallet hash   KEYS[2] active holds hash   KEYS[3] this hold's record
+-- KEYS[4] ledger stream
+-- ARGV[1] hold id   ARGV[2] seconds to keep the closed hold's record
+-- Optional: KEYS[5] the limits hash of the credential recorded on the hold
+-- (its request id is read from the hold's record): the capture and its tokens
+-- replace the call's spend reservation, in the same step.
+-- Returns {'ok', ledger_id, captured, released, shortfall, balance, held, credit_limit},
+-- {'not_due', expires_ms} while the TTL has not passed (a live call refreshed
+-- it), or {'closed', status} when the hold was already settled or released.
+-- Keeps: balance == sum of ledger amounts; held == sum of active holds;
+-- balance never below -credit_limit (a checkpoint is captured as a settle is).
+local rec = redis.call('HMGET', KEYS[3], 'status', 'amount', 'expires_ms', 'checkpoint', 'checkpoint_tokens',
+  'checkpoint_meta', 'request_id')
+if rec[1] == false then
+  return fail('HOLD_NOT_FOUND', 'no hold ' .. ARGV[1] .. ' in this wallet')
+end
+if rec[1] ~= 'active' then
+  return {'closed', rec[1]}
+end
+if tonumber(rec[3]) > now_ms() then
+  return {'not_due', rec[3]}
+end
+local hold_amount = tonumber(rec[2])
+local checkpoint = tonumber(rec[4]) or 0
+local result, captured
+if checkpoint > 0 then
+  result, captured = capture_hold(ARGV[1], hold_amount, checkpoint, rec[6] or '')
+else
+  result, captured = release_hold(ARGV[1], hold_amount, 'expire', 'ttl passed'), 0
+end
+if KEYS[5] and rec[7] then
+  limits_record(limits_load(KEYS[5]), rec[7], captured, captured > 0 and (tonumber(rec[5]) or 0) or 0)
+end
+redis.call('HSET', KEYS[3], 'status', 'expired', 'release_result', table.concat(result, ',', 2))
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return result
