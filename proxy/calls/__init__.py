@@ -1,0 +1,1 @@
+"""A metered call's lifecycle: admission, forwarding, relaying and settling."""
