@@ -6,19 +6,18 @@ answer. Authentication is the sub-application's middleware.
 
 from __future__ import annotations
 
-import hmac
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from pydantic import BaseModel
 
 from proxy import schemas
-from proxy.auth import presented_bearer
-from proxy.errors import ApiError, error_middleware, read_model
 from proxy.appstate import ACCOUNTS, CONFIG, RATECARDS, WALLETS
+from proxy.auth import key_matches, presented_bearer
+from proxy.enduser_jwt import TOKENS
+from proxy.errors import ApiError, error_middleware, read_model
 from proxy.ratecards import RateCardRegistry
 from proxy.store import ApiKey, LedgerEntry, LimitStore, Receipt, now_ms
-from proxy.enduser_jwt import TOKENS
 
 routes = web.RouteTableDef()
 
@@ -33,7 +32,7 @@ def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = 
 async def admin_auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     token = presented_bearer(request)
     admin_keys = request.config_dict[CONFIG].admin_keys
-    if not token or not any(hmac.compare_digest(token, k) for k in admin_keys):
+    if not token or not key_matches(token, admin_keys):
         raise ApiError(401, "missing or wrong admin key (Authorization: Bearer <admin key>)", code="invalid_api_key")
     return await handler(request)
 

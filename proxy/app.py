@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -15,12 +15,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import cors, enduser_jwt, gateway, openapi
 from proxy.admin import create_admin_app
+from proxy.appstate import ACCOUNTS, BACKGROUND, CONFIG, HTTP, METERING, RATECARDS, REDIS, WALLETS
+from proxy.calls.lease import Background, Metering
 from proxy.config import Config
 from proxy.errors import error_middleware
-from proxy.appstate import ACCOUNTS, BACKGROUND, CONFIG, HTTP, RATECARDS, REDIS, WALLETS
 from proxy.ratecards import RateCardRegistry
+from proxy.store import AccountStore, Commands, LimitStore, RedisPyCommands, WalletStore, connect
 from proxy.store.redis_mux import MultiplexedConnection
-from proxy.store import AccountStore, Commands, RedisPyCommands, WalletStore, connect
 
 log = logging.getLogger("metergate")
 
@@ -43,13 +44,17 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     # (see proxy/store/redis_mux.py); everything else uses the redis-py client.
     commands: Commands = RedisPyCommands(client)
     if config.redis_url and config.redis_url.startswith(("redis://", "rediss://")):
-        commands = MultiplexedConnection(config.redis_url)
+        commands = MultiplexedConnection(config.redis_url, timeout=config.redis_timeout_seconds)
     app[REDIS] = client
     app[WALLETS] = WalletStore(
         client, hold_ttl_ms=config.hold_ttl_seconds * 1000, idempotency_ttl_seconds=config.idempotency_ttl_seconds,
         commands=commands,
     )
     app[ACCOUNTS] = AccountStore(client, commands)
+    app[METERING] = Metering(
+        app[WALLETS], LimitStore(client, commands), app[BACKGROUND],
+        checkpoint_interval_seconds=config.checkpoint_interval_seconds,
+    )
     yield
     if isinstance(commands, MultiplexedConnection):
         await commands.aclose()
@@ -61,11 +66,11 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     # the latency budget a proxy has.
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300)
     app[HTTP] = aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
-    app[BACKGROUND] = set()
     yield
-    # Settlements still running finish before the store closes.
-    if app[BACKGROUND]:
-        await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
+    # Closes and answers still running finish before the store closes; one
+    # stuck on an unreachable store is left to the reaper (which charges the
+    # hold's checkpoint) rather than holding the shutdown forever.
+    await app[BACKGROUND].drain(timeout=10.0)
     await app[HTTP].close()
 
 
@@ -94,19 +99,31 @@ async def _ratecards_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def run_reaper(wallets: WalletStore, interval: float) -> None:
-    """Expire holds whose TTL passed (their proxy died mid-request) and release their funds."""
+    """Expire holds whose TTL passed (their proxy died mid-request) and release their funds.
+
+    Ends when cancelled, even when a library swallowed the CancelledError:
+    on Python 3.11 `asyncio.wait_for` returns the result instead when the
+    awaited operation has already finished as the cancellation arrives, and
+    redis-py wraps every command write in one when `socket_timeout` is set
+    (the embedded store sets it). The request to stop stays counted on the
+    task, so it is checked after every pass.
+    """
+    task = asyncio.current_task()
     while True:
+        more = False
         try:
             expired = await wallets.expire_due(limit=500)
             for s in expired:
                 log.info("expired hold %s: released %d micros", s.hold_id, s.released_micros)
-            if len(expired) == 500:
-                continue
+            more = len(expired) == 500
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("reaper pass failed; retrying")
-        await asyncio.sleep(interval)
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+        if not more:
+            await asyncio.sleep(interval)
 
 
 async def _reaper_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -136,6 +153,7 @@ async def metrics(request: web.Request) -> web.Response:
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[BACKGROUND] = Background()
     enduser_jwt.setup(app, config)
     cors.setup(app)
     app[RATECARDS] = RateCardRegistry(config.resolve(config.ratecards_dir), set(config.upstreams))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -10,10 +12,14 @@ from proxy.config import Config
 from proxy.ratecards import RateCardRegistry
 from proxy.store import AccountStore, WalletStore
 
+if TYPE_CHECKING:  # the call lifecycle imports errors, which reads CONFIG from here
+    from proxy.calls.lease import Background, Metering
+
 CONFIG = web.AppKey("config", Config)
 REDIS = web.AppKey("redis", aioredis.Redis)
 WALLETS = web.AppKey("wallets", WalletStore)
 ACCOUNTS = web.AppKey("accounts", AccountStore)
 RATECARDS = web.AppKey("ratecards", RateCardRegistry)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
-BACKGROUND = web.AppKey("background", set)  # settlement tasks still running
+BACKGROUND: web.AppKey[Background] = web.AppKey("background")  # closes and whole answers still running
+METERING: web.AppKey[Metering] = web.AppKey("metering")  # opens each call's lease

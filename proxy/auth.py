@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import ApiError
 from proxy.appstate import ACCOUNTS, CONFIG, WALLETS
-from proxy.store import API_KEY_PREFIX
 from proxy.enduser_jwt import TOKENS, looks_like_jwt
+from proxy.errors import ApiError
+from proxy.store import API_KEY_PREFIX
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,36 @@ async def _profile_caller(request: web.Request, end_user_id: str, key_id: str, s
     return Caller(end_user_id, key_id, profile.get("tier") or "default", profile.get("ratecard"), scopes)
 
 
-async def authenticate(request: web.Request, body: Mapping[str, Any] | None) -> Caller:
-    """The paying end user, or a 401/400 in OpenAI's shape. `body` carries `user` for operator calls."""
+@dataclass(frozen=True)
+class OperatorKey:
+    """A recognised operator key: the paying end user is named by the request's `user`."""
+
+
+Credential = Caller | OperatorKey
+
+
+def key_matches(presented: str, keys: Iterable[str]) -> bool:
+    """Whether `presented` is one of `keys`, compared in constant time.
+
+    As bytes: `hmac.compare_digest` raises on a non-ASCII str, and a hostile
+    header must be a 401, never a 500. `surrogateescape` because aiohttp
+    decodes header bytes that are not UTF-8 that way.
+    """
+    candidate = presented.encode("utf-8", "surrogateescape")
+    return any(hmac.compare_digest(candidate, k.encode("utf-8", "surrogateescape")) for k in keys)
+
+
+async def identify(request: web.Request) -> Credential:
+    """What the bearer proves, from the header alone, or a 401 in OpenAI's shape.
+
+    Never reads the body: a request without a valid credential is refused
+    before its body is read, so it cannot hold a handler open by sending one slowly.
+    """
     token = bearer_token(request)
-    if token.startswith(API_KEY_PREFIX):
+    # `sk-eu_` keys and JWTs are ASCII by construction; anything else can only
+    # be an operator key (compared as bytes below) and must not reach the
+    # key hashing or the JWT parser, which choke on undecodable text.
+    if token.isascii() and token.startswith(API_KEY_PREFIX):
         key = await request.config_dict[ACCOUNTS].find_key(token)
         if key is None or key.revoked:
             raise _invalid_key()
@@ -68,15 +95,9 @@ async def authenticate(request: web.Request, body: Mapping[str, Any] | None) -> 
         if caller is None:
             raise _invalid_key()
         return caller
-    if any(hmac.compare_digest(token, k) for k in request.config_dict[CONFIG].operator_keys):
-        user = body.get("user") if body is not None else request.query.get("user")
-        if not isinstance(user, str) or not user:
-            raise ApiError(400, "an operator key must name the paying end user in `user`", code="missing_user", param="user")
-        caller = await _profile_caller(request, user, "operator", {})
-        if caller is None:
-            raise ApiError(400, f"no end user {user!r}", code="unknown_end_user", param="user")
-        return caller
-    if looks_like_jwt(token):
+    if key_matches(token, request.config_dict[CONFIG].operator_keys):
+        return OperatorKey()
+    if token.isascii() and looks_like_jwt(token):
         authority = request.config_dict.get(TOKENS)
         if authority is None:
             raise _invalid_key()
@@ -86,3 +107,21 @@ async def authenticate(request: web.Request, body: Mapping[str, Any] | None) -> 
             raise ApiError(401, "invalid token: its end user does not exist", code="invalid_token")
         return caller
     raise _invalid_key()
+
+
+async def operator_caller(request: web.Request, user: Any) -> Caller:
+    """The end user an operator key names in `user`, or a 400 saying what is wrong with it."""
+    if not isinstance(user, str) or not user:
+        raise ApiError(400, "an operator key must name the paying end user in `user`", code="missing_user", param="user")
+    caller = await _profile_caller(request, user, "operator", {})
+    if caller is None:
+        raise ApiError(400, f"no end user {user!r}", code="unknown_end_user", param="user")
+    return caller
+
+
+async def authenticate(request: web.Request, body: Mapping[str, Any] | None) -> Caller:
+    """The paying end user, or a 401/400 in OpenAI's shape. `body` (else the query) carries `user` for operator calls."""
+    credential = await identify(request)
+    if isinstance(credential, Caller):
+        return credential
+    return await operator_caller(request, body.get("user") if body is not None else request.query.get("user"))

@@ -4,8 +4,40 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address `host` resolves to, as aiohttp would open them.
+
+    Bound here, before the app starts, so that a busy or forbidden address is
+    one clear error and nothing (store, reaper, watchers) has been started for it.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, type_, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, type_, proto)
+            sockets.append(sock)
+            if os.name == "posix":  # as asyncio: on Windows it would let another process share the port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # One socket per family, as asyncio does: "::" must not also claim IPv4.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -20,10 +52,16 @@ def _serve(args: argparse.Namespace) -> int:
     except SourceError as exc:
         print(f"metergate: bad configuration\n{exc}", file=sys.stderr)
         return 2
+    try:
+        sockets = _listen(config.host, config.port)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        print(f"metergate: cannot listen on {_address(config.host, config.port)}: {reason}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # handler_cancellation: a client that disconnects cancels its handler at once,
     # so the upstream is closed and the call settled for what it consumed.
-    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None, handler_cancellation=True)
+    web.run_app(create_app(config), sock=sockets, access_log=None, handler_cancellation=True)
     return 0
 
 

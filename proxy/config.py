@@ -7,6 +7,7 @@ validation raises `SourceError` naming the file, line and field at fault.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -69,11 +70,20 @@ class Config(_Strict):
     admin_keys: list[str] = []
     operator_keys: list[str] = []
     hold_ttl_seconds: PositiveInt = 600
+    # How often a call in flight writes its counted usage onto its hold, so
+    # that a proxy killed mid-call is billed by the reaper for what it relayed.
+    checkpoint_interval_seconds: PositiveFloat = 2.0
+    # How long one wallet-store command may take before the call treats the
+    # store as unavailable (and, after forwarding, keeps retrying its close).
+    redis_timeout_seconds: PositiveFloat = 10.0
     # How old an end user's tier/card pin may be when a call reads it (0: always fresh).
     profile_cache_seconds: Annotated[float, Field(ge=0)] = 5.0
     reaper_interval_seconds: PositiveFloat = 5.0
     idempotency_ttl_seconds: PositiveInt = 7 * 24 * 3600
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    # How long a request body may take to arrive in full; a slower one is a 408,
+    # so a client cannot hold a handler open by trickling (or withholding) it.
+    body_timeout_seconds: PositiveFloat = 30.0
     cors_origins: list[str] = []
     ratecards_dir: str = "ratecards"
     ratecards_watch_interval_seconds: PositiveFloat = 2.0
@@ -98,25 +108,25 @@ _ENV_OVERRIDES: dict[str, tuple[str, Any]] = {
 }
 
 
-def load_config(path: Path | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> Config:
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
     """Read, override and validate the config. Raises `SourceError` when it is wrong."""
     path = (path or DEFAULT_CONFIG_PATH).resolve()
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     document = read_yaml(path) or {}
     if not isinstance(document, dict):
         raise SourceError([SourceIssue(str(path), 1, "-", "the config must be a mapping")])
     data = to_plain(document)
     data.setdefault("base_dir", str(path.parent))
     for var, (field, convert) in _ENV_OVERRIDES.items():
-        if environ.get(var):
+        if env.get(var):
             try:
-                data[field] = convert(environ[var])
+                data[field] = convert(env[var])
             except ValueError:
-                raise SourceError([SourceIssue(var, 0, field, f"cannot parse {environ[var]!r}")]) from None
+                raise SourceError([SourceIssue(var, 0, field, f"cannot parse {env[var]!r}")]) from None
     for name, upstream in (data.get("upstreams") or {}).items():
         # METERGATE_UPSTREAM_OPENAI_BASE_URL points the `openai` upstream elsewhere
         # (a regional endpoint, a test double) without editing the file.
-        url = environ.get(f"METERGATE_UPSTREAM_{name.upper().replace('-', '_')}_BASE_URL")
+        url = env.get(f"METERGATE_UPSTREAM_{name.upper().replace('-', '_')}_BASE_URL")
         if url and isinstance(upstream, dict):
             upstream["base_url"] = url
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -13,12 +13,12 @@ charged and the browser lets the page read nothing. Requests without an
 from __future__ import annotations
 
 import re
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.errors import error_response
 from proxy.appstate import CONFIG
+from proxy.errors import error_response
 
 EXPOSED = ", ".join((
     "X-Request-Id", "X-Model", "X-Usage-Cost", "X-Total-Tokens", "X-Wallet-Balance", "Retry-After",

@@ -22,8 +22,9 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import jwt
 from aiohttp import web
@@ -181,7 +182,7 @@ class TokenAuthority:
             claims["iss"] = self.cfg.issuer
         key = self.secret if alg.startswith("HS") else self.private_key
         headers = {"kid": self.cfg.key_id} if self.cfg.key_id and not alg.startswith("HS") else None
-        token = jwt.encode(claims, key, algorithm=alg, headers=headers)
+        token = jwt.encode(claims, key, algorithm=alg, headers=headers)  # type: ignore[arg-type]  # set when minting is configured
         return MintedToken(token=token, jti=jti, expires_at=now + ttl_seconds, expires_in=ttl_seconds, algorithm=alg)
 
 

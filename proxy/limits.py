@@ -23,16 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from typing import Any, AsyncIterator, Mapping
-
-from aiohttp import web
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from proxy.auth import Caller
 from proxy.errors import ApiError
-from proxy.appstate import WALLETS
 from proxy.metering import Quote
 from proxy.schemas import usd
-from proxy.store import CredentialSpend, LimitStore, Limited
+from proxy.store import CredentialSpend, Limited, LimitStore
 
 RATE_FIELDS = ("requests_per_minute", "tokens_per_minute")
 SPEND_FIELDS = ("max_spend_micros", "max_daily_spend_micros")
@@ -74,14 +72,12 @@ def _refusal(caller: Caller, limited: Limited, tokens: int, amount: int) -> ApiE
 
 
 @contextlib.asynccontextmanager
-async def admission(request: web.Request, caller: Caller, quote: Quote, request_id: str) -> AsyncIterator[None]:
+async def admission(store: LimitStore, caller: Caller, quote: Quote, request_id: str) -> AsyncIterator[None]:
     """Admit the call under its credential's limits around the wallet hold (which runs in the body)."""
     scopes = caller.scopes
     if not (_metered_key(caller) and has_limits(scopes)):
         yield
         return
-    wallets = request.config_dict[WALLETS]
-    store = LimitStore(wallets.redis, wallets.commands)
     tokens = quote.prompt_tokens + quote.max_output_tokens
     amount = quote.hold.price_micros
     limited = await store.admit(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from collections.abc import Mapping
 from typing import Any
 
 from pricing import Charge, ModelPrice, RateCard, Usage, price_usage
@@ -25,6 +25,10 @@ class Quote:
 def quote(card: RateCard, model: ModelPrice, body: Mapping[str, Any]) -> Quote:
     worst_case = estimate_usage(body, model)
     return Quote(card, model, worst_case.prompt_tokens, worst_case.completion_tokens, price_usage(model, worst_case))
+
+
+def price_of(model: ModelPrice, usage: Usage) -> int:
+    return price_usage(model, usage).price_micros
 
 
 def output_price(model: ModelPrice, tokens: int) -> int:
@@ -74,3 +78,21 @@ def charge_meta(
         "usage_source": usage_source,
         "outcome": outcome,
     }
+
+
+def text_of_choices(data: Mapping[str, Any]) -> str:
+    """The output text of a whole (non-streamed) answer: what is counted when it reports no usage."""
+    parts = []
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, Mapping):
+            continue
+        message = choice.get("message")
+        if isinstance(message, Mapping):
+            if isinstance(message.get("content"), str):
+                parts.append(message["content"])
+            for tc in message.get("tool_calls") or ():
+                if isinstance(tc, Mapping) and isinstance(tc.get("function"), Mapping):
+                    parts.append(str(tc["function"].get("arguments") or ""))
+        elif isinstance(choice.get("text"), str):
+            parts.append(choice["text"])
+    return "".join(parts)

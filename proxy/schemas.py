@@ -121,7 +121,7 @@ class WalletView(BaseModel):
     available: str
 
     @classmethod
-    def of(cls, state: WalletState) -> "WalletView":
+    def of(cls, state: WalletState) -> WalletView:
         return cls(
             id=state.wallet_id, balance_micros=state.balance_micros, held_micros=state.held_micros,
             available_micros=state.available_micros, credit_limit_micros=state.credit_limit_micros,

@@ -1,0 +1,348 @@
+"""The money of one metered call, from admission to its single close: the `Lease`.
+
+A lease opens the call's hold (under its credential's limits), keeps it alive
+while the call runs, grows it when a stream outruns it, checkpoints the usage
+counted so far onto it, and closes it exactly once -- settle or release --
+however the call ends: answered, client gone before the first byte or
+mid-stream, upstream error, exception, store outage. If the process dies, the
+reaper charges the hold's last checkpoint (`proxy/lua/expire.lua`).
+
+Forwarders only report what happened (`forwarded`, `add_output`,
+`report_usage`, `upstream_failed`, `outcome`); the lease decides the close:
+
+- the upstream's usage (or usage counted from a whole answer) was reported:
+  settle it;
+- nothing reached the upstream, or it failed before any output: release;
+- otherwise (client gone, stream cut): settle the prompt plus the output
+  relayed so far -- the provider bills what it generated.
+
+The close runs in a task that the handler's cancellation cannot stop, and is
+retried while the store is unreachable (every close script is idempotent by
+the hold's state), so a charge is never dropped because Redis blinked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from pricing import ModelPrice, Usage, price_usage
+from proxy import limits, metering
+from proxy.auth import Caller
+from proxy.errors import ApiError
+from proxy.store import (
+    Checkpoint,
+    Hold,
+    InsufficientFunds,
+    LimitStore,
+    Settlement,
+    WalletError,
+    WalletStore,
+)
+
+log = logging.getLogger(__name__)
+
+# A stream that outruns its hold (an upstream ignoring max_tokens) extends it
+# by at least this many output tokens at a time.
+MIN_EXTENSION_TOKENS = 256
+# Store failures worth retrying: the script may not have run. A script's own
+# refusal (WalletError) is an answer, not a failure.
+STORE_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+_CLOSE_RETRY_FOR_SECONDS = 3600.0
+
+
+class Background:
+    """Tasks that outlive the request that started them (closes, whole answers
+    read after the client left); the app waits for them at shutdown."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def drain(self, timeout: float) -> None:
+        if not self.tasks:
+            return
+        _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+        for task in pending:  # their holds are the reaper's now (it charges their checkpoints)
+            task.cancel()
+
+
+@dataclass
+class Metering:
+    """The service that opens leases; built once in the app factory."""
+
+    wallets: WalletStore
+    limits: LimitStore
+    background: Background
+    checkpoint_interval_seconds: float = 2.0
+
+    def lease(self, caller: Caller, quote: metering.Quote, request_id: str) -> Lease:
+        return Lease(self, caller, quote, request_id)
+
+
+
+@dataclass
+class Lease:
+    """One call's hold from admission to its single close. Use as `async with lease:`."""
+
+    service: Metering
+    caller: Caller
+    quote: metering.Quote
+    request_id: str
+    hold: Hold | None = None
+    held_micros: int = 0  # the hold's amount now (it grows while a stream outruns it)
+    covered_output_tokens: int = 0  # output tokens the hold pays for
+    completion_tokens: int = 0  # output counted so far (relayed to the client)
+    outcome: str = "completed"
+    # Set by the forwarders:
+    is_forwarded: bool = False
+    failure: str | None = None  # the upstream failed before any output: nothing is billed
+    usage: Usage | None = None
+    usage_source: str = "counted"
+    client_left: bool = False
+    # Set by the keep-alive when the store stopped answering: a stream stops
+    # generating what could no longer be billed durably.
+    store_lost: bool = False
+    settlement: Settlement | None = None
+    _closing: asyncio.Task[Settlement | None] | None = None
+    _first_close: asyncio.Future[Settlement | None] | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _timer: asyncio.TimerHandle | None = None
+    _checkpointed: int = -1
+    _refresh_at: float = 0.0
+
+    @property
+    def model(self) -> ModelPrice:
+        return self.quote.model
+
+    # ------------------------------------------------------------ opening
+
+    async def __aenter__(self) -> Lease:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.hold is None:
+            return
+        if exc_type is asyncio.CancelledError:
+            self.client_left = True
+            if self.outcome == "completed":
+                self.outcome = "client_disconnected"
+        elif exc is not None and not isinstance(exc, ApiError) and self.outcome == "completed":
+            log.error("request %s failed after its hold: %r", self.request_id, exc)
+            self.outcome = "internal_error"
+        await self.close()
+
+    async def open(self) -> None:
+        """Admit the call under its credential's limits and hold its worst case."""
+        service = self.service
+        hold_id = service.wallets.new_hold_id()
+        async with limits.admission(service.limits, self.caller, self.quote, self.request_id):
+            try:
+                self.hold = await service.wallets.hold(
+                    self.caller.end_user_id, self.quote.hold.price_micros, hold_id=hold_id,
+                    meta={"request_id": self.request_id, "model": self.quote.model.name, "key_id": self.caller.key_id},
+                    spend=limits.credential_spend(self.caller, self.request_id, 0),
+                )
+            except InsufficientFunds as exc:
+                raise ApiError(
+                    402, f"You exceeded your current quota: {exc.message}. Top up the wallet to continue.",
+                    type="insufficient_quota", code="insufficient_quota",
+                ) from None
+            except (WalletError, ApiError):
+                raise
+            except BaseException:
+                # Store unreachable or the client gone while the hold was in
+                # flight: it may still land. Give it back (if it did) in the
+                # background; otherwise the reaper releases it at its TTL.
+                service.background.spawn(self._abandon(hold_id))
+                raise
+        self.held_micros = self.hold.amount_micros
+        self.covered_output_tokens = self.quote.max_output_tokens
+        loop = asyncio.get_running_loop()
+        self._refresh_at = loop.time() + service.wallets.hold_ttl_ms / 2000
+        self._timer = loop.call_later(self._beat_interval(), self._beat)
+
+    async def _abandon(self, hold_id: str) -> None:
+        with contextlib.suppress(WalletError, *STORE_UNREACHABLE):
+            await self.service.wallets.release(
+                self.caller.end_user_id, hold_id, reason="call abandoned while its hold was placed",
+                spend=limits.credential_spend(self.caller, self.request_id, 0),
+            )
+
+    # ---------------------------------------------------------- reporting
+
+    def forwarded(self) -> None:
+        """The request is about to reach the upstream: from now on the provider bills the prompt."""
+        self.is_forwarded = True
+
+    def add_output(self, tokens: int) -> None:
+        self.completion_tokens += tokens
+
+    def report_usage(self, usage: Usage, source: str) -> None:
+        self.usage, self.usage_source = usage, source
+
+    def upstream_failed(self, reason: str) -> None:
+        """The upstream failed before producing any output: the call costs nothing."""
+        if self.completion_tokens == 0 and self.usage is None:
+            self.failure = reason
+
+    def counted_usage(self) -> Usage:
+        return Usage(prompt_tokens=self.quote.prompt_tokens if self.is_forwarded else 0,
+                     completion_tokens=self.completion_tokens)
+
+    # -------------------------------------------------------- keeping alive
+
+    async def cover(self, more_tokens: int) -> bool:
+        """Make sure the hold pays for the output counted so far plus `more_tokens`
+        before they are relayed; False (and `outcome` says why) when it cannot."""
+        wanted = self.completion_tokens + more_tokens
+        if wanted <= self.covered_output_tokens and not self.store_lost:
+            return True
+        if self.store_lost:
+            self.outcome = "store_unavailable"
+            return False
+        step = max(wanted - self.covered_output_tokens, MIN_EXTENSION_TOKENS)
+        try:
+            await self._extend(metering.output_price(self.model, step))
+        except InsufficientFunds:
+            self.outcome = "wallet_exhausted"
+            return False
+        except (*STORE_UNREACHABLE, WalletError) as exc:
+            log.warning("request %s: could not extend its hold: %r", self.request_id, exc)
+            self.store_lost = True
+            self.outcome = "store_unavailable"
+            return False
+        self.covered_output_tokens += step
+        return True
+
+    def _beat_interval(self) -> float:
+        return min(self.service.checkpoint_interval_seconds, self.service.wallets.hold_ttl_ms / 2000)
+
+    def _beat(self) -> None:
+        self._timer = None
+        if self._closing is None:
+            self.service.background.spawn(self._keep_alive())
+
+    async def _keep_alive(self) -> None:
+        """Push the hold's expiry back before the reaper could take it, and
+        checkpoint what the call has consumed; then schedule the next beat."""
+        try:
+            checkpoint = self._checkpoint()
+            due = asyncio.get_running_loop().time() >= self._refresh_at
+            if due or checkpoint.price_micros != self._checkpointed:
+                await self._extend(0)
+        except (*STORE_UNREACHABLE, WalletError) as exc:
+            log.warning("request %s: could not keep its hold alive: %r", self.request_id, exc)
+            self.store_lost = True
+        if self._closing is None and not self.store_lost:
+            self._timer = asyncio.get_running_loop().call_later(self._beat_interval(), self._beat)
+
+    def _checkpoint(self) -> Checkpoint:
+        usage = self.counted_usage()
+        charge = price_usage(self.model, usage)
+        meta = metering.charge_meta(
+            request_id=self.request_id, key_id=self.caller.key_id, quote=self.quote, usage=usage, charge=charge,
+            usage_source="counted", outcome="proxy_lost",
+        )
+        return Checkpoint(charge.price_micros, usage.prompt_tokens + usage.completion_tokens, meta)
+
+    async def _extend(self, amount_micros: int) -> None:
+        assert self.hold is not None
+        async with self._lock:
+            checkpoint = self._checkpoint() if self.is_forwarded else None
+            grown = await self.service.wallets.extend(
+                self.caller.end_user_id, self.hold.hold_id, amount_micros, current_micros=self.held_micros,
+                checkpoint=checkpoint,
+            )
+            self.held_micros = grown.amount_micros
+            if checkpoint is not None:
+                self._checkpointed = checkpoint.price_micros
+            self._refresh_at = asyncio.get_running_loop().time() + self.service.wallets.hold_ttl_ms / 2000
+
+    # ------------------------------------------------------------- closing
+
+    async def close(self) -> Settlement | None:
+        """Close the hold (once; later calls wait for the same close). The
+        settlement, or None while the store is unreachable and the close is
+        being retried in the background (the charge lands when it answers)."""
+        if self._first_close is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._first_close = asyncio.get_running_loop().create_future()
+            self._closing = self.service.background.spawn(self._close_until_done(self._first_close))
+        return await asyncio.shield(self._first_close)
+
+    async def _close_until_done(self, first: asyncio.Future[Settlement | None]) -> Settlement | None:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + _CLOSE_RETRY_FOR_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                async with self._lock:  # after any keep-alive in flight
+                    self.settlement = await self._close_once()
+            except STORE_UNREACHABLE as exc:
+                if not first.done():
+                    first.set_result(None)
+                if loop.time() > give_up_at:
+                    log.error("request %s: gave up closing its hold (%r); the reaper will charge its checkpoint",
+                              self.request_id, exc)
+                    return None
+                log.warning("request %s: the store is unreachable (%r); retrying its close in %.2fs",
+                            self.request_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            except WalletError as exc:
+                # Closed already: the reaper expired it while the store was
+                # away (and charged its checkpoint). Nothing more is owed here.
+                log.error("request %s: its hold could not be closed: %s", self.request_id, exc)
+                if not first.done():
+                    first.set_result(None)
+                return None
+            except BaseException as exc:
+                if not first.done():
+                    first.set_exception(exc)
+                raise
+            if not first.done():
+                first.set_result(self.settlement)
+            return self.settlement
+
+    async def _close_once(self) -> Settlement:
+        assert self.hold is not None
+        wallets, caller = self.service.wallets, self.caller
+        if self.usage is None and (not self.is_forwarded or self.failure is not None):
+            reason = self.failure or ("client gone before forwarding" if self.client_left else "not forwarded")
+            return await wallets.release(
+                caller.end_user_id, self.hold.hold_id, reason=reason,
+                spend=limits.credential_spend(caller, self.request_id, 0),
+            )
+        usage = self.usage if self.usage is not None else self.counted_usage()
+        source = self.usage_source if self.usage is not None else "counted"
+        charge = price_usage(self.model, usage)
+        meta = metering.charge_meta(
+            request_id=self.request_id, key_id=caller.key_id, quote=self.quote, usage=usage, charge=charge,
+            usage_source=source, outcome=self.outcome,
+        )
+        settlement = await wallets.settle(
+            caller.end_user_id, self.hold.hold_id, charge.price_micros, meta=meta,
+            spend=limits.credential_spend(caller, self.request_id, usage.prompt_tokens + usage.completion_tokens),
+        )
+        if settlement.shortfall_micros:
+            log.warning("request %s: wallet %s could not cover %d micros",
+                        self.request_id, caller.end_user_id, settlement.shortfall_micros)
+        return settlement
+

@@ -1,0 +1,165 @@
+"""Relaying a streamed answer: decode the upstream's SSE events, count each
+one's output, make sure the hold covers it *before* relaying it, and end every
+stream cleanly -- with an in-band error event when it did not complete, never a
+second HTTP response inside the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping  # not typing's: isinstance on those is slow, and it runs per chunk
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from pricing import count_text_tokens
+from proxy import metering
+from proxy.calls.lease import Lease
+from proxy.calls.sse import SSEDecoder
+from proxy.calls.upstream import UpstreamCall, open_upstream
+
+log = logging.getLogger(__name__)
+
+CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+END_EVENTS = {
+    outcome: b"data: " + orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}) + b"\n\n"
+    for outcome, message, type_, code in (
+        ("upstream_cut", "the upstream provider ended the stream before it was complete; "
+         "you were charged only for the tokens received", "api_error", "upstream_stream_cut"),
+        ("wallet_exhausted", "the wallet ran out of funds during this stream; it was stopped and "
+         "you were charged for the tokens received", "insufficient_quota", "insufficient_quota"),
+        ("store_unavailable", "the wallet store became unreachable during this stream; it was stopped, and "
+         "the tokens received will be charged when the store is back", "api_error", "store_unavailable"),
+        ("internal_error", "this stream failed inside metergate; it was stopped and you were charged "
+         "only for the tokens received", "server_error", "internal_error"),
+    )
+}
+
+
+def output_tokens(choice: Mapping[str, Any]) -> int:
+    """Output tokens in one streamed choice delta (content, reasoning, refusal, tool calls)."""
+    delta = choice.get("delta")
+    parts: list[str] = []
+    if isinstance(delta, Mapping):
+        for key in ("content", "reasoning_content", "refusal"):
+            if isinstance(delta.get(key), str):
+                parts.append(delta[key])
+        for call in delta.get("tool_calls") or ():
+            fn = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(fn, Mapping):
+                parts.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str))
+    elif isinstance(choice.get("text"), str):
+        parts.append(choice["text"])
+    text = "".join(parts)
+    return count_text_tokens(text) if text else 0
+
+
+def read_event(data: bytes) -> tuple[int, dict[str, Any] | None]:
+    """One event's data: its output tokens, and its JSON when it carries the upstream's usage."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return 0, None
+    if not isinstance(chunk, dict):
+        return 0, None
+    tokens = 0
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, Mapping):
+            tokens += output_tokens(choice)
+    return tokens, chunk if isinstance(chunk.get("usage"), dict) else None
+
+
+async def _with_cost(lease: Lease, usage_chunk: dict[str, Any]) -> bytes:
+    """Settle on the upstream's usage (the last chunk before [DONE]) and show the charge in it."""
+    usage = metering.usage_from_openai(usage_chunk["usage"])
+    lease.report_usage(usage, "upstream")
+    settlement = await lease.close()
+    captured = settlement.captured_micros if settlement is not None else metering.price_of(lease.model, usage)
+    usage_chunk["usage"]["cost"] = metering.usd_number(captured)
+    usage_chunk["usage"]["cost_micros"] = captured
+    if settlement is None:
+        usage_chunk["usage"]["settlement"] = "pending"
+    return b"data: " + orjson.dumps(usage_chunk) + b"\n\n"
+
+
+async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease) -> web.StreamResponse:
+    client_wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+    upstream = await open_upstream(call, lease)
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+        "X-Request-Id": lease.request_id, "X-Model": lease.model.name,
+    })
+    decoder = SSEDecoder()
+    saw_done = False
+    try:
+        await response.prepare(request)
+        async for piece in upstream.content.iter_any():
+            # Events that arrived together leave together (one write per
+            # read), unless the hold must grow first: then what is covered
+            # leaves before the store is asked for more.
+            relay: list[bytes] = []
+            for event in decoder.feed(piece):
+                data = event.data
+                if data is None:
+                    relay.append(event.raw)
+                    continue
+                if data == b"[DONE]":
+                    saw_done = True
+                    relay.append(event.raw)
+                    continue
+                tokens, usage_chunk = read_event(data)
+                if tokens:
+                    if not await _covered(lease, tokens, response, relay):
+                        return response
+                    lease.add_output(tokens)
+                if usage_chunk is not None and lease.usage is None:
+                    shown = await _with_cost(lease, usage_chunk)
+                    if usage_chunk.get("choices") or client_wants_usage:
+                        relay.append(shown)
+                    continue
+                relay.append(event.raw)
+            if relay:
+                await response.write(b"".join(relay))
+            if lease.store_lost and lease.usage is None:
+                lease.outcome = "store_unavailable"
+                return response
+        if not saw_done:
+            lease.outcome = "upstream_cut"
+            lease.upstream_failed("upstream failed before any output")
+    except CLIENT_GONE:
+        lease.outcome = "client_disconnected"
+    except (TimeoutError, aiohttp.ClientError):
+        lease.outcome = "upstream_cut"
+        lease.upstream_failed("upstream failed before any output")
+    except asyncio.CancelledError:
+        lease.outcome = "client_disconnected"
+        raise
+    except Exception:
+        # The response has begun: a second HTTP response cannot follow. End
+        # the stream in-band and let the lease charge what was relayed.
+        log.exception("request %s: the stream relay failed", lease.request_id)
+        lease.outcome = "internal_error"
+    finally:
+        # Closing (not releasing) drops the upstream connection, so the
+        # provider stops generating what nobody will read.
+        upstream.close()
+        if lease.outcome in END_EVENTS and response.prepared:
+            # Say so in-band: the SDKs raise on an error event, where a
+            # silently ended stream would look like a complete answer.
+            with contextlib.suppress(*CLIENT_GONE, RuntimeError, ConnectionError):
+                await response.write(END_EVENTS[lease.outcome])
+    return response
+
+
+async def _covered(lease: Lease, tokens: int, response: web.StreamResponse, relay: list[bytes]) -> bool:
+    """Cover `tokens` more output before relaying it; on refusal, relay what was covered and stop."""
+    if lease.completion_tokens + tokens <= lease.covered_output_tokens and not lease.store_lost:
+        return True
+    if relay:
+        await response.write(b"".join(relay))
+        relay.clear()
+    return await lease.cover(tokens)

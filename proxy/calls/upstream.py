@@ -1,0 +1,162 @@
+"""Talking to the model's upstream: what may be forwarded, the HTTP call and its
+error mapping, and the whole (non-streamed) answer.
+
+Nothing here closes a hold: failures are reported to the call's `Lease`, which
+decides what the call costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from pricing import Usage, count_text_tokens
+from proxy import metering
+from proxy.calls.lease import Lease
+from proxy.config import UpstreamConfig
+from proxy.errors import ApiError
+from proxy.schemas import usd
+from proxy.store import Settlement
+
+UPSTREAM_HEADERS_PASSED_ON = ("Retry-After", "X-RateLimit-Limit-Requests", "X-RateLimit-Remaining-Requests")
+# Deeper JSON is refused before anything is held: nobody's tool schema is this
+# deep, and orjson cannot re-encode past 255 levels for the upstream.
+MAX_JSON_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+    return False
+
+
+def check_forwardable(body: Mapping[str, Any]) -> None:
+    """Refuse, before any hold, a body that could not be forwarded as asked."""
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "`stream_options` must be an object", code="invalid_request", param="stream_options")
+    if options is not None and not body.get("stream"):
+        raise ApiError(400, "`stream_options` is only allowed when `stream` is true", code="invalid_request",
+                       param="stream_options")
+    if _too_deep(body, MAX_JSON_DEPTH):
+        raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_request")
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    """Where and how one call is forwarded."""
+
+    http: aiohttp.ClientSession
+    upstream: UpstreamConfig
+    path: str  # e.g. "/chat/completions"
+    body: Mapping[str, Any]
+    stream: bool
+
+
+async def open_upstream(call: UpstreamCall, lease: Lease) -> aiohttp.ClientResponse:
+    """POST to the model's upstream; a failure is reported to the lease and raised as the error to answer."""
+    payload = dict(call.body)
+    payload["model"] = lease.model.upstream_model
+    if call.stream:
+        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if call.stream else "application/json"}
+    if call.upstream.api_key:
+        headers["Authorization"] = f"Bearer {call.upstream.api_key}"
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=call.upstream.connect_timeout_seconds, sock_read=call.upstream.read_timeout_seconds,
+    )
+    data = orjson.dumps(payload)
+    lease.forwarded()
+    try:
+        response = await call.http.post(
+            call.upstream.base_url.rstrip("/") + call.path, data=data, headers=headers, timeout=timeout,
+        )
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        lease.upstream_failed(f"upstream unreachable: {type(exc).__name__}")
+        raise ApiError(502, f"the upstream provider for `{lease.model.name}` could not be reached",
+                       type="api_error", code="upstream_unavailable") from None
+    if response.status >= 400:
+        try:
+            raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError):
+            raw = b""
+        finally:
+            response.release()
+        lease.upstream_failed(f"upstream status {response.status}")
+        raise upstream_error(response, raw, lease.model.name)
+    return response
+
+
+def upstream_error(response: aiohttp.ClientResponse, raw: bytes, model: str) -> ApiError:
+    headers = {h: response.headers[h] for h in UPSTREAM_HEADERS_PASSED_ON if h in response.headers}
+    try:
+        upstream_error = orjson.loads(raw)["error"]
+        message, type_, code = upstream_error["message"], upstream_error.get("type") or "api_error", upstream_error.get("code")
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message, type_, code = raw.decode(errors="replace")[:500] or response.reason or "error", "api_error", None
+    if 400 <= response.status < 500:
+        return ApiError(response.status, message, type=type_, code=code, headers=headers)
+    return ApiError(502, f"the upstream provider for `{model}` failed with status {response.status}: {message}",
+                    type="api_error", code="upstream_error")
+
+
+def result_headers(lease: Lease, settlement: Settlement | None, usage: Usage, price_micros: int) -> dict[str, str]:
+    """What a non-streamed answer reports; `X-Settlement: pending` while the store is away."""
+    headers = {
+        "X-Request-Id": lease.request_id,
+        "X-Model": lease.model.name,
+        "X-Total-Tokens": str(usage.prompt_tokens + usage.completion_tokens),
+    }
+    if settlement is None:
+        headers["X-Usage-Cost"] = usd(price_micros)
+        headers["X-Settlement"] = "pending"
+    else:
+        headers["X-Usage-Cost"] = usd(settlement.captured_micros)
+        headers["X-Wallet-Balance"] = usd(settlement.wallet.balance_micros)
+    return headers
+
+
+async def forward_whole(call: UpstreamCall, lease: Lease) -> web.Response:
+    """Forward, read the whole answer, settle it, and build the response (even
+    when the client has gone: the provider bills the answer either way)."""
+    upstream = await open_upstream(call, lease)
+    try:
+        raw = await upstream.read()
+        data = orjson.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        lease.upstream_failed(f"unreadable upstream response: {type(exc).__name__}")
+        raise ApiError(502, "the upstream provider sent an unreadable response", type="api_error", code="upstream_error") from None
+    finally:
+        upstream.release()
+    reported = data.get("usage")
+    if isinstance(reported, dict):
+        usage, source = metering.usage_from_openai(reported), "upstream"
+    else:
+        usage = Usage(prompt_tokens=lease.quote.prompt_tokens, completion_tokens=count_text_tokens(metering.text_of_choices(data)))
+        source = "counted"
+        reported = data["usage"] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                                    "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+    lease.report_usage(usage, source)
+    settlement = await lease.close()
+    price = metering.price_of(lease.model, usage)
+    captured = settlement.captured_micros if settlement is not None else price
+    reported["cost"] = metering.usd_number(captured)
+    reported["cost_micros"] = captured
+    if settlement is None:
+        reported["settlement"] = "pending"
+    return web.Response(body=orjson.dumps(data), content_type="application/json",
+                        headers=result_headers(lease, settlement, usage, price))
