@@ -115,7 +115,7 @@ class SSEDecoder:
         blank: bytes | None = None
         if data.find(b"\r", scan) < 0:
             blank, eol = b"\n\n", b"\n"
-        elif data.count(b"\n", scan) == data.count(b"\r\n", scan):
+        elif data.count(b"\r", scan) == data.count(b"\n", scan) == data.count(b"\r\n", scan):
             blank, eol = b"\r\n\r\n", b"\r\n"
         if blank is not None:
             while True:

@@ -156,7 +156,7 @@ ENDINGS = {"lf": [b"\n"], "crlf": [b"\r\n"], "cr": [b"\r"], "mixed": [b"\n", b"\
 class Stream:
     """A valid event stream and what a spec-following reader gets from it."""
 
-    bytes: bytes
+    wire: bytes
     raws: list[bytes]  # each event's bytes
     fields: list[tuple[bytes | None, bytes | None, bytes | None]]  # (data, event, id) per event
     tail: bytes  # an unterminated event at the end
@@ -236,7 +236,7 @@ def rejoin_split_crlf(raws: list[bytes], pending: bytes) -> tuple[list[bytes], b
 
 @given(streams())
 def test_any_valid_stream_decodes_to_what_was_written(stream: Stream) -> None:
-    events, pending = decode(stream.bytes)
+    events, pending = decode(stream.wire)
     assert [(e.data, e.event, e.id) for e in events] == stream.fields
     assert [e.raw for e in events] == stream.raws
     assert pending == stream.tail
@@ -245,9 +245,9 @@ def test_any_valid_stream_decodes_to_what_was_written(stream: Stream) -> None:
 @settings(max_examples=300)
 @given(st.data(), streams())
 def test_events_are_the_same_however_the_reads_are_split(data: st.DataObject, stream: Stream) -> None:
-    cuts = data.draw(st.lists(st.integers(0, len(stream.bytes)), max_size=12))
-    events, pending = feed_split(stream.bytes, cuts)
+    cuts = data.draw(st.lists(st.integers(0, len(stream.wire)), max_size=12))
+    events, pending = feed_split(stream.wire, cuts)
     # Nothing lost, nothing added: what is relayed is what was read.
-    assert b"".join(e.raw for e in events) + pending == stream.bytes
+    assert b"".join(e.raw for e in events) + pending == stream.wire
     assert [(e.data, e.event, e.id) for e in events] == stream.fields
     assert rejoin_split_crlf([e.raw for e in events], pending) == (stream.raws, stream.tail)
