@@ -29,8 +29,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import aiohttp
 
@@ -123,7 +123,7 @@ async def run_load(
                         errors += 1
                         if len(samples) < 5:
                             samples.append(f"status={r.status} tail={tail!r}")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 if recording:
                     errors += 1
                     if len(samples) < 5:

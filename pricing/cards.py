@@ -11,10 +11,11 @@ names `file:line: field: message`.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Collection, Iterable, Literal
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -79,7 +80,7 @@ class RateCard:
 
 
 def _utc_today() -> dt.date:
-    return dt.datetime.now(dt.timezone.utc).date()
+    return dt.datetime.now(dt.UTC).date()
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from pricing.cards import (
     ModelPrice,
@@ -30,6 +30,14 @@ COMPONENTS: list[tuple[str, str, bool]] = [
     ("per_audio_second", "per_audio_second", False),
     ("per_audio_minute", "per_audio_minute", False),
 ]
+
+
+_ORDER = [c for c, _, _ in COMPONENTS]
+
+
+def _rank(component: str) -> tuple[int, str]:
+    """Components in COMPONENTS order, anything else after them by name."""
+    return (_ORDER.index(component) if component in _ORDER else len(_ORDER), component)
 
 
 def _print_issues(issues: Iterable[object]) -> int:
@@ -176,9 +184,7 @@ def diff_cards(old: RateCard, new: RateCard) -> list[str]:
                 after[derived] = after.pop(derived, after.pop("~" + derived, Decimal(0)))
             before.pop("~" + derived, None)
             after.pop("~" + derived, None)
-        order = [c for c, _, _ in COMPONENTS]
-        rank = lambda c: (order.index(c) if c in order else len(order), c)  # noqa: E731
-        for component in sorted([c for c in after if c in before] + [c for c in before if c not in after], key=rank):
+        for component in sorted([c for c in after if c in before] + [c for c in before if c not in after], key=_rank):
             was, now = before.get(component, Decimal(0)), after.get(component, Decimal(0))
             if was != now:
                 unit = "USD/1M tokens" if any(c == component and t for c, _, t in COMPONENTS) else "USD/unit"

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import decimal
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from decimal import Decimal
 from fractions import Fraction
-from typing import TYPE_CHECKING, Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from pricing.cards import MeterPrice, ModelPrice
@@ -47,7 +48,7 @@ class Rates:
     per_audio_minute: Decimal = ZERO  # charged per second of audio, as rate x seconds / 60
 
     @cached_property
-    def scaled(self) -> "ScaledRates":
+    def scaled(self) -> ScaledRates:
         """The same rates as integers over one power of ten, for fast exact sums."""
         return ScaledRates.of(self)
 
@@ -158,7 +159,7 @@ class ScaledRates:
     tools: Mapping[str, int]
 
     @classmethod
-    def of(cls, rates: Rates) -> "ScaledRates":
+    def of(cls, rates: Rates) -> ScaledRates:
         named = {
             "input": rates.input, "cached_input": rates.effective_cached_input, "output": rates.output,
             "reasoning": rates.effective_reasoning, "per_request": rates.per_request, "per_image": rates.per_image,
@@ -197,7 +198,7 @@ def _ceil_fraction(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-def price_usage(model: "ModelPrice", usage: Usage) -> Charge:
+def price_usage(model: ModelPrice, usage: Usage) -> Charge:
     """What `usage` of `model` costs the user and us, each rounded up once."""
     price_rates, cost_rates = model.price.scaled, model.cost.scaled
     price = _ceil_fraction(price_rates.total(usage), price_rates.scale)
@@ -207,7 +208,7 @@ def price_usage(model: "ModelPrice", usage: Usage) -> Charge:
     return Charge(price_micros=price, cost_micros=cost)
 
 
-def price_meter(meter: "MeterPrice", quantity: Decimal | int) -> Charge:
+def price_meter(meter: MeterPrice, quantity: Decimal | int) -> Charge:
     """Charge for `quantity` units of a non-token meter (hours, pages, GB...)."""
     if isinstance(quantity, bool) or not isinstance(quantity, (int, Decimal)):
         raise TypeError(f"meter quantity must be an int or Decimal, got {type(quantity).__name__}")

@@ -16,8 +16,11 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Mapping  # not typing.Mapping: isinstance on it is several times slower
-from typing import Any, Callable
+from collections.abc import (
+    Callable,
+    Mapping,  # not typing.Mapping: isinstance on it is several times slower
+)
+from typing import Any
 
 from pricing.cards import ModelPrice
 from pricing.money import Usage
@@ -54,7 +57,7 @@ def _load() -> Callable[[str], int]:
         try:
             import tiktoken
         except Exception as exc:  # pragma: no cover - tiktoken is a dependency
-            tiktoken = None
+            tiktoken = None  # type: ignore[assignment]
             failure = repr(exc)
         else:
             failure = "no encoding loadable"

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
-
 from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app
 from proxy.config import Config, load_config
-from proxy.store.redis_mux import MultiplexedConnection
 from proxy.store import AccountStore, WalletStore, connect
+from proxy.store.redis_mux import MultiplexedConnection
 from tests.mock_upstream import MockUpstream, running_mock_upstream
 from tests.redis_server import RedisServer
 

@@ -43,9 +43,10 @@ import contextlib
 import struct
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, AsyncIterator
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -115,7 +116,7 @@ class MockUpstream:
         self._disconnect_event = asyncio.Event()
 
     @property
-    def state(self) -> "MockUpstream":
+    def state(self) -> MockUpstream:
         return self
 
     def reset(self) -> None:
@@ -145,7 +146,7 @@ class MockUpstream:
                 break
             try:
                 await asyncio.wait_for(self._disconnect_event.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return self.streams_disconnected >= count
         return True
 

@@ -14,7 +14,7 @@ from .helpers import minimal_card, write
 REPO = Path(__file__).resolve().parents[2]
 
 
-def issues_of(directory: Path, upstreams: set[str] | None = {"openai"}) -> list[str]:
+def issues_of(directory: Path, upstreams: frozenset[str] | None = frozenset({"openai"})) -> list[str]:
     with pytest.raises(RateCardError) as caught:
         load_rate_cards(directory, upstreams=upstreams)
     return [str(issue) for issue in caught.value.issues]

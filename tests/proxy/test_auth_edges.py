@@ -70,7 +70,7 @@ class RawConnection:
         """Whether the server hangs up (EOF, nothing more) within the deadline."""
         try:
             return await asyncio.wait_for(self.reader.read(), DEADLINE) == b""
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def close(self) -> None:

@@ -24,10 +24,10 @@ async def test_serve_on_a_busy_port_exits_with_one_clear_line(repo_root):
         )
         try:
             _, stderr = await asyncio.wait_for(process.communicate(), EXIT_DEADLINE_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             process.kill()
             await process.wait()
-            raise AssertionError(f"metergate serve on a busy port was still running after {EXIT_DEADLINE_SECONDS} s")
+            raise AssertionError(f"metergate serve on a busy port was still running after {EXIT_DEADLINE_SECONDS} s") from None
     assert process.returncode == 1
     assert stderr.decode().splitlines() == [f"metergate: cannot listen on 127.0.0.1:{port}: address already in use"]
 

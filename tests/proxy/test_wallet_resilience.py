@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from proxy.store.redis_mux import MultiplexedConnection
 from proxy.store import InsufficientFunds, WalletStore, connect
+from proxy.store.redis_mux import MultiplexedConnection
 from tests.conftest import assert_ledger_invariants
 from tests.redis_server import RedisServer
 

@@ -7,22 +7,21 @@ import asyncio
 import pytest
 
 from proxy.store import (
-    CredentialSpend,
-    LimitStore,
     BalanceLimit,
     ChargeNotFound,
+    CredentialSpend,
     HoldClosed,
     HoldNotFound,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidAmount,
     InvalidWalletRequest,
+    LimitStore,
     RefundExceedsCharge,
     WalletExists,
     WalletNotFound,
     WalletStore,
 )
-
 
 
 @pytest.fixture
