@@ -9,9 +9,13 @@ A scoped `sk-eu_` key or an end-user token carries limits in `Caller.scopes`:
 
 `admission()` wraps the wallet hold: it counts the call and reserves the
 hold's amount against the spend caps in one Lua step (`key_limits.lua`), and
-undoes the reservation if the hold is refused. The settle and release scripts
-then replace the reservation by the amount captured and the tokens used, in
-the same step as the charge (`credential_spend()` names what they record).
+undoes the reservation if the hold is refused. The caps are holds too: they
+are written on the wallet hold, a stream that grows its hold reserves the
+growth against them in the same script (or is cut), and the settle and expire
+scripts capture no more than they leave, then replace the reservation by the
+amount captured and the tokens used, in the same step as the charge
+(`credential_spend()` names what they record). Spend never passes a cap,
+under any concurrency.
 Tokens per minute count the estimate at admission (prompt + the output bound,
 as OpenAI's own limiter does) and are corrected to the real usage at
 settlement. Over a rate: 429; over a spend cap: 402; nothing is forwarded and
@@ -103,4 +107,7 @@ def credential_spend(caller: Caller, request_id: str, tokens: int) -> Credential
     Every key and token is counted, limited or not, so that a cap set later by
     PATCH counts the spend since the credential was made; operator calls are not.
     """
-    return CredentialSpend(caller.key_id, request_id, tokens) if _metered_key(caller) else None
+    if not _metered_key(caller):
+        return None
+    cap, daily = caller.scopes.get("max_spend_micros"), caller.scopes.get("max_daily_spend_micros")
+    return CredentialSpend(caller.key_id, request_id, tokens, max_spend_micros=cap, max_daily_spend_micros=daily)

@@ -43,6 +43,7 @@ from proxy.store import (
     InsufficientFunds,
     LimitStore,
     Settlement,
+    SpendLimitReached,
     WalletError,
     WalletStore,
 )
@@ -68,8 +69,14 @@ class Background:
     def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(work)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
         return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        # Nobody may be left to await it (its client went away): say what failed here.
+        if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, ApiError):
+            log.error("background task failed: %r", exc, exc_info=exc)
 
     async def drain(self, timeout: float) -> None:
         if not self.tasks:
@@ -220,6 +227,9 @@ class Lease:
         except InsufficientFunds:
             self.outcome = "wallet_exhausted"
             return False
+        except SpendLimitReached:
+            self.outcome = "spend_limit_reached"
+            return False
         except (*STORE_UNREACHABLE, WalletError) as exc:
             log.warning("request %s: could not extend its hold: %r", self.request_id, exc)
             self.store_lost = True
@@ -265,7 +275,7 @@ class Lease:
             checkpoint = self._checkpoint() if self.is_forwarded else None
             grown = await self.service.wallets.extend(
                 self.caller.end_user_id, self.hold.hold_id, amount_micros, current_micros=self.held_micros,
-                checkpoint=checkpoint,
+                checkpoint=checkpoint, spend=limits.credential_spend(self.caller, self.request_id, 0) if amount_micros else None,
             )
             self.held_micros = grown.amount_micros
             if checkpoint is not None:

@@ -149,6 +149,60 @@ local function limits_record(L, request_id, captured, used)
   limits_save(L)
 end
 
+-- The spend caps a hold was admitted under (written on its record by hold.lua):
+-- lifetime and daily, -1 for none.
+local function hold_caps(hold_key)
+  local c = redis.call('HMGET', hold_key, 'cap', 'daily_cap')
+  return tonumber(c[1]) or -1, tonumber(c[2]) or -1
+end
+
+-- The call's reservation r:<request id> as amount, day, tokens, minute (nil if none).
+local function limits_reservation(L, request_id)
+  local res = redis.call('HGET', L.key, 'r:' .. request_id)
+  if not res then
+    return nil
+  end
+  local a, d, t, m = string.match(res, '^(%d+)|(%d+)|(%d+)|(%d+)$')
+  return tonumber(a), tonumber(d), tonumber(t), tonumber(m)
+end
+
+-- The most this call may spend in total under its credential's caps: what the
+-- caps leave once every other call's spend and reservations are counted (this
+-- call's own reservation is its to use). nil when the credential has no cap.
+local function limits_room(L, request_id, cap, daily_cap)
+  if cap < 0 and daily_cap < 0 then
+    return nil
+  end
+  local r_amount, r_day = limits_reservation(L, request_id)
+  r_amount = r_amount or 0
+  local room = nil
+  if cap >= 0 then
+    room = cap - (L.spent - r_amount)
+  end
+  if daily_cap >= 0 then
+    local today_reserved = (r_day == L.today) and r_amount or 0
+    local daily_room = daily_cap - (L.spent_day - today_reserved)
+    room = room and math.min(room, daily_room) or daily_room
+  end
+  return math.max(room, 0)
+end
+
+-- Grow the call's reservation (a stream extending its hold): counted as spend
+-- now, so concurrent calls see it; settlement replaces it by the capture.
+local function limits_reserve_more(L, request_id, amount)
+  local r_amount, r_day, r_tokens, r_minute = limits_reservation(L, request_id)
+  if r_amount == nil then
+    r_amount, r_day, r_tokens, r_minute = 0, L.today, 0, L.win
+  end
+  L.spent = L.spent + amount
+  if r_day == L.today then
+    L.spent_day = L.spent_day + amount
+  end
+  redis.call('HSET', L.key, 'r:' .. request_id,
+    fmt(r_amount + amount) .. '|' .. fmt(r_day) .. '|' .. fmt(r_tokens) .. '|' .. fmt(r_minute))
+  limits_save(L)
+end
+
 -- The shared shape of top_up, adjust and refund, which move a balance by a
 -- signed amount under an idempotency key. KEYS[1] wallet hash, KEYS[2] ledger
 -- stream, KEYS[3] idempotency record; ARGV[2] fingerprint, ARGV[3] its TTL.
@@ -186,20 +240,24 @@ end
 -- Close an active hold by capturing `amount` of it (settle, or expire for a
 -- checkpoint): KEYS[1] wallet hash, KEYS[2] active holds hash, KEYS[3] the
 -- hold's record, KEYS[4] ledger stream. More than the hold is captured only as
--- far as the wallet allows (down to -credit_limit once this hold is released);
--- the rest is the shortfall. Appends the 'charge' entry (with `meta`) and
+-- far as the wallet allows (down to -credit_limit once this hold is released)
+-- and, when `cap_room` is given, as far as the credential's spend caps allow
+-- (see limits_room); the rest is the shortfall. Appends the 'charge' entry (with `meta`) and
 -- returns {'ok', ledger_id, captured, released, shortfall, balance, held,
 -- credit_limit} and the captured amount. The caller marks the record closed.
-local function capture_hold(hold_id, hold_amount, amount, meta)
+local function capture_hold(hold_id, hold_amount, amount, meta, cap_room)
   local balance, held, credit_limit = wallet_state(KEYS[1])
   local allowed = balance - (held - hold_amount) + credit_limit
+  if cap_room ~= nil then
+    allowed = math.min(allowed, cap_room)
+  end
   local captured = math.min(amount, math.max(allowed, 0))
   local shortfall = amount - captured
   local released = math.max(hold_amount - captured, 0)
-  balance = redis.call('HINCRBY', KEYS[1], 'balance', -captured)
-  held = redis.call('HINCRBY', KEYS[1], 'held', -hold_amount)
+  balance = redis.call('HINCRBY', KEYS[1], 'balance', 0 - captured)  -- never -0: Redis 7.0 refuses it as an integer
+  held = redis.call('HINCRBY', KEYS[1], 'held', 0 - hold_amount)
   redis.call('HDEL', KEYS[2], hold_id)
-  local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(-captured), 'held_delta', fmt(-hold_amount),
+  local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(0 - captured), 'held_delta', fmt(0 - hold_amount),
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'requested', fmt(amount),
     'shortfall', fmt(shortfall), 'meta', meta})
   return {'ok', id, fmt(captured), fmt(released), fmt(shortfall), fmt(balance), fmt(held), fmt(credit_limit)}, captured
@@ -209,9 +267,9 @@ end
 -- keys as for capture_hold; `entry_type` is 'release' or 'expire'.
 local function release_hold(hold_id, hold_amount, entry_type, reason)
   local balance, held, credit_limit = wallet_state(KEYS[1])
-  held = redis.call('HINCRBY', KEYS[1], 'held', -hold_amount)
+  held = redis.call('HINCRBY', KEYS[1], 'held', 0 - hold_amount)  -- never -0 (see capture_hold)
   redis.call('HDEL', KEYS[2], hold_id)
-  local id = append_ledger(KEYS[4], {'type', entry_type, 'amount', '0', 'held_delta', fmt(-hold_amount),
+  local id = append_ledger(KEYS[4], {'type', entry_type, 'amount', '0', 'held_delta', fmt(0 - hold_amount),
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'reason', reason})
   return {'ok', id, '0', fmt(hold_amount), '0', fmt(balance), fmt(held), fmt(credit_limit)}
 end

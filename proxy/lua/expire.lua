@@ -12,7 +12,8 @@
 -- {'not_due', expires_ms} while the TTL has not passed (a live call refreshed
 -- it), or {'closed', status} when the hold was already settled or released.
 -- Keeps: balance == sum of ledger amounts; held == sum of active holds;
--- balance never below -credit_limit (a checkpoint is captured as a settle is).
+-- balance never below -credit_limit, and a credential's caps are never passed
+-- (a checkpoint is captured as a settle is).
 local rec = redis.call('HMGET', KEYS[3], 'status', 'amount', 'expires_ms', 'checkpoint', 'checkpoint_tokens',
   'checkpoint_meta', 'request_id')
 if rec[1] == false then
@@ -26,14 +27,20 @@ if tonumber(rec[3]) > now_ms() then
 end
 local hold_amount = tonumber(rec[2])
 local checkpoint = tonumber(rec[4]) or 0
+local L, cap_room = nil, nil
+if KEYS[5] and rec[7] then
+  L = limits_load(KEYS[5])
+  local cap, daily_cap = hold_caps(KEYS[3])
+  cap_room = limits_room(L, rec[7], cap, daily_cap)
+end
 local result, captured
 if checkpoint > 0 then
-  result, captured = capture_hold(ARGV[1], hold_amount, checkpoint, rec[6] or '')
+  result, captured = capture_hold(ARGV[1], hold_amount, checkpoint, rec[6] or '', cap_room)
 else
   result, captured = release_hold(ARGV[1], hold_amount, 'expire', 'ttl passed'), 0
 end
-if KEYS[5] and rec[7] then
-  limits_record(limits_load(KEYS[5]), rec[7], captured, captured > 0 and (tonumber(rec[5]) or 0) or 0)
+if L ~= nil then
+  limits_record(L, rec[7], captured, captured > 0 and (tonumber(rec[5]) or 0) or 0)
 end
 redis.call('HSET', KEYS[3], 'status', 'expired', 'release_result', table.concat(result, ',', 2))
 redis.call('EXPIRE', KEYS[3], ARGV[2])

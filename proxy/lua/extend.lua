@@ -12,10 +12,15 @@
 -- ARGV[5], ARGV[6], ARGV[7] (optional) checkpoint: the price of the usage
 --         counted so far (micros), its tokens, and the charge metadata JSON.
 --         A checkpoint below the one recorded is ignored (a late retry).
+-- Optional: KEYS[5] the limits hash of the credential recorded on the hold: a
+-- growth is then also reserved against its spend caps (see hold.lua), in the
+-- same step, so concurrent streams can never take it past a cap.
 -- Returns {'ok'|'replay', hold amount, expires_ms, balance, held, credit_limit}.
--- Errors: INSUFFICIENT_FUNDS when the addition does not fit (the caller cuts
--- the call), HOLD_NOT_FOUND, HOLD_CLOSED.
--- Keeps: available never goes below 0; held == sum of active holds.
+-- Errors: INSUFFICIENT_FUNDS when the addition does not fit the wallet,
+-- SPEND_LIMIT when it does not fit the credential's caps (the caller cuts the
+-- call either way), HOLD_NOT_FOUND, HOLD_CLOSED.
+-- Keeps: available never goes below 0; held == sum of active holds; a
+-- credential's spent (captures + reservations) never exceeds its caps.
 local amount = int_arg(ARGV[2], 0, MAX_AMOUNT)
 if amount == nil then
   return fail('INVALID_AMOUNT', 'the extension must be an integer between 0 and ' .. fmt(MAX_AMOUNT))
@@ -49,7 +54,23 @@ local available = balance - held + credit_limit
 if amount > available then
   return fail('INSUFFICIENT_FUNDS', 'extending the hold needs ' .. fmt(amount) .. ' micros and ' .. fmt(available) .. ' are available')
 end
+local L, request_id = nil, nil
+if KEYS[5] and amount > 0 then
+  request_id = redis.call('HGET', KEYS[3], 'request_id')
+  if request_id then
+    L = limits_load(KEYS[5])
+    local cap, daily_cap = hold_caps(KEYS[3])
+    local room = limits_room(L, request_id, cap, daily_cap)
+    local r_amount = limits_reservation(L, request_id) or 0
+    if room ~= nil and r_amount + amount > room then
+      return fail('SPEND_LIMIT', 'extending the hold needs ' .. fmt(amount) .. ' micros and the key\'s spend cap leaves ' .. fmt(math.max(room - r_amount, 0)))
+    end
+  end
+end
 local expires = now_ms() + ttl
+if L ~= nil then
+  limits_reserve_more(L, request_id, amount)
+end
 if amount > 0 then
   held = redis.call('HINCRBY', KEYS[1], 'held', amount)
   hold_amount = redis.call('HINCRBY', KEYS[2], ARGV[1], amount)

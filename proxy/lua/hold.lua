@@ -4,7 +4,9 @@
 -- ARGV[1] hold id   ARGV[2] amount (micros, >= 0)   ARGV[3] ttl (ms, > 0)   ARGV[4] metadata JSON
 -- ARGV[5], ARGV[6] (optional) the credential that made the call and its request
 -- id, kept on the hold so that expiring it also gives back that credential's
--- spend reservation.
+-- spend reservation; ARGV[7], ARGV[8] (optional) its lifetime and daily spend
+-- caps (-1: none), kept on the hold so that extending, settling and expiring it
+-- never take the credential past them.
 -- Returns {'ok'|'replay', hold_id, amount, expires_ms, balance, held, credit_limit, ledger_id}.
 -- The hold id is the idempotency key: the same id and amount replays the first
 -- result; the same id with another amount is an IDEMPOTENCY_CONFLICT.
@@ -43,6 +45,7 @@ local id = append_ledger(KEYS[4], {'type', 'hold', 'amount', '0', 'held_delta', 
 redis.call('HSET', KEYS[3], 'status', 'active', 'amount', amount, 'created_ms', now, 'expires_ms', expires,
   'ledger_id', id)
 if ARGV[5] and ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[3], 'credential', ARGV[5], 'request_id', ARGV[6])
+  redis.call('HSET', KEYS[3], 'credential', ARGV[5], 'request_id', ARGV[6],
+    'cap', ARGV[7] or '-1', 'daily_cap', ARGV[8] or '-1')
 end
 return {'ok', ARGV[1], fmt(amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit), id}

@@ -6,7 +6,9 @@
 -- ARGV[4] seconds to keep the closed hold's record (for replays)
 -- Optional, for calls made with an end-user key or token: KEYS[5] that
 -- credential's limits hash, ARGV[5] the call's request id, ARGV[6] tokens
--- used; the capture is then counted as the credential's spend in the same step.
+-- used; the capture is then counted as the credential's spend in the same step,
+-- and never takes it past the caps the hold was admitted under (the excess is
+-- part of the shortfall).
 -- Returns {'ok'|'replay', ledger_id, captured, released, shortfall, balance, held, credit_limit}.
 -- More than the hold is captured only as far as the wallet allows (down to
 -- -credit_limit once this hold is released); what could not be captured is
@@ -35,9 +37,15 @@ end
 if rec[1] ~= 'active' then
   return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. rec[1])
 end
-local result, captured = capture_hold(ARGV[1], tonumber(rec[2]), amount, ARGV[3])
+local L, cap_room = nil, nil
 if KEYS[5] then
-  limits_record(limits_load(KEYS[5]), ARGV[5], captured, tokens_used)
+  L = limits_load(KEYS[5])
+  local cap, daily_cap = hold_caps(KEYS[3])
+  cap_room = limits_room(L, ARGV[5], cap, daily_cap)
+end
+local result, captured = capture_hold(ARGV[1], tonumber(rec[2]), amount, ARGV[3], cap_room)
+if L ~= nil then
+  limits_record(L, ARGV[5], captured, tokens_used)
 end
 redis.call('HSET', KEYS[3], 'status', 'settled', 'settle_result', table.concat(result, ',', 2))
 redis.call('EXPIRE', KEYS[3], ARGV[4])

@@ -21,6 +21,7 @@ from proxy.store.errors import (
     InvalidAmount,
     InvalidWalletRequest,
     RefundExceedsCharge,
+    SpendLimitReached,
     WalletError,
     WalletExists,
     WalletNotFound,
@@ -46,6 +47,6 @@ __all__ = [
     "API_KEY_PREFIX", "AccountStore", "ApiKey", "Audit", "BalanceLimit", "Checkpoint", "ChargeNotFound", "Commands", "CredentialSpend",
     "HOLD_INDEX_KEY", "Hold", "HoldClosed", "HoldExtension", "HoldNotFound", "IdempotencyConflict", "InsufficientFunds",
     "InvalidAmount", "InvalidWalletRequest", "KeySpend", "LedgerEntry", "LimitStore", "Limited", "MAX_AMOUNT_MICROS",
-    "PREFIX", "Receipt", "RedisPyCommands", "RefundExceedsCharge", "Settlement", "WALLET_ID_RE", "WalletError",
+    "PREFIX", "Receipt", "RedisPyCommands", "RefundExceedsCharge", "Settlement", "SpendLimitReached", "WALLET_ID_RE", "WalletError",
     "WalletExists", "WalletNotFound", "WalletState", "WalletStore", "connect", "fingerprint", "hash_api_key", "now_ms",
 ]

@@ -31,6 +31,12 @@ class IdempotencyConflict(WalletError):
     code = "IDEMPOTENCY_CONFLICT"
 
 
+class SpendLimitReached(WalletError):
+    """A hold's growth would take its credential past a spend cap."""
+
+    code = "SPEND_LIMIT"
+
+
 class HoldNotFound(WalletError):
     code = "HOLD_NOT_FOUND"
 
@@ -62,7 +68,7 @@ class InvalidWalletRequest(WalletError):
 _ERRORS: dict[str, type[WalletError]] = {
     cls.code: cls
     for cls in (
-        WalletNotFound, WalletExists, InsufficientFunds, IdempotencyConflict, HoldNotFound, HoldClosed,
+        WalletNotFound, WalletExists, InsufficientFunds, SpendLimitReached, IdempotencyConflict, HoldNotFound, HoldClosed,
         ChargeNotFound, RefundExceedsCharge, InvalidAmount, BalanceLimit, InvalidWalletRequest,
     )
 }

@@ -24,8 +24,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import hiredis
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -44,9 +44,14 @@ def _encode(args: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
-def _error(reply: ResponseError) -> ResponseError:
+def _error(reply: ResponseError) -> Exception:
     message = str(reply)
-    return NoScriptError(message) if message.startswith("NOSCRIPT") else reply
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    if message.startswith("LOADING"):
+        # A restarted server still reading its data: unreachable for now (as redis-py says), not a refusal.
+        return BusyLoadingError(message)
+    return reply
 
 
 class _Protocol(asyncio.Protocol):

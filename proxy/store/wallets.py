@@ -17,7 +17,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
-from proxy.store.errors import HoldNotFound, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
+from proxy.store.errors import HoldNotFound, IdempotencyConflict, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
 from proxy.store.keyspace import (
     HOLD_INDEX_KEY,
     MAX_AMOUNT_MICROS,
@@ -78,6 +78,14 @@ class CredentialSpend:
     credential_id: str
     request_id: str
     tokens: int = 0
+    # The credential's caps the call was admitted under (None: no cap); kept
+    # on the hold so that its growth and its close respect them.
+    max_spend_micros: int | None = None
+    max_daily_spend_micros: int | None = None
+
+    def caps(self) -> tuple[int, int]:
+        return (-1 if self.max_spend_micros is None else self.max_spend_micros,
+                -1 if self.max_daily_spend_micros is None else self.max_daily_spend_micros)
 
 
 @dataclass(frozen=True)
@@ -303,9 +311,11 @@ class WalletStore:
         try:
             out = await self._scripts.run(
                 self.commands, "hold", self._hold_keys(wallet_id, hold_id),
-                [hold_id, amount_micros, ttl_ms, _meta(meta), *((spend.credential_id, spend.request_id) if spend else ())],
+                [hold_id, amount_micros, ttl_ms, _meta(meta), *((spend.credential_id, spend.request_id, *spend.caps()) if spend else ())],
                 before=[("ZADD", HOLD_INDEX_KEY, now_ms() + ttl_ms, member)],
             )
+        except IdempotencyConflict:
+            raise  # a hold with this id exists: its index entry stays
         except WalletError:
             await self.commands.execute("ZREM", HOLD_INDEX_KEY, member)
             raise
@@ -316,7 +326,7 @@ class WalletStore:
 
     async def extend(
         self, wallet_id: str, hold_id: str, amount_micros: int, *, current_micros: int, ttl_ms: int | None = None,
-        checkpoint: Checkpoint | None = None,
+        checkpoint: Checkpoint | None = None, spend: CredentialSpend | None = None,
     ) -> HoldExtension:
         """Grow an active hold by `amount_micros`, push back its expiry, and record `checkpoint`;
         `InsufficientFunds` if the growth does not fit.
@@ -324,13 +334,15 @@ class WalletStore:
         `current_micros` is the hold's amount as the caller knows it: a retry
         after the hold already grew from that amount replays instead of
         growing it twice. An amount of 0 only refreshes the expiry and the checkpoint.
+        With `spend`, the growth is reserved against the credential's caps too
+        (`SpendLimitReached` when they cannot take it).
         """
         ttl_ms = ttl_ms or self.hold_ttl_ms
         args: list[Any] = [hold_id, amount_micros, ttl_ms, current_micros]
         if checkpoint is not None:
             args += [checkpoint.price_micros, checkpoint.tokens, _meta(checkpoint.meta)]
         out = await self._scripts.run(
-            self.commands, "extend", self._hold_keys(wallet_id, hold_id), args,
+            self.commands, "extend", self._closing_keys(wallet_id, hold_id, spend), args,
             before=[("ZADD", HOLD_INDEX_KEY, now_ms() + ttl_ms, _index_member(wallet_id, hold_id))],
         )
         return HoldExtension(

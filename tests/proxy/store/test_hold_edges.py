@@ -1,0 +1,43 @@
+"""Edges of the hold scripts that a model-based test found: zero amounts, and a refused duplicate id."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.store import HOLD_INDEX_KEY, IdempotencyConflict, WalletStore
+
+
+async def funded(wallets: WalletStore) -> None:
+    await wallets.open("u_1", profile={})
+    await wallets.top_up("u_1", 1_000, idempotency_key="seed")
+
+
+async def test_a_zero_hold_settles_for_zero(wallets):
+    # Lua's -0 reached HINCRBY as "-0", which Redis 7.0 (not Valkey) refuses as an integer.
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 0)
+    settled = await wallets.settle("u_1", hold.hold_id, 0)
+    assert (settled.captured_micros, settled.released_micros, settled.wallet.balance_micros) == (0, 0, 1_000)
+
+
+async def test_a_zero_hold_releases(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 0)
+    released = await wallets.release("u_1", hold.hold_id)
+    assert (released.released_micros, released.wallet.held_micros) == (0, 0)
+
+
+async def test_settling_a_hold_for_nothing_captures_nothing(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 500)
+    settled = await wallets.settle("u_1", hold.hold_id, 0)
+    assert (settled.captured_micros, settled.released_micros, settled.wallet.balance_micros) == (0, 500, 1_000)
+
+
+async def test_a_refused_duplicate_hold_id_leaves_the_existing_hold_in_the_reapers_index(wallets, redis):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 100, hold_id="hold_dup")
+    with pytest.raises(IdempotencyConflict):
+        await wallets.hold("u_1", 200, hold_id="hold_dup")
+    assert await redis.zscore(HOLD_INDEX_KEY, f"u_1|{hold.hold_id}") is not None
+    await wallets.release("u_1", hold.hold_id)
