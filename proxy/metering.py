@@ -1,14 +1,22 @@
-"""The money side of one call: size the hold, read usage, settle. Plain functions, explicit arguments."""
+"""The money side of one call: size the hold, read usage, settle. Plain functions, explicit arguments.
+
+A quote checks the request's billable fields against the card first
+(`pricing.billable`: service tier, built-in tools), so nothing billable goes
+upstream unpriced; the quote's model carries the tier's prices, and every
+later price of the call (hold, extensions, checkpoints, settlement) reads it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
 from pricing import Charge, ModelPrice, RateCard, Usage, price_usage
+from pricing.billable import OUTPUT_ITEM_TOOLS, WEB_SEARCH, Billables, Unpriced, billables
 from pricing.tokens import estimate_usage
+from proxy.errors import ApiError
 
 
 @dataclass(frozen=True)
@@ -20,11 +28,24 @@ class Quote:
     prompt_tokens: int
     max_output_tokens: int
     hold: Charge
+    service_tier: str = "default"  # the card's tier the call is priced at (`model` carries its prices)
+    billables: Billables | None = None
 
 
 def quote(card: RateCard, model: ModelPrice, body: Mapping[str, Any]) -> Quote:
-    worst_case = estimate_usage(body, model)
-    return Quote(card, model, worst_case.prompt_tokens, worst_case.completion_tokens, price_usage(model, worst_case))
+    """The worst case of `body` on `model`; a 400 for a billable field the card does not price.
+
+    `model` in the quote is the model at the request's service tier."""
+    try:
+        billed = billables(model, body)
+    except Unpriced as exc:
+        raise ApiError(400, exc.message, code=exc.code, param=exc.param) from None
+    priced = billed.model
+    worst_case = estimate_usage(body, priced)
+    if billed.held_tool_calls:
+        worst_case = replace(worst_case, tool_calls=billed.held_tool_calls)
+    return Quote(card, priced, worst_case.prompt_tokens, worst_case.completion_tokens, price_usage(priced, worst_case),
+                 billed.service_tier, billed)
 
 
 def price_of(model: ModelPrice, usage: Usage) -> int:
@@ -53,6 +74,62 @@ def usage_from_openai(usage: Mapping[str, Any]) -> Usage:
     )
 
 
+def _add_call(calls: dict[str, int], item: Any) -> None:
+    kind = item.get("type") if isinstance(item, Mapping) else None
+    tool = OUTPUT_ITEM_TOOLS.get(kind) if isinstance(kind, str) else None
+    if tool is not None:
+        calls[tool] = calls.get(tool, 0) + 1
+
+
+def tool_calls_of_answer(quote: Quote, data: Mapping[str, Any]) -> dict[str, int]:
+    """Built-in tool calls a whole answer shows: one web search per choice when chat's
+    `web_search_options` was set, and each tool-call item of a Responses-style `output`."""
+    calls: dict[str, int] = {}
+    if quote.billables is not None and quote.billables.web_search_per_choice:
+        choices = data.get("choices")
+        calls[WEB_SEARCH] = sum(1 for c in choices if isinstance(c, Mapping)) if isinstance(choices, list) else 0
+    output = data.get("output")
+    for item in output if isinstance(output, list) else ():
+        _add_call(calls, item)
+    return {tool: n for tool, n in calls.items() if n}
+
+
+class ToolCallCounter:
+    """Built-in tool calls seen in a stream's events: the distinct choices of a chat
+    stream with `web_search_options`, and `response.output_item.done` tool-call items."""
+
+    def __init__(self, web_search_per_choice: bool) -> None:
+        self.web_search_per_choice = web_search_per_choice
+        self._choices: set[Any] = set()
+        self._calls: dict[str, int] = {}
+
+    @classmethod
+    def for_quote(cls, quote: Quote) -> ToolCallCounter | None:
+        """None when the request enables no built-in tool (nothing to count, nothing to slow down)."""
+        billed = quote.billables
+        if billed is None or not billed.tools:
+            return None
+        return cls(billed.web_search_per_choice)
+
+    def see(self, event: Mapping[str, Any]) -> None:
+        if self.web_search_per_choice:
+            for choice in event.get("choices") or ():
+                if isinstance(choice, Mapping):
+                    self._choices.add(choice.get("index", 0))
+        if event.get("type") == "response.output_item.done":
+            _add_call(self._calls, event.get("item"))
+
+    def calls(self) -> dict[str, int]:
+        calls = dict(self._calls)
+        if self._choices:
+            calls[WEB_SEARCH] = calls.get(WEB_SEARCH, 0) + len(self._choices)
+        return calls
+
+
+def with_tool_calls(usage: Usage, calls: Mapping[str, int]) -> Usage:
+    return replace(usage, tool_calls={**usage.tool_calls, **calls}) if calls else usage
+
+
 def usd_number(micros: int) -> float:
     """Micros as a JSON number of USD for `usage.cost` (display only; exact for 6 decimals)."""
     return float(Decimal(micros).scaleb(-6))
@@ -73,6 +150,8 @@ def charge_meta(
         "completion_tokens": usage.completion_tokens,
         "cached_tokens": usage.cached_tokens,
         "reasoning_tokens": usage.reasoning_tokens,
+        "service_tier": quote.service_tier,
+        **({"tool_calls": dict(usage.tool_calls)} if usage.tool_calls else {}),
         "price_micros": charge.price_micros,
         "cost_micros": charge.cost_micros,
         "usage_source": usage_source,

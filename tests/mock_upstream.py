@@ -83,6 +83,7 @@ class MockUpstream:
     response_model: str | None = None  # None: echo the request's model
     embedding_dim: int = 8  # overridden by the request's "dimensions"
     models: tuple[str, ...] = DEFAULT_MODELS
+    honor_n: bool = False  # non-streamed chat: answer the request's `n` choices (else always one)
     # --- usage
     usage_override: dict | None = None  # reported verbatim instead of the tiktoken count
     omit_usage: bool = False  # never send usage (stream or not)
@@ -263,6 +264,17 @@ def _choice_blobs(words: int, per_chunk: int, kind: str) -> tuple[tuple[bytes, .
     return blobs, final
 
 
+def _tier_used(data: dict) -> str:
+    """The tier the answer reports: the one asked for, as OpenAI does ("auto" runs as default here)."""
+    tier = data.get("service_tier")
+    return tier if isinstance(tier, str) and tier != "auto" else "default"
+
+
+def _choices_asked(data: dict) -> int:
+    n = data.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+
 def _error_body(status: int) -> dict:
     if status == 429:
         message, etype, code = "Rate limit reached for requests (mock).", "requests", "rate_limit_exceeded"
@@ -395,6 +407,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
             if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
                 state.replies_disconnected += 1
                 return web.Response(status=499)
+            choices = _choices_asked(data) if kind == "chat" and state.honor_n else 1
             if kind == "chat":
                 body = {
                     "id": cid,
@@ -403,13 +416,14 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
                     "model": model,
                     "choices": [
                         {
-                            "index": 0,
+                            "index": i,
                             "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
                             "logprobs": None,
                             "finish_reason": "stop",
                         }
+                        for i in range(choices)
                     ],
-                    "service_tier": "default",
+                    "service_tier": _tier_used(data),
                     "system_fingerprint": SYSTEM_FINGERPRINT,
                 }
             else:
@@ -422,7 +436,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
                     "system_fingerprint": SYSTEM_FINGERPRINT,
                 }
             if not state.omit_usage:
-                body["usage"] = usage_for(prompt, completion_tokens())
+                body["usage"] = usage_for(prompt, completion_tokens() * choices)
             if state.cut_after_chunks is not None:
                 raw = orjson.dumps(body)
                 resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
@@ -457,7 +471,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         # Chunks are assembled from pre-serialized pieces: b"data: " + head + choices + tail.
         head_obj: dict = {"id": cid, "object": obj, "created": created, "model": model}
         if kind == "chat":
-            head_obj["service_tier"] = "default"
+            head_obj["service_tier"] = _tier_used(data)
         head_obj["system_fingerprint"] = SYSTEM_FINGERPRINT
         head = b"data: " + orjson.dumps(head_obj)[:-1] + b',"choices":'
         tail = (b',"usage":null}' if include_usage else b"}") + end_of_event

