@@ -121,10 +121,20 @@ def _utc_today() -> dt.date:
     return dt.datetime.now(dt.UTC).date()
 
 
+# The least output worth forwarding under a clamped max_tokens, for tiers whose
+# tiers.yaml does not say: a short answer, not a truncated sentence.
+DEFAULT_CLAMP_MIN_OUTPUT_TOKENS = 256
+
+
 @dataclass(frozen=True)
 class RateCardSet:
     cards: dict[str, tuple[RateCard, ...]]  # card id -> every version, oldest first
     tiers: dict[str, str]  # tier name -> card id
+    clamp_min_output_tokens: dict[str, int] = field(default_factory=dict)  # tier -> tokens per choice (0: off)
+
+    def min_output_tokens(self, tier: str) -> int:
+        """The least output per choice a clamped call of this tier is forwarded with; 0: never clamp."""
+        return self.clamp_min_output_tokens.get(tier, DEFAULT_CLAMP_MIN_OUTPUT_TOKENS)
 
     def versions(self, card_id: str) -> tuple[RateCard, ...]:
         return self.cards.get(card_id, ())
@@ -443,6 +453,7 @@ def load_rate_card_files(
         cards.setdefault(card.id, []).append(card)
 
     tiers: dict[str, str] = {}
+    clamp: dict[str, int] = {}
     tiers_paths = list(tiers_paths)
     known_ids = {card_id for card_id, _ in by_key}
     # A card that failed to load is still "known" for tier checks: one error, not two.
@@ -465,12 +476,17 @@ def load_rate_card_files(
                 issues.append(_issue(Path(path), document, ["tiers", tier], f"tier {tier!r} is already mapped to {tiers[tier]!r}"))
             else:
                 tiers[tier] = card_id
+        for tier, tokens in spec.clamp_min_output_tokens.items():
+            if tier not in spec.tiers:
+                issues.append(_issue(Path(path), document, ["clamp_min_output_tokens", tier], f"tier {tier!r} is not in `tiers`"))
+            else:
+                clamp[tier] = tokens
     if issues:
         raise RateCardError(sorted(issues, key=lambda i: (i.file, i.line)))
     if not tiers_paths:
         tiers = {card_id: card_id for card_id in cards}
     ordered = {card_id: tuple(sorted(versions, key=lambda c: c.version)) for card_id, versions in sorted(cards.items())}
-    return RateCardSet(cards=ordered, tiers=tiers)
+    return RateCardSet(cards=ordered, tiers=tiers, clamp_min_output_tokens=clamp)
 
 
 def load_rate_cards(directory: Path, *, upstreams: Collection[str] | None = None) -> RateCardSet:

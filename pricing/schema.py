@@ -180,3 +180,8 @@ class CardSpec(_Strict):
 
 class TiersSpec(_Strict):
     tiers: dict[Name, CardId]
+    # Per tier: the least output (tokens per choice) worth forwarding when a
+    # wallet or key cannot cover a call's worst case; the call is then sent with
+    # max_tokens lowered to what it can afford. 0 turns clamping off (a 402
+    # instead). Tiers not listed use DEFAULT_CLAMP_MIN_OUTPUT_TOKENS.
+    clamp_min_output_tokens: dict[Name, Annotated[StrictInt, Field(ge=0)]] = {}

@@ -21,7 +21,8 @@ from proxy.appstate import CONFIG
 from proxy.errors import error_response
 
 EXPOSED = ", ".join((
-    "X-Request-Id", "X-Model", "X-Usage-Cost", "X-Total-Tokens", "X-Wallet-Balance", "Retry-After",
+    "X-Request-Id", "X-Model", "X-Usage-Cost", "X-Total-Tokens", "X-Wallet-Balance", "X-Settlement", "X-Max-Tokens-Clamped",
+    "Retry-After",
     "X-RateLimit-Limit-Requests", "X-RateLimit-Remaining-Requests", "X-RateLimit-Limit-Tokens", "X-RateLimit-Remaining-Tokens",
 ))
 METHODS = "GET, POST, OPTIONS"

@@ -121,6 +121,12 @@ def _kind_of_estimate(body: Any) -> str:
 # ------------------------------------------------------------------ handlers
 
 
+def _choices(body: dict[str, Any]) -> int:
+    """How many answers the request bills (`n`, or `best_of` for completions): a clamp is per choice."""
+    counts = [v for v in (body.get("n"), body.get("best_of")) if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return max(counts, default=1)
+
+
 async def _whole(call: UpstreamCall, lease: Lease) -> web.StreamResponse:
     async with lease:
         if lease.client_left:
@@ -135,7 +141,10 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
     stream = bool(body.get("stream")) and kind != "embedding"
     call = UpstreamCall(app[HTTP], app[CONFIG].upstreams[quote.model.upstream], path, body, stream)
     service = app[METERING]
-    lease = service.lease(caller, quote, "req_" + secrets.token_hex(12))
+    lease = service.lease(
+        caller, quote, "req_" + secrets.token_hex(12),
+        min_output_tokens=app[RATECARDS].current.min_output_tokens(caller.tier), choices=_choices(body),
+    )
     if stream:
         async with lease:
             return await forward_stream(request, call, lease)

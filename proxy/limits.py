@@ -34,7 +34,7 @@ from proxy.auth import Caller
 from proxy.errors import ApiError
 from proxy.metering import Quote
 from proxy.schemas import usd
-from proxy.store import CredentialSpend, Limited, LimitStore
+from proxy.store import MAX_AMOUNT_MICROS, CredentialSpend, Limited, LimitStore
 
 RATE_FIELDS = ("requests_per_minute", "tokens_per_minute")
 SPEND_FIELDS = ("max_spend_micros", "max_daily_spend_micros")
@@ -99,6 +99,20 @@ async def admission(store: LimitStore, caller: Caller, quote: Quote, request_id:
         # The hold was refused (or the handler cancelled): the call never ran.
         await asyncio.shield(store.record(caller.end_user_id, caller.key_id, request_id, captured_micros=0, tokens=0))
         raise
+
+
+async def spend_room(store: LimitStore, caller: Caller) -> int:
+    """What the credential's spend caps still allow (a large number when it has none)."""
+    scopes = caller.scopes
+    if not (_metered_key(caller) and any(scopes.get(f) is not None for f in SPEND_FIELDS)):
+        return MAX_AMOUNT_MICROS
+    spend = await store.spend(caller.end_user_id, caller.key_id)
+    room = MAX_AMOUNT_MICROS
+    if scopes.get("max_spend_micros") is not None:
+        room = min(room, scopes["max_spend_micros"] - spend.spent_micros)
+    if scopes.get("max_daily_spend_micros") is not None:
+        room = min(room, scopes["max_daily_spend_micros"] - spend.spent_today_micros)
+    return max(room, 0)
 
 
 async def refuse_spent_credential(store: LimitStore, caller: Caller) -> None:

@@ -30,6 +30,14 @@ class Quote:
     hold: Charge
     service_tier: str = "default"  # the card's tier the call is priced at (`model` carries its prices)
     billables: Billables | None = None
+    worst_case: Usage | None = None  # what `hold` prices
+
+    def with_output_bound(self, max_output_tokens: int) -> Quote:
+        """This quote with its output lowered to `max_output_tokens` (a clamped call)."""
+        assert self.worst_case is not None
+        usage = replace(self.worst_case, completion_tokens=max_output_tokens,
+                        reasoning_tokens=max_output_tokens if self.worst_case.reasoning_tokens else 0)
+        return replace(self, max_output_tokens=max_output_tokens, hold=price_usage(self.model, usage), worst_case=usage)
 
 
 def quote(card: RateCard, model: ModelPrice, body: Mapping[str, Any]) -> Quote:
@@ -45,7 +53,21 @@ def quote(card: RateCard, model: ModelPrice, body: Mapping[str, Any]) -> Quote:
     if billed.held_tool_calls:
         worst_case = replace(worst_case, tool_calls=billed.held_tool_calls)
     return Quote(card, priced, worst_case.prompt_tokens, worst_case.completion_tokens, price_usage(priced, worst_case),
-                 billed.service_tier, billed)
+                 billed.service_tier, billed, worst_case)
+
+
+def affordable_output(quote: Quote, budget_micros: int, choices: int) -> int:
+    """The most output tokens per choice whose worst case fits `budget_micros` (0 when none does)."""
+    low, high = 0, quote.max_output_tokens // max(choices, 1)
+    if quote.with_output_bound(0).hold.price_micros > budget_micros:
+        return 0
+    while low < high:  # the largest n with price(n * choices) <= budget
+        mid = (low + high + 1) // 2
+        if quote.with_output_bound(mid * choices).hold.price_micros <= budget_micros:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def price_of(model: ModelPrice, usage: Usage) -> int:

@@ -95,8 +95,9 @@ class Metering:
     background: Background
     checkpoint_interval_seconds: float = 2.0
 
-    def lease(self, caller: Caller, quote: metering.Quote, request_id: str) -> Lease:
-        return Lease(self, caller, quote, request_id)
+    def lease(self, caller: Caller, quote: metering.Quote, request_id: str, *, min_output_tokens: int = 0,
+              choices: int = 1) -> Lease:
+        return Lease(self, caller, quote, request_id, min_output_tokens=min_output_tokens, choices=choices)
 
 
 
@@ -108,6 +109,12 @@ class Lease:
     caller: Caller
     quote: metering.Quote
     request_id: str
+    # Clamping: the least output per choice worth forwarding when the wallet or
+    # key cannot cover the worst case (0: refuse instead), and how many choices
+    # the request asks for; `clamped_to` is the lowered max_tokens, if any.
+    min_output_tokens: int = 0
+    choices: int = 1
+    clamped_to: int | None = None
     hold: Hold | None = None
     held_micros: int = 0  # the hold's amount now (it grows while a stream outruns it)
     covered_output_tokens: int = 0  # output tokens the hold pays for
@@ -153,7 +160,40 @@ class Lease:
         await self.close()
 
     async def open(self) -> None:
-        """Admit the call under its credential's limits and hold its worst case."""
+        """Admit the call under its credential's limits and hold its worst case; or,
+        when the wallet or the key's cap cannot cover that but can cover a useful
+        answer, hold that and forward the call with a lowered max_tokens."""
+        try:
+            await self._admit_and_hold()
+        except ApiError as refusal:
+            if refusal.status != 402 or self.min_output_tokens <= 0:
+                raise
+            clamped = await self._clamped_quote()
+            if clamped is None:
+                raise
+            self.quote = clamped
+            await self._admit_and_hold()
+        assert self.hold is not None
+        self.held_micros = self.hold.amount_micros
+        self.covered_output_tokens = self.quote.max_output_tokens
+        loop = asyncio.get_running_loop()
+        self._refresh_at = loop.time() + self.service.wallets.hold_ttl_ms / 2000
+        self._timer = loop.call_later(self._beat_interval(), self._beat)
+
+    async def _clamped_quote(self) -> metering.Quote | None:
+        """The quote lowered to the output the wallet and the key's caps can pay for, if that
+        is at least `min_output_tokens` per choice. Only on the refusal path: two reads."""
+        caller = self.caller
+        wallet = await self.service.wallets.get(caller.end_user_id)
+        budget = wallet.available_micros if wallet is not None else 0
+        budget = min(budget, await limits.spend_room(self.service.limits, caller))
+        per_choice = metering.affordable_output(self.quote, budget, self.choices)
+        if per_choice < self.min_output_tokens or per_choice * self.choices >= self.quote.max_output_tokens:
+            return None
+        self.clamped_to = per_choice
+        return self.quote.with_output_bound(per_choice * self.choices)
+
+    async def _admit_and_hold(self) -> None:
         service = self.service
         hold_id = service.wallets.new_hold_id()
         async with limits.admission(service.limits, self.caller, self.quote, self.request_id):
@@ -176,11 +216,6 @@ class Lease:
                 # background; otherwise the reaper releases it at its TTL.
                 service.background.spawn(self._abandon(hold_id))
                 raise
-        self.held_micros = self.hold.amount_micros
-        self.covered_output_tokens = self.quote.max_output_tokens
-        loop = asyncio.get_running_loop()
-        self._refresh_at = loop.time() + service.wallets.hold_ttl_ms / 2000
-        self._timer = loop.call_later(self._beat_interval(), self._beat)
 
     async def _abandon(self, hold_id: str) -> None:
         with contextlib.suppress(WalletError, *STORE_UNREACHABLE):

@@ -20,7 +20,7 @@ from pricing import count_text_tokens
 from proxy import metering
 from proxy.calls.lease import Lease
 from proxy.calls.sse import SSEDecoder
-from proxy.calls.upstream import UpstreamCall, open_upstream
+from proxy.calls.upstream import UpstreamCall, clamp_header, open_upstream
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
     upstream = await open_upstream(call, lease)
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-        "X-Request-Id": lease.request_id, "X-Model": lease.model.name,
+        "X-Request-Id": lease.request_id, "X-Model": lease.model.name, **clamp_header(lease),
     })
     decoder = SSEDecoder()
     tools = metering.ToolCallCounter.for_quote(lease.quote)

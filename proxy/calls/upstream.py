@@ -71,6 +71,11 @@ async def open_upstream(call: UpstreamCall, lease: Lease) -> aiohttp.ClientRespo
     payload["model"] = lease.model.upstream_model
     if call.stream:
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+    if lease.clamped_to is not None:
+        # The wallet can pay for this much output and no more (see Lease.open).
+        named = [f for f in ("max_completion_tokens", "max_tokens") if payload.get(f) is not None]
+        for name in named or ["max_completion_tokens" if lease.model.kind == "chat" else "max_tokens"]:
+            payload[name] = lease.clamped_to
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if call.stream else "application/json"}
     if call.upstream.api_key:
         headers["Authorization"] = f"Bearer {call.upstream.api_key}"
@@ -112,12 +117,18 @@ def upstream_error(response: aiohttp.ClientResponse, raw: bytes, model: str) -> 
                     type="api_error", code="upstream_error")
 
 
+def clamp_header(lease: Lease) -> dict[str, str]:
+    """`X-Max-Tokens-Clamped: N` when the call was forwarded with max_tokens lowered to N."""
+    return {"X-Max-Tokens-Clamped": str(lease.clamped_to)} if lease.clamped_to is not None else {}
+
+
 def result_headers(lease: Lease, settlement: Settlement | None, usage: Usage, price_micros: int) -> dict[str, str]:
     """What a non-streamed answer reports; `X-Settlement: pending` while the store is away."""
     headers = {
         "X-Request-Id": lease.request_id,
         "X-Model": lease.model.name,
         "X-Total-Tokens": str(usage.prompt_tokens + usage.completion_tokens),
+        **clamp_header(lease),
     }
     if settlement is None:
         headers["X-Usage-Cost"] = usd(price_micros)
