@@ -8,8 +8,9 @@
 -- caps (-1: none), kept on the hold so that extending, settling and expiring it
 -- never take the credential past them.
 -- Returns {'ok'|'replay', hold_id, amount, expires_ms, balance, held, credit_limit, ledger_id}.
--- The hold id is the idempotency key: the same id and amount replays the first
--- result; the same id with another amount is an IDEMPOTENCY_CONFLICT.
+-- The hold id is the idempotency key: the same id and amount (as first asked
+-- for, however the hold grew since) replays the first result; the same id
+-- with another amount is an IDEMPOTENCY_CONFLICT.
 -- Keeps: a hold is granted only if amount <= available (balance - held +
 -- credit_limit), so available never goes below 0; held == sum of active holds.
 local amount = int_arg(ARGV[2], 0, MAX_AMOUNT)
@@ -20,13 +21,15 @@ local ttl = int_arg(ARGV[3], 1, 30 * 24 * 3600 * 1000)
 if ttl == nil then
   return fail('INVALID_REQUEST', 'ttl must be a positive number of milliseconds')
 end
-local existing = redis.call('HMGET', KEYS[3], 'amount', 'expires_ms', 'ledger_id')
-if existing[1] ~= false then
-  if tonumber(existing[1]) ~= amount then
+local existing = redis.call('HMGET', KEYS[3], 'requested', 'expires_ms', 'ledger_id', 'amount')
+if existing[4] ~= false then
+  -- Compared with the amount first asked for: the hold may have grown since.
+  local first = existing[1] or existing[4]
+  if tonumber(first) ~= amount then
     return fail('IDEMPOTENCY_CONFLICT', 'hold ' .. ARGV[1] .. ' exists with another amount')
   end
   local b, h, c = wallet_state(KEYS[1])
-  return {'replay', ARGV[1], existing[1], existing[2], fmt(b), fmt(h), fmt(c), existing[3]}
+  return {'replay', ARGV[1], first, existing[2], fmt(b), fmt(h), fmt(c), existing[3]}
 end
 local balance, held, credit_limit = wallet_state(KEYS[1])
 if balance == nil then
@@ -42,8 +45,8 @@ held = redis.call('HINCRBY', KEYS[1], 'held', amount)
 redis.call('HSET', KEYS[2], ARGV[1], amount)
 local id = append_ledger(KEYS[4], {'type', 'hold', 'amount', '0', 'held_delta', fmt(amount),
   'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1], 'meta', ARGV[4]})
-redis.call('HSET', KEYS[3], 'status', 'active', 'amount', amount, 'created_ms', now, 'expires_ms', expires,
-  'ledger_id', id)
+redis.call('HSET', KEYS[3], 'status', 'active', 'amount', amount, 'requested', amount, 'created_ms', now,
+  'expires_ms', expires, 'ledger_id', id)
 if ARGV[5] and ARGV[5] ~= '' then
   redis.call('HSET', KEYS[3], 'credential', ARGV[5], 'request_id', ARGV[6],
     'cap', ARGV[7] or '-1', 'daily_cap', ARGV[8] or '-1')
