@@ -99,7 +99,8 @@ async def _ratecards_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def run_reaper(wallets: WalletStore, interval: float) -> None:
-    """Expire holds whose TTL passed (their proxy died mid-request) and release their funds.
+    """Close holds whose TTL passed (their proxy died mid-request): charge each one's
+    checkpoint of what it relayed, or release it when it has none.
 
     Ends when cancelled, even when a library swallowed the CancelledError:
     on Python 3.11 `asyncio.wait_for` returns the result instead when the
@@ -114,7 +115,8 @@ async def run_reaper(wallets: WalletStore, interval: float) -> None:
         try:
             expired = await wallets.expire_due(limit=500)
             for s in expired:
-                log.info("expired hold %s: released %d micros", s.hold_id, s.released_micros)
+                log.info("expired hold %s: charged its checkpoint of %d micros, released %d",
+                         s.hold_id, s.captured_micros, s.released_micros)
             more = len(expired) == 500
         except asyncio.CancelledError:
             raise

@@ -100,7 +100,6 @@ class Metering:
         return Lease(self, caller, quote, request_id, min_output_tokens=min_output_tokens, choices=choices)
 
 
-
 @dataclass
 class Lease:
     """One call's hold from admission to its single close. Use as `async with lease:`."""
