@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import cors, enduser_jwt, gateway, openapi
 from proxy.admin import create_admin_app
-from proxy.appstate import ACCOUNTS, BACKGROUND, CONFIG, HTTP, METERING, RATECARDS, REDIS, WALLETS
+from proxy.appstate import ACCOUNTS, BACKGROUND, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, REDIS, WALLETS, Lifecycle
 from proxy.calls.lease import Background, Metering
 from proxy.config import Config
 from proxy.errors import error_middleware
@@ -136,11 +136,21 @@ async def _reaper_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _start_draining(app: web.Application) -> None:
+    """SIGTERM: aiohttp has stopped accepting connections; calls in flight get
+    `shutdown_grace_seconds` to finish (see `metergate serve`), and a new call on a
+    kept-alive connection is refused, so no hold is opened that shutdown could strand."""
+    app[LIFECYCLE].draining = True
+    log.info("draining: no new calls; waiting up to %ss for calls in flight", app[CONFIG].shutdown_grace_seconds)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].draining:
+        return web.json_response({"status": "draining"}, status=503)
     try:
         await asyncio.wait_for(request.app[REDIS].ping(), timeout=2)
     except Exception as exc:  # any failure to reach the store means not ready
@@ -156,6 +166,8 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[BACKGROUND] = Background()
+    app[LIFECYCLE] = Lifecycle()
+    app.on_shutdown.append(_start_draining)
     enduser_jwt.setup(app, config)
     cors.setup(app)
     app[RATECARDS] = RateCardRegistry(config.resolve(config.ratecards_dir), set(config.upstreams))

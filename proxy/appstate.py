@@ -15,7 +15,15 @@ from proxy.store import AccountStore, WalletStore
 if TYPE_CHECKING:  # the call lifecycle imports errors, which reads CONFIG from here
     from proxy.calls.lease import Background, Metering
 
+class Lifecycle:
+    """Whether the process is draining (SIGTERM received): no new calls, not ready."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+
 CONFIG = web.AppKey("config", Config)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 REDIS = web.AppKey("redis", aioredis.Redis)
 WALLETS = web.AppKey("wallets", WalletStore)
 ACCOUNTS = web.AppKey("accounts", AccountStore)

@@ -61,7 +61,12 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # handler_cancellation: a client that disconnects cancels its handler at once,
     # so the upstream is closed and the call settled for what it consumed.
-    web.run_app(create_app(config), sock=sockets, access_log=None, handler_cancellation=True)
+    # On SIGTERM (or SIGINT) aiohttp stops listening, runs the app's on_shutdown
+    # (which starts draining), lets handlers in flight run for shutdown_timeout,
+    # cancels the rest (their leases settle what they relayed), then closes the
+    # app: pending closes finish before the store does.
+    web.run_app(create_app(config), sock=sockets, access_log=None, handler_cancellation=True,
+                shutdown_timeout=config.shutdown_grace_seconds)
     return 0
 
 

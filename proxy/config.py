@@ -76,6 +76,9 @@ class Config(_Strict):
     # How long one wallet-store command may take before the call treats the
     # store as unavailable (and, after forwarding, keeps retrying its close).
     redis_timeout_seconds: PositiveFloat = 10.0
+    # On SIGTERM: how long calls in flight (streams above all) may run on while
+    # no new call is admitted; what is still running then is cut and settled.
+    shutdown_grace_seconds: PositiveFloat = 60.0
     # How old an end user's tier/card pin may be when a call reads it (0: always fresh).
     profile_cache_seconds: Annotated[float, Field(ge=0)] = 5.0
     reaper_interval_seconds: PositiveFloat = 5.0

@@ -20,7 +20,7 @@ from aiohttp import web
 from pricing import ModelPrice, RateCard
 from pricing.tokens import UnpriceableRequest
 from proxy import limits, metering
-from proxy.appstate import CONFIG, HTTP, METERING, RATECARDS, WALLETS
+from proxy.appstate import CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, WALLETS
 from proxy.auth import Caller, authenticate, identify, operator_caller
 from proxy.calls.lease import Lease
 from proxy.calls.stream import forward_stream
@@ -135,6 +135,9 @@ async def _whole(call: UpstreamCall, lease: Lease) -> web.StreamResponse:
 
 
 async def _metered(request: web.Request, path: str) -> web.StreamResponse:
+    if request.config_dict[LIFECYCLE].draining:
+        raise ApiError(503, "metergate is shutting down; retry on another replica", type="api_error",
+                       code="shutting_down", headers={"Retry-After": "1"})
     kind = _KIND[path]
     body, caller, quote = await _prepare(request, kind)
     app = request.config_dict
@@ -147,7 +150,12 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
     )
     if stream:
         async with lease:
-            return await forward_stream(request, call, lease)
+            try:
+                return await forward_stream(request, call, lease)
+            except asyncio.CancelledError:
+                if app[LIFECYCLE].draining:  # cut by shutdown past its grace, not by its client
+                    lease.outcome = "shutdown"
+                raise
     # A whole answer is read and billed even if the client leaves while it is
     # generated (the provider bills it either way), so it runs in a task the
     # handler's cancellation does not reach.
