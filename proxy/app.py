@@ -13,15 +13,15 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy import cors, enduser_jwt, gateway, openapi
+from proxy import cors, enduser_jwt, gateway, observability, openapi
 from proxy.admin import create_admin_app
 from proxy.appstate import ACCOUNTS, BACKGROUND, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, REDIS, WALLETS, Lifecycle
 from proxy.calls.lease import Background, Metering
 from proxy.config import Config
 from proxy.errors import error_middleware
 from proxy.ratecards import RateCardRegistry
-from proxy.store import AccountStore, Commands, LimitStore, RedisPyCommands, WalletStore, connect
-from proxy.store.redis_mux import MultiplexedConnection
+from proxy.store import AccountStore, LimitStore, RedisPyCommands, WalletStore
+from proxy.store.cluster import StoreClients, connect_store
 
 log = logging.getLogger("metergate")
 
@@ -39,12 +39,15 @@ def embedded_redis() -> aioredis.Redis:
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    client = connect(config.redis_url) if config.redis_url else embedded_redis()
     # The request path sends its commands over one multiplexed connection
-    # (see proxy/store/redis_mux.py); everything else uses the redis-py client.
-    commands: Commands = RedisPyCommands(client)
-    if config.redis_url and config.redis_url.startswith(("redis://", "rediss://")):
-        commands = MultiplexedConnection(config.redis_url, timeout=config.redis_timeout_seconds)
+    # (proxy/store/redis_mux.py), or one per master on a Redis Cluster
+    # (proxy/store/cluster.py); everything else uses the redis-py client.
+    if config.redis_url:
+        clients = await connect_store(config.redis_url, timeout=config.redis_timeout_seconds)
+    else:
+        embedded = embedded_redis()
+        clients = StoreClients(embedded, RedisPyCommands(embedded), cluster=False)
+    client, commands = clients.redis, clients.commands
     app[REDIS] = client
     app[WALLETS] = WalletStore(
         client, hold_ttl_ms=config.hold_ttl_seconds * 1000, idempotency_ttl_seconds=config.idempotency_ttl_seconds,
@@ -56,9 +59,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         checkpoint_interval_seconds=config.checkpoint_interval_seconds,
     )
     yield
-    if isinstance(commands, MultiplexedConnection):
-        await commands.aclose()
-    await client.aclose()
+    await clients.aclose()
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -117,6 +118,7 @@ async def run_reaper(wallets: WalletStore, interval: float) -> None:
             for s in expired:
                 log.info("expired hold %s: charged its checkpoint of %d micros, released %d",
                          s.hold_id, s.captured_micros, s.released_micros)
+            observability.holds_expired(len(expired))
             more = len(expired) == 500
         except asyncio.CancelledError:
             raise

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.config import Config
 from proxy.ratecards import RateCardRegistry
 from proxy.store import AccountStore, WalletStore
+from proxy.store.scripts import StoreRedis
 
 if TYPE_CHECKING:  # the call lifecycle imports errors, which reads CONFIG from here
     from proxy.calls.lease import Background, Metering
@@ -24,7 +24,7 @@ class Lifecycle:
 
 CONFIG = web.AppKey("config", Config)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
-REDIS = web.AppKey("redis", aioredis.Redis)
+REDIS: web.AppKey[StoreRedis] = web.AppKey("redis")  # one server's client, or a Redis Cluster's
 WALLETS = web.AppKey("wallets", WalletStore)
 ACCOUNTS = web.AppKey("accounts", AccountStore)
 RATECARDS = web.AppKey("ratecards", RateCardRegistry)

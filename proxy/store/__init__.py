@@ -4,7 +4,8 @@
 - `accounts`: `AccountStore` keeps end users' API keys.
 - `limits`: `LimitStore` counts per-credential rates and spend.
 - `scripts`: the client, the `Commands` protocol and the script runner;
-  `redis_mux`: the multiplexed connection the request path uses.
+  `redis_mux`: the multiplexed connection the request path uses;
+  `cluster`: how the app connects, and the request path's routing on a Redis Cluster.
 - `keyspace`: every key name; `errors`: the scripts' refusals.
 
 Handlers never build a key themselves.

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from proxy.store.keyspace import _api_key_key, _user_keys_key
-from proxy.store.scripts import Commands, RedisPyCommands
+from proxy.store.scripts import Commands, RedisPyCommands, StoreRedis
 from proxy.store.wallets import now_ms
 
 API_KEY_PREFIX = "sk-eu_"
@@ -57,7 +56,7 @@ def hash_api_key(plaintext: str) -> str:
 class AccountStore:
     """End users' API keys: created shown once, stored as a hash, looked up per request."""
 
-    def __init__(self, redis: aioredis.Redis, commands: Commands | None = None):
+    def __init__(self, redis: StoreRedis, commands: Commands | None = None):
         self.redis = redis
         self.commands: Commands = commands or RedisPyCommands(redis)
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from proxy.store.keyspace import _limits_key
-from proxy.store.scripts import Commands, RedisPyCommands, _scripts
+from proxy.store.scripts import Commands, RedisPyCommands, StoreRedis, _scripts
 from proxy.store.wallets import now_ms
 
 
@@ -35,7 +33,7 @@ class LimitStore:
     against the spend caps, recording it replaces the reservation by the capture.
     """
 
-    def __init__(self, redis: aioredis.Redis, commands: Commands | None = None):
+    def __init__(self, redis: StoreRedis, commands: Commands | None = None):
         self.redis = redis
         self.commands: Commands = commands or RedisPyCommands(redis)
         self._scripts = _scripts()

@@ -107,12 +107,13 @@ class MultiplexedConnection:
     key), and plain reads and index updates are too.
     """
 
-    def __init__(self, url: str, *, timeout: float = 10.0):
+    def __init__(self, url: str, *, timeout: float = 10.0, address: tuple[str, int] | None = None):
+        """`address` overrides the URL's host and port: another node of the same deployment
+        (a Redis Cluster master), reached with the URL's credentials and TLS setting."""
         parsed = urlparse(url)
         if parsed.scheme not in ("redis", "rediss"):
             raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r}")
-        self.host = parsed.hostname or "127.0.0.1"
-        self.port = parsed.port or 6379
+        self.host, self.port = address or (parsed.hostname or "127.0.0.1", parsed.port or 6379)
         self.username = unquote(parsed.username) if parsed.username else None
         self.password = unquote(parsed.password) if parsed.password else None
         self.db = int(parsed.path.lstrip("/") or 0)

@@ -5,30 +5,49 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
+from proxy import observability
 from proxy.store.errors import _raise_script_error
 
+StoreRedis = aioredis.Redis | RedisCluster
+"""The redis-py client the stores use beside their `Commands`: one server's, or a cluster's."""
 
-def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    """A client for the store: a bounded pool that makes callers wait rather than fail
-    under bursts, and retries on a dropped connection (every script is safe to
-    retry: holds are keyed by id, settles by hold state, the rest by idempotency key)."""
+
+@overload
+def connect(url: str, *, max_connections: int = 64, cluster: Literal[False] = False) -> aioredis.Redis: ...
+@overload
+def connect(url: str, *, max_connections: int = 64, cluster: Literal[True]) -> RedisCluster: ...
+@overload
+def connect(url: str, *, max_connections: int = 64, cluster: bool) -> StoreRedis: ...
+
+
+def connect(url: str, *, max_connections: int = 64, cluster: bool = False) -> StoreRedis:
+    """A client for the store that retries on a dropped connection (every script is safe to
+    retry: holds are keyed by id, settles by hold state, the rest by idempotency key).
+
+    On one server, a bounded pool that makes callers wait rather than fail under
+    bursts. On a cluster (`cluster=True`), redis-py's cluster client: it routes by
+    slot, follows MOVED/ASK, runs SCRIPT LOAD and SCAN on every master, and keeps
+    a pool per node (which refuses rather than waits past its size, so it is left
+    unbounded: the request path does not use this client).
+    """
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=5)
+    retry_on_error: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError, ConnectionError]
+    if cluster:
+        return RedisCluster.from_url(url, retry=retry, retry_on_error=retry_on_error)
     pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=10,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=5),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionError],
+        url, max_connections=max_connections, timeout=10, retry=retry, retry_on_error=retry_on_error,
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -59,10 +78,14 @@ class RedisPyCommands:
     answer alike.
     """
 
-    def __init__(self, redis: aioredis.Redis):
+    def __init__(self, redis: StoreRedis):
         self.redis = redis
 
     async def execute(self, *args: Any) -> Any:
+        if isinstance(self.redis, RedisCluster) and [str(a).upper() for a in args[:2]] == ["SCRIPT", "LOAD"]:
+            # A cluster's masters each keep their own script cache, and a keyless
+            # SCRIPT LOAD has no slot to be routed by: load it on every master.
+            return await self.redis.script_load(args[2])
         return await self.redis.execute_command(*args)
 
     async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
@@ -108,7 +131,8 @@ class _Scripts:
         """
         script = ["EVALSHA", self.sha[name], len(keys), *keys, *args]
         for attempt in (0, 1):
-            results = await commands.batch([*before, script, *after])
+            with observability.store_round_trip(name):
+                results = await commands.batch([*before, script, *after])
             outcome = results[len(before)]
             if isinstance(outcome, NoScriptError) and attempt == 0:
                 await commands.execute("SCRIPT", "LOAD", self.source[name])

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
 from proxy.store.errors import HoldNotFound, IdempotencyConflict, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
@@ -34,7 +33,7 @@ from proxy.store.keyspace import (
     _refunded_key,
     _wallet_key,
 )
-from proxy.store.scripts import Commands, RedisPyCommands, _scripts, fingerprint
+from proxy.store.scripts import Commands, RedisPyCommands, StoreRedis, _scripts, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ class WalletStore:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: StoreRedis,
         *,
         hold_ttl_ms: int = 600_000,
         idempotency_ttl_seconds: int = 7 * 24 * 3600,
