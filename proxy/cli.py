@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import sys
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:
@@ -40,6 +44,22 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
 
 
+def _check_startup(config: Config) -> int | None:
+    """Say what `proxy/startup.py` finds; an exit code when the service must not start, else None.
+
+    Runs once the port is bound, so that a busy port stays the only line it prints.
+    """
+    from proxy import startup
+
+    found = startup.check(config)
+    for warning in found.warnings:
+        print(f"metergate: warning: {warning}", file=sys.stderr)
+    if found.error is not None:
+        print(f"metergate: {found.error}", file=sys.stderr)
+        return 1
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -58,7 +78,13 @@ def _serve(args: argparse.Namespace) -> int:
         reason = (exc.strerror or str(exc)).lower()
         print(f"metergate: cannot listen on {_address(config.host, config.port)}: {reason}", file=sys.stderr)
         return 1
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (code := _check_startup(config)) is not None:
+        for sock in sockets:
+            sock.close()
+        return code
+    from proxy.observability import configure_logging
+
+    configure_logging(config)  # text, or JSON lines with `log_format: json`
     # handler_cancellation: a client that disconnects cancels its handler at once,
     # so the upstream is closed and the call settled for what it consumed.
     # On SIGTERM (or SIGINT) aiohttp stops listening, runs the app's on_shutdown
@@ -70,6 +96,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return metadata.version("metergate")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ratecard"]:
@@ -77,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return ratecard_main(argv[1:])
     parser = argparse.ArgumentParser(prog="metergate")
+    parser.add_argument("--version", action="version", version=f"metergate {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", help="path to metergate.yaml (default: the bundled config/metergate.yaml)")

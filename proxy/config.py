@@ -10,15 +10,47 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from pricing.yaml_source import SourceError, SourceIssue, issues_from_validation, read_yaml, to_plain
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "metergate.yaml"
+# `proxy/defaults` is a link to the repository's `config/`, so a checkout serves
+# (and edits) config/ while a wheel carries the same files as package data.
+DEFAULT_CONFIG_PATH = Path(__file__).parent / "defaults" / "metergate.yaml"
+
+# The keys the bundled config ships with: anyone who has read the README knows them.
+DEV_ADMIN_KEY = "mg-admin-dev-only-change-me"
+DEV_OPERATOR_KEY = "mg-operator-dev-only-change-me"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise PydanticCustomError("http_url", "must be an http:// or https:// URL with a host, got '{value}'", {"value": value})
+    return value
+
+
+def _web_origin(value: str) -> str:
+    # Browsers send `Origin: scheme://host[:port]`, never a path or a trailing
+    # slash; an entry with either would match nothing and fail silently.
+    if value == "*":
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment:
+        raise PydanticCustomError(
+            "web_origin", "must be an origin like https://app.example.com (scheme://host[:port], no path or trailing slash) "
+            "or \"*\", got '{value}'", {"value": value})
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+WebOrigin = Annotated[str, AfterValidator(_web_origin)]
 
 
 class _Strict(BaseModel):
@@ -28,7 +60,7 @@ class _Strict(BaseModel):
 class UpstreamConfig(_Strict):
     """One model provider speaking the OpenAI HTTP API."""
 
-    base_url: str
+    base_url: HttpUrl
     api_key_env: str | None = None
     connect_timeout_seconds: PositiveFloat = 5.0
     read_timeout_seconds: PositiveFloat = 300.0
@@ -79,6 +111,9 @@ class Config(_Strict):
     # On SIGTERM: how long calls in flight (streams above all) may run on while
     # no new call is admitted; what is still running then is cut and settled.
     shutdown_grace_seconds: PositiveFloat = 60.0
+    # How `metergate serve` writes its logs: text lines, or one JSON object per
+    # line (time, level, logger, message and the call's fields) for collectors.
+    log_format: Literal["text", "json"] = "text"
     # How old an end user's tier/card pin may be when a call reads it (0: always fresh).
     profile_cache_seconds: Annotated[float, Field(ge=0)] = 5.0
     reaper_interval_seconds: PositiveFloat = 5.0
@@ -87,7 +122,7 @@ class Config(_Strict):
     # How long a request body may take to arrive in full; a slower one is a 408,
     # so a client cannot hold a handler open by trickling (or withholding) it.
     body_timeout_seconds: PositiveFloat = 30.0
-    cors_origins: list[str] = []
+    cors_origins: list[WebOrigin] = []
     ratecards_dir: str = "ratecards"
     ratecards_watch_interval_seconds: PositiveFloat = 2.0
     upstreams: dict[str, UpstreamConfig] = {}
@@ -100,12 +135,17 @@ class Config(_Strict):
         return path if path.is_absolute() else Path(self.base_dir) / path
 
 
+def _key_list(value: str) -> list[str]:
+    # "k1, k2" is how people write lists; the space is not part of the key.
+    return [k.strip() for k in value.split(",") if k.strip()]
+
+
 _ENV_OVERRIDES: dict[str, tuple[str, Any]] = {
     "METERGATE_HOST": ("host", str),
     "METERGATE_PORT": ("port", int),
     "METERGATE_REDIS_URL": ("redis_url", str),
-    "METERGATE_ADMIN_KEY": ("admin_keys", lambda v: [k for k in v.split(",") if k]),
-    "METERGATE_OPERATOR_KEY": ("operator_keys", lambda v: [k for k in v.split(",") if k]),
+    "METERGATE_ADMIN_KEY": ("admin_keys", _key_list),
+    "METERGATE_OPERATOR_KEY": ("operator_keys", _key_list),
     "METERGATE_RATECARDS_DIR": ("ratecards_dir", str),
     "METERGATE_HOLD_TTL_SECONDS": ("hold_ttl_seconds", int),
 }

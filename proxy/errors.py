@@ -16,7 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from proxy import store
+from proxy import observability, store
 from proxy.appstate import CONFIG
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,23 @@ def from_wallet_error(exc: store.WalletError) -> ApiError:
 
 @web.middleware
 async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every answer in OpenAI's error shape, and every answer counted (proxy/observability.py)."""
+    started = observability.request_arrived(request)
+    try:
+        response = await _answer(request, handler)
+    except web.HTTPException as exc:  # a redirect, raised on as it came
+        observability.request_answered(request, exc.status, started)
+        raise
+    except BaseException:  # cancelled: the client went away before its answer
+        observability.request_answered(request, 499, started)
+        raise
+    observability.request_answered(request, response.status, started)
+    return response
+
+
+async def _answer(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:

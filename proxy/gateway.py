@@ -19,7 +19,7 @@ from aiohttp import web
 
 from pricing import ModelPrice, RateCard
 from pricing.tokens import UnpriceableRequest
-from proxy import limits, metering
+from proxy import limits, metering, observability
 from proxy.appstate import CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, WALLETS
 from proxy.auth import Caller, authenticate, identify, operator_caller
 from proxy.calls.lease import Lease
@@ -148,6 +148,7 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
         caller, quote, "req_" + secrets.token_hex(12),
         min_output_tokens=app[RATECARDS].current.min_output_tokens(caller.tier), choices=_choices(body),
     )
+    observability.call_started(request, lease)
     if stream:
         async with lease:
             try:
@@ -194,6 +195,16 @@ async def models(request: web.Request) -> web.Response:
         for m in card.models.values() if not allowed or m.name in allowed
     ]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+@routes.get("/v1/models/{model:.+}")
+async def retrieve_model(request: web.Request) -> web.Response:
+    """One model (the SDK's `models.retrieve`): what the caller may call under that name, else a 404."""
+    caller = await authenticate(request, None)
+    name = request.match_info["model"]
+    found = _model(_card(request, caller), caller, name, None)
+    return web.Response(content_type="application/json", body=orjson.dumps(
+        {"id": name, "object": "model", "created": 0, "owned_by": found.upstream}))
 
 
 @routes.post("/v1/estimate")

@@ -50,6 +50,16 @@ def _metered_key(caller: Caller) -> bool:
 
 
 def _refusal(caller: Caller, limited: Limited, tokens: int, amount: int) -> ApiError:
+    if limited.what == "tokens" and limited.retry_after_ms < 0:
+        # Larger than the whole window: no wait helps, so no Retry-After to loop on.
+        return ApiError(
+            429, f"Request too large for {caller.key_id} on tokens per min (TPM): Limit {limited.limit}, "
+            f"Requested {tokens}. The input or output tokens must be reduced in order to run successfully.",
+            type="tokens", code="rate_limit_exceeded",
+            headers={"X-RateLimit-Limit-Tokens": str(limited.limit)},
+        )
+    # The script's wait is when the call first fits; a header of whole seconds
+    # rounds it up, so a client that waits exactly this long is admitted.
     retry = max(1, math.ceil(limited.retry_after_ms / 1000))
     if limited.what == "requests":
         return ApiError(

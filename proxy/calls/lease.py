@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pricing import ModelPrice, Usage, price_usage
-from proxy import limits, metering
+from proxy import limits, metering, observability
 from proxy.auth import Caller
 from proxy.errors import ApiError
 from proxy.store import (
@@ -129,6 +130,12 @@ class Lease:
     # generating what could no longer be billed durably.
     store_lost: bool = False
     settlement: Settlement | None = None
+    # For the call's metrics and log line: the HTTP status answered, when the
+    # call began (the request's arrival, see observability.call_started), and
+    # the usage its close charged (None: released).
+    status: int = 200
+    started_at: float = field(default_factory=time.perf_counter)
+    billed_usage: Usage | None = None
     _closing: asyncio.Task[Settlement | None] | None = None
     _first_close: asyncio.Future[Settlement | None] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -153,9 +160,13 @@ class Lease:
             self.client_left = True
             if self.outcome == "completed":
                 self.outcome = "client_disconnected"
-        elif exc is not None and not isinstance(exc, ApiError) and self.outcome == "completed":
-            log.error("request %s failed after its hold: %r", self.request_id, exc)
-            self.outcome = "internal_error"
+        elif isinstance(exc, ApiError):
+            self.status = exc.status
+        elif exc is not None:
+            self.status = 500
+            if self.outcome == "completed":
+                log.error("request %s failed after its hold: %r", self.request_id, exc)
+                self.outcome = "internal_error"
         await self.close()
 
     async def open(self) -> None:
@@ -175,6 +186,7 @@ class Lease:
         assert self.hold is not None
         self.held_micros = self.hold.amount_micros
         self.covered_output_tokens = self.quote.max_output_tokens
+        observability.hold_opened(self)
         loop = asyncio.get_running_loop()
         self._refresh_at = loop.time() + self.service.wallets.hold_ttl_ms / 2000
         self._timer = loop.call_later(self._beat_interval(), self._beat)
@@ -270,6 +282,7 @@ class Lease:
             self.outcome = "store_unavailable"
             return False
         self.covered_output_tokens += step
+        observability.hold_extended()
         return True
 
     def _beat_interval(self) -> float:
@@ -327,8 +340,13 @@ class Lease:
                 self._timer.cancel()
                 self._timer = None
             self._first_close = asyncio.get_running_loop().create_future()
-            self._closing = self.service.background.spawn(self._close_until_done(self._first_close))
+            self._closing = self.service.background.spawn(self._close_and_record(self._first_close))
         return await asyncio.shield(self._first_close)
+
+    async def _close_and_record(self, first: asyncio.Future[Settlement | None]) -> Settlement | None:
+        settlement = await self._close_until_done(first)
+        observability.call_closed(self, settlement)
+        return settlement
 
     async def _close_until_done(self, first: asyncio.Future[Settlement | None]) -> Settlement | None:
         loop = asyncio.get_running_loop()
@@ -376,6 +394,7 @@ class Lease:
             )
         usage = self.usage if self.usage is not None else self.counted_usage()
         source = self.usage_source if self.usage is not None else "counted"
+        self.billed_usage = usage
         charge = price_usage(self.model, usage)
         meta = metering.charge_meta(
             request_id=self.request_id, key_id=caller.key_id, quote=self.quote, usage=usage, charge=charge,

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from pricing import count_text_tokens
-from proxy import metering
+from proxy import metering, observability
 from proxy.calls.lease import Lease
 from proxy.calls.sse import SSEDecoder
 from proxy.calls.upstream import UpstreamCall, clamp_header, open_upstream
@@ -103,6 +103,8 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
     decoder = SSEDecoder()
     tools = metering.ToolCallCounter.for_quote(lease.quote)
     saw_done = False
+    first_byte = True
+    observability.stream_started()
     try:
         await response.prepare(request)
         async for piece in upstream.content.iter_any():
@@ -132,6 +134,9 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
                 relay.append(event.raw)
             if relay:
                 await response.write(b"".join(relay))
+                if first_byte:  # one observation a stream, not one a chunk
+                    first_byte = False
+                    observability.stream_first_byte(lease)
             if lease.store_lost and lease.usage is None:
                 lease.outcome = "store_unavailable"
                 return response
@@ -152,6 +157,7 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
         log.exception("request %s: the stream relay failed", lease.request_id)
         lease.outcome = "internal_error"
     finally:
+        observability.stream_ended(lease)  # logs a cut stream with its request id
         # Closing (not releasing) drops the upstream connection, so the
         # provider stops generating what nobody will read.
         upstream.close()

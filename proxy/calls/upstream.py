@@ -7,6 +7,7 @@ decides what the call costs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from pricing import Usage, count_text_tokens
-from proxy import metering
+from proxy import metering, observability
 from proxy.calls.lease import Lease
 from proxy.config import UpstreamConfig
 from proxy.errors import ApiError
@@ -84,14 +85,17 @@ async def open_upstream(call: UpstreamCall, lease: Lease) -> aiohttp.ClientRespo
     )
     data = orjson.dumps(payload)
     lease.forwarded()
+    started = time.perf_counter()
     try:
         response = await call.http.post(
             call.upstream.base_url.rstrip("/") + call.path, data=data, headers=headers, timeout=timeout,
         )
     except (TimeoutError, aiohttp.ClientError) as exc:
+        observability.upstream_failed(lease, "timeout" if isinstance(exc, TimeoutError) else "unreachable", repr(exc))
         lease.upstream_failed(f"upstream unreachable: {type(exc).__name__}")
         raise ApiError(502, f"the upstream provider for `{lease.model.name}` could not be reached",
                        type="api_error", code="upstream_unavailable") from None
+    observability.upstream_responded(lease, time.perf_counter() - started, response.status)
     if response.status >= 400:
         try:
             raw = await response.read()
@@ -149,6 +153,7 @@ async def forward_whole(call: UpstreamCall, lease: Lease) -> web.Response:
         if not isinstance(data, dict):
             raise ValueError("not an object")
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        observability.upstream_failed(lease, "timeout" if isinstance(exc, TimeoutError) else "unreadable", repr(exc))
         lease.upstream_failed(f"unreadable upstream response: {type(exc).__name__}")
         raise ApiError(502, "the upstream provider sent an unreadable response", type="api_error", code="upstream_error") from None
     finally:

@@ -25,13 +25,28 @@ local now, minute, today = L.now, L.minute, L.today
 local WINDOW, DAY = LIMITS_WINDOW, LIMITS_DAY
 local prev_weight = (WINDOW - (now % WINDOW)) / WINDOW
 
--- ms until `prev * weight + cur + want <= limit`, or the end of the next window.
+-- ms until the call fits: the first moment at which `floor(prev * weight) + cur
+-- + want <= limit` (the rule below) holds, the windows rolling over as they will
+-- if nothing else is admitted; -1 when it never fits (want > limit).
+-- At `y` ms into a window whose previous one counted `p`, the call fits when
+-- floor(p * (WINDOW - y) / WINDOW) <= room, i.e. p * (WINDOW - y) <= (room + 1) * WINDOW - 1.
+local function first_fit(p, room)
+  return WINDOW - math.floor(((room + 1) * WINDOW - 1) / p)
+end
+
 local function retry_after(prev, cur, want, limit)
-  if prev > 0 and cur + want <= limit then
-    local needed = 1 - (limit - cur - want) / prev  -- fraction of the window that must pass
-    return math.max(1, math.ceil(needed * WINDOW - (now % WINDOW)))
+  local elapsed = now % WINDOW
+  if cur + want <= limit then  -- later in this window, as the previous one weighs less
+    if prev == 0 then
+      return 1
+    end
+    return math.max(1, first_fit(prev, limit - cur - want) - elapsed)
   end
-  return (WINDOW - (now % WINDOW)) + WINDOW
+  if want > limit then
+    return -1
+  end
+  -- in the next window, where this one's count is the previous one's
+  return (WINDOW - elapsed) + math.max(0, first_fit(cur, limit - want))
 end
 
 if ARGV[1] == 'admit' then

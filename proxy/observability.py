@@ -1,0 +1,319 @@
+"""What metergate tells its operators: every Prometheus metric, the one log line per
+call, and how `metergate serve` formats its logs (text, or one JSON object a line).
+
+The rest of the service reports events here at the points where they happen
+(the error middleware, the call's `Lease`, the upstream and stream forwarders,
+the store's script runner, the reaper); nothing else defines a metric.
+
+Labels stay bounded: model names come from the rate cards, routes are the
+route templates, tiers are the cards' tiers, and the remaining labels are
+fixed vocabularies. End-user ids and request ids go to the logs, never into
+a label. Label children are bound once per label set and kept, since
+`.labels()` hashes and locks on every call; streams are counted once each,
+never per chunk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any, TextIO
+
+import orjson
+from aiohttp import web
+from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+if TYPE_CHECKING:  # the lease and the store import this module
+    from proxy.calls.lease import Lease
+    from proxy.config import Config
+    from proxy.store import Settlement
+
+log = logging.getLogger("metergate.upstream")
+call_log = logging.getLogger("metergate.calls")
+
+# LLM calls run from milliseconds (embeddings) to minutes (long streams).
+_CALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_FIRST_BYTE_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# A script round trip is well under a millisecond on a healthy store.
+_STORE_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+REQUESTS = Counter("metergate_requests", "HTTP requests answered, by route template, model and status",
+                   ["route", "model", "status"])
+REQUEST_SECONDS = Histogram("metergate_request_duration_seconds",
+                            "From a request's arrival to its handler's end (a stream's last byte)", ["route"],
+                            buckets=_CALL_BUCKETS)
+FIRST_BYTE_SECONDS = Histogram("metergate_stream_first_byte_seconds",
+                               "From a streamed call's arrival to its first relayed byte", ["model"],
+                               buckets=_FIRST_BYTE_BUCKETS)
+UPSTREAM_SECONDS = Histogram("metergate_upstream_response_seconds",
+                             "From forwarding a call to the upstream's response headers", ["model"],
+                             buckets=_CALL_BUCKETS)
+TOKENS = Counter("metergate_tokens", "Tokens billed by settled calls, by model and direction (prompt, completion)",
+                 ["model", "direction"])
+CHARGED = Counter("metergate_charged_micros", "Micros captured from wallets by settled calls, by model and tier",
+                  ["model", "tier"])
+SHORTFALL = Counter("metergate_shortfall_micros", "Micros a settlement could not capture from its wallet, by model",
+                    ["model"])
+CALLS = Counter("metergate_calls", "Metered calls closed, by model and outcome", ["model", "outcome"])
+HOLDS = Counter("metergate_holds", "Hold events: opened, clamped, extended, settled, released, expired", ["event"])
+PAYMENT_REQUIRED = Counter("metergate_payment_required", "402 answers (no funds, or a spend limit reached)",
+                           ["route", "model"])
+STORE_SECONDS = Histogram("metergate_store_round_trip_seconds", "Wallet-store script round trips, by script",
+                          ["script"], buckets=_STORE_BUCKETS)
+STORE_ERRORS = Counter("metergate_store_errors", "Wallet-store round trips that failed (not a script's refusal)",
+                       ["script", "kind"])
+UPSTREAM_ERRORS = Counter("metergate_upstream_errors", "Upstream failures, by model and kind", ["model", "kind"])
+ACTIVE_STREAMS = Gauge("metergate_active_streams", "Streams being relayed now")
+
+_HOLD_OPENED = HOLDS.labels("opened")
+_HOLD_CLAMPED = HOLDS.labels("clamped")
+_HOLD_EXTENDED = HOLDS.labels("extended")
+_HOLD_SETTLED = HOLDS.labels("settled")
+_HOLD_RELEASED = HOLDS.labels("released")
+_HOLD_EXPIRED = HOLDS.labels("expired")
+
+# Outcomes of a stream that metergate ended before the upstream finished it.
+CUT_OUTCOMES = frozenset({"upstream_cut", "wallet_exhausted", "spend_limit_reached", "store_unavailable", "internal_error"})
+_CLIENT_CLOSED = 499  # nginx's status for a client that went away before its answer
+
+STARTED = web.RequestKey("metergate_started", float)
+MODEL = web.RequestKey("metergate_model", str)
+
+
+class _Bound:
+    """A metric's children, bound once per label values."""
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+_requests = _Bound(REQUESTS)
+_request_seconds = _Bound(REQUEST_SECONDS)
+_first_byte = _Bound(FIRST_BYTE_SECONDS)
+_upstream_seconds = _Bound(UPSTREAM_SECONDS)
+_tokens = _Bound(TOKENS)
+_charged = _Bound(CHARGED)
+_shortfall = _Bound(SHORTFALL)
+_calls = _Bound(CALLS)
+_payment_required = _Bound(PAYMENT_REQUIRED)
+_store_seconds = _Bound(STORE_SECONDS)
+_store_errors = _Bound(STORE_ERRORS)
+_upstream_errors = _Bound(UPSTREAM_ERRORS)
+
+
+# ------------------------------------------------------------------ requests
+
+
+def request_arrived(request: web.Request) -> float | None:
+    """When the request arrived; None when an outer application's middleware has
+    it already (the admin sub-application runs the same middleware): counted once."""
+    if STARTED in request:
+        return None
+    started = request[STARTED] = time.perf_counter()
+    return started
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"  # never the raw path
+
+
+def request_answered(request: web.Request, status: int, started: float | None) -> None:
+    if started is None:
+        return
+    route = _route(request)
+    model = request.get(MODEL, "")
+    _requests(route, model, str(status)).inc()
+    _request_seconds(route).observe(time.perf_counter() - started)
+    if status == 402:
+        _payment_required(route, model).inc()
+
+
+def call_started(request: web.Request, lease: Lease) -> None:
+    """A metered call has its lease: its requests are counted under its model, and its
+    duration runs from the request's arrival."""
+    request[MODEL] = lease.model.name
+    lease.started_at = request.get(STARTED, lease.started_at)
+
+
+# --------------------------------------------------------------------- holds
+
+
+def hold_opened(lease: Lease) -> None:
+    _HOLD_OPENED.inc()
+    if lease.clamped_to is not None:
+        _HOLD_CLAMPED.inc()
+
+
+def hold_extended() -> None:
+    _HOLD_EXTENDED.inc()
+
+
+def holds_expired(count: int) -> None:
+    if count:
+        _HOLD_EXPIRED.inc(count)
+
+
+def call_closed(lease: Lease, settlement: Settlement | None) -> None:
+    """Count a closed call's money and write its log line. `settlement` is None when its
+    hold could not be closed (the reaper charges its checkpoint): no charge is counted."""
+    model, outcome = lease.model.name, _outcome(lease)
+    _calls(model, outcome).inc()
+    billed = lease.billed_usage
+    if settlement is not None:
+        if billed is None:
+            _HOLD_RELEASED.inc()
+        else:
+            _HOLD_SETTLED.inc()
+            _tokens(model, "prompt").inc(billed.prompt_tokens)
+            _tokens(model, "completion").inc(billed.completion_tokens)
+            _charged(model, lease.caller.tier).inc(settlement.captured_micros)
+            if settlement.shortfall_micros:
+                _shortfall(model).inc(settlement.shortfall_micros)
+    if not call_log.isEnabledFor(logging.INFO):
+        return
+    fields = {
+        "request_id": lease.request_id,
+        "end_user": lease.caller.end_user_id,
+        "model": model,
+        "status": _CLIENT_CLOSED if outcome == "client_disconnected" else lease.status,
+        "prompt_tokens": billed.prompt_tokens if billed is not None and settlement is not None else 0,
+        "completion_tokens": billed.completion_tokens if billed is not None and settlement is not None else 0,
+        "cost_micros": settlement.captured_micros if settlement is not None else None,
+        "duration_ms": round((time.perf_counter() - lease.started_at) * 1000, 1),
+        "outcome": outcome,
+        "clamped": lease.clamped_to,
+    }
+    call_log.info(" ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items()), extra={"fields": fields})
+
+
+def _outcome(lease: Lease) -> str:
+    # An upstream that refused or failed before any output leaves the lease's
+    # outcome untouched (its close is a release): name it here.
+    return "upstream_error" if lease.failure is not None and lease.outcome == "completed" else lease.outcome
+
+
+# ------------------------------------------------------------------ upstream
+
+
+def upstream_responded(lease: Lease, seconds: float, status: int) -> None:
+    _upstream_seconds(lease.model.name).observe(seconds)
+    if status >= 400:
+        kind = "rate_limited" if status == 429 else "rejected" if status < 500 else "server_error"
+        upstream_failed(lease, kind, f"status {status}")
+
+
+def upstream_failed(lease: Lease, kind: str, detail: str) -> None:
+    """An upstream failure (`kind` from a fixed vocabulary): counted, and logged with its request id."""
+    _upstream_errors(lease.model.name, kind).inc()
+    log.warning("request %s: upstream %s for %s: %s", lease.request_id, kind, lease.model.name, detail,
+                extra={"fields": {"request_id": lease.request_id, "model": lease.model.name, "kind": kind}})
+
+
+# ------------------------------------------------------------------- streams
+
+
+def stream_started() -> None:
+    ACTIVE_STREAMS.inc()
+
+
+def stream_first_byte(lease: Lease) -> None:
+    _first_byte(lease.model.name).observe(time.perf_counter() - lease.started_at)
+
+
+def stream_ended(lease: Lease) -> None:
+    ACTIVE_STREAMS.dec()
+    if lease.outcome in CUT_OUTCOMES:
+        if lease.outcome == "upstream_cut":
+            _upstream_errors(lease.model.name, "stream_cut").inc()
+        log.warning("request %s: stream cut (%s) after %d output tokens", lease.request_id, lease.outcome,
+                    lease.completion_tokens,
+                    extra={"fields": {"request_id": lease.request_id, "model": lease.model.name, "outcome": lease.outcome}})
+
+
+# --------------------------------------------------------------------- store
+
+
+class _StoreTimer:
+    """Times one script round trip; counts it as an error when the store did not answer."""
+
+    __slots__ = ("_script", "_started")
+
+    def __init__(self, script: str) -> None:
+        self._script = script
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            _store_seconds(self._script).observe(time.perf_counter() - self._started)
+        elif isinstance(exc, Exception):  # not a cancellation: the caller went away
+            _store_errors(self._script, _store_error_kind(exc)).inc()
+
+
+def store_round_trip(script: str) -> _StoreTimer:
+    """`with store_round_trip(name):` around one round trip to the store."""
+    return _StoreTimer(script)
+
+
+def _store_error_kind(exc: Exception) -> str:
+    if isinstance(exc, (RedisTimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, (RedisConnectionError, ConnectionError)):
+        return "connection"
+    return "error"
+
+
+# ---------------------------------------------------------------------- logs
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, and the record's
+    `fields` (the call line's, a failure's request id) as keys of their own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                entry.setdefault(key, value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+class _ServeHandler(logging.StreamHandler[TextIO]):
+    """The handler `configure_logging` installs, so a second call replaces it."""
+
+
+def configure_logging(config: Config) -> None:
+    """Log INFO and up to stderr, as text or (`log_format: json`) one JSON object a line."""
+    handler = _ServeHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _ServeHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
