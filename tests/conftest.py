@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
+from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from proxy.app import create_app
 from proxy.config import Config, load_config
 from proxy.store import AccountStore, WalletStore, connect
 from proxy.store.redis_mux import MultiplexedConnection
 from tests.mock_upstream import MockUpstream, running_mock_upstream
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisCluster, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +25,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A private three-master Redis Cluster, started once for the tests that need one."""
+    servers = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    servers.start()
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture
+async def cluster_client(cluster: RedisCluster) -> AsyncIterator[RedisClusterClient]:
+    """A redis-py cluster client on a flushed cluster; the ledger is audited after the test."""
+    client = connect(cluster.url, cluster=True)
+    await client.flushall()
+    yield client
+    await assert_ledger_invariants(WalletStore(client))
+    await client.aclose()
 
 
 async def assert_ledger_invariants(store: WalletStore) -> None:

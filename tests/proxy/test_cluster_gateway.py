@@ -5,7 +5,6 @@ concurrent calls on one wallet never overspend, and a key revoked through one is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 
 import openai
 import pytest
@@ -15,9 +14,9 @@ from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 from proxy.app import create_app
 from proxy.appstate import WALLETS
 from proxy.config import Config, load_config
-from proxy.store import WalletStore, connect
+from proxy.store import WalletStore
 from proxy.store.cluster import ClusterConnection
-from tests.conftest import ADMIN, ADMIN_KEY, UPSTREAM_KEY, UPSTREAM_KEY_ENV, assert_ledger_invariants
+from tests.conftest import ADMIN, ADMIN_KEY, UPSTREAM_KEY, UPSTREAM_KEY_ENV
 from tests.mock_upstream import MockUpstream, make_usage
 from tests.proxy.store.test_cluster import one_wallet_per_master
 from tests.redis_server import RedisCluster
@@ -25,21 +24,9 @@ from tests.redis_server import RedisCluster
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 100}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    servers = RedisCluster(tmp_path_factory.mktemp("cluster"))
-    servers.start()
-    yield servers
-    servers.stop()
-
-
 @pytest.fixture
-async def store(cluster: RedisCluster) -> AsyncIterator[RedisClusterClient]:
-    client = connect(cluster.url, cluster=True)
-    await client.flushall()
-    yield client
-    await assert_ledger_invariants(WalletStore(client))
-    await client.aclose()
+def store(cluster_client: RedisClusterClient) -> RedisClusterClient:
+    return cluster_client
 
 
 @pytest.fixture

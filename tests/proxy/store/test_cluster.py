@@ -5,35 +5,23 @@ the reaper, script loading, redirections (MOVED, ASK) while a slot is resharded,
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis as redis_sync
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 from redis.crc import key_slot
 
-from proxy.store import AccountStore, InsufficientFunds, WalletStore, connect
+from proxy.store import AccountStore, InsufficientFunds, WalletStore
 from proxy.store.cluster import ClusterConnection, connect_store
 from proxy.store.keyspace import HOLD_INDEX_KEY
 from tests.conftest import assert_ledger_invariants
 from tests.redis_server import RedisCluster, RedisServer
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    servers = RedisCluster(tmp_path_factory.mktemp("cluster"))
-    servers.start()
-    yield servers
-    servers.stop()
-
-
 @pytest.fixture
-async def client(cluster: RedisCluster) -> AsyncIterator[RedisClusterClient]:
-    redis = connect(cluster.url, cluster=True)
-    await redis.flushall()
-    yield redis
-    await assert_ledger_invariants(WalletStore(redis))
-    await redis.aclose()
+def client(cluster_client: RedisClusterClient) -> RedisClusterClient:
+    return cluster_client
 
 
 @pytest.fixture
