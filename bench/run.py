@@ -241,6 +241,12 @@ class Target:
     sent_err: int = 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (/proc/PID/stat): steadier than requests/s on a shared machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def fmt_row(cols: list[str], widths: list[int]) -> str:
     return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))
 
@@ -299,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(Target(name, base + "/v1/chat/completions", {"Authorization": f"Bearer {key}"}, proc, base))
 
             results: dict[tuple[str, str], LoadResult] = {}
+            cpu: dict[tuple[str, str], tuple[float, float]] = {}  # (proxy, redis) CPU µs per call
             for label, concurrency, stream in SCENARIOS:
                 body = chat_body(stream)
                 for t in targets:
@@ -309,8 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                         t.sent_err += w.errors
                         if w.errors:
                             failures.append(f"{label} / {t.name} (warmup): {w.errors} errors, e.g. {w.error_samples[:2]}")
+                    redis_pid = redis.process.pid if t.name == METERGATE and redis.process else None
+                    cpu_before = (cpu_seconds(t.proc.popen.pid), cpu_seconds(redis_pid) if redis_pid else 0.0)
                     r = run_load_in_subprocess(t.url, body, t.headers, concurrency, duration=duration, stream=stream,
                                                timeout=duration + 120)
+                    calls = max(r.requests, 1)
+                    cpu[(label, t.name)] = (
+                        (cpu_seconds(t.proc.popen.pid) - cpu_before[0]) * 1e6 / calls,
+                        (cpu_seconds(redis_pid) - cpu_before[1]) * 1e6 / calls if redis_pid else 0.0,
+                    )
                     t.sent_ok += r.requests
                     t.sent_err += r.errors
                     results[(label, t.name)] = r
@@ -323,9 +337,12 @@ def main(argv: list[str] | None = None) -> int:
 
             # ---------------------------------------------------------------- table
             print()
-            header = ["scenario", "target", "rps", "p50 ms", "p99 ms", "errors"]
+            # CPU per call is the figure to quote: requests/s swings with whatever
+            # else the shared machine runs, a process's CPU time per call does not.
+            header = ["scenario", "target", "rps", "p50 ms", "p99 ms", "errors", "proxy CPU µs/call", "redis CPU µs/call"]
             rows = [
-                [label, t.name, f"{r.rps:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", str(r.errors)]
+                [label, t.name, f"{r.rps:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", str(r.errors),
+                 f"{cpu[(label, t.name)][0]:.0f}", f"{cpu[(label, t.name)][1]:.0f}" if t.name == METERGATE else "-"]
                 for label, _, _ in SCENARIOS for t in targets for r in [results[(label, t.name)]]
             ]
             widths = [max(len(x) for x in col) for col in zip(header, *rows)]
