@@ -258,16 +258,19 @@ class Lease:
 
     # -------------------------------------------------------- keeping alive
 
+    def covers(self, more_tokens: int) -> bool:
+        """Whether the hold already pays for `more_tokens` beyond the output counted so far."""
+        return self.completion_tokens + more_tokens <= self.covered_output_tokens and not self.store_lost
+
     async def cover(self, more_tokens: int) -> bool:
         """Make sure the hold pays for the output counted so far plus `more_tokens`
         before they are relayed; False (and `outcome` says why) when it cannot."""
-        wanted = self.completion_tokens + more_tokens
-        if wanted <= self.covered_output_tokens and not self.store_lost:
+        if self.covers(more_tokens):
             return True
         if self.store_lost:
             self.outcome = "store_unavailable"
             return False
-        step = max(wanted - self.covered_output_tokens, MIN_EXTENSION_TOKENS)
+        step = max(self.completion_tokens + more_tokens - self.covered_output_tokens, MIN_EXTENSION_TOKENS)
         try:
             await self._extend(metering.output_price(self.model, step))
         except InsufficientFunds:
@@ -297,29 +300,36 @@ class Lease:
         """Push the hold's expiry back before the reaper could take it, and
         checkpoint what the call has consumed; then schedule the next beat."""
         try:
-            checkpoint = self._checkpoint()
-            due = asyncio.get_running_loop().time() >= self._refresh_at
-            if due or checkpoint.price_micros != self._checkpointed:
-                await self._extend(0)
+            await self._extend(0, only_if_stale=True)
         except (*STORE_UNREACHABLE, WalletError) as exc:
             log.warning("request %s: could not keep its hold alive: %r", self.request_id, exc)
             self.store_lost = True
         if self._closing is None and not self.store_lost:
             self._timer = asyncio.get_running_loop().call_later(self._beat_interval(), self._beat)
 
-    def _checkpoint(self) -> Checkpoint:
-        usage = self.counted_usage()
+    def _charge(self, usage: Usage, source: str, outcome: str) -> tuple[int, dict[str, Any]]:
+        """What `usage` costs and the metadata its ledger entry records."""
         charge = price_usage(self.model, usage)
         meta = metering.charge_meta(
             request_id=self.request_id, key_id=self.caller.key_id, quote=self.quote, usage=usage, charge=charge,
-            usage_source="counted", outcome="proxy_lost",
+            usage_source=source, outcome=outcome,
         )
-        return Checkpoint(charge.price_micros, usage.prompt_tokens + usage.completion_tokens, meta)
+        return charge.price_micros, meta
 
-    async def _extend(self, amount_micros: int) -> None:
+    def _checkpoint(self) -> Checkpoint:
+        usage = self.counted_usage()
+        price, meta = self._charge(usage, "counted", "proxy_lost")
+        return Checkpoint(price, usage.prompt_tokens + usage.completion_tokens, meta)
+
+    async def _extend(self, amount_micros: int, *, only_if_stale: bool = False) -> None:
+        """Grow the hold by `amount_micros`, push its expiry back and checkpoint what was
+        relayed; with `only_if_stale`, skip the store when neither is due."""
         assert self.hold is not None
         async with self._lock:
             checkpoint = self._checkpoint() if self.is_forwarded else None
+            if only_if_stale and asyncio.get_running_loop().time() < self._refresh_at and (
+                    checkpoint is None or checkpoint.price_micros == self._checkpointed):
+                return
             grown = await self.service.wallets.extend(
                 self.caller.end_user_id, self.hold.hold_id, amount_micros, current_micros=self.held_micros,
                 checkpoint=checkpoint, spend=limits.credential_spend(self.caller, self.request_id, 0) if amount_micros else None,
@@ -395,13 +405,9 @@ class Lease:
         usage = self.usage if self.usage is not None else self.counted_usage()
         source = self.usage_source if self.usage is not None else "counted"
         self.billed_usage = usage
-        charge = price_usage(self.model, usage)
-        meta = metering.charge_meta(
-            request_id=self.request_id, key_id=caller.key_id, quote=self.quote, usage=usage, charge=charge,
-            usage_source=source, outcome=self.outcome,
-        )
+        price, meta = self._charge(usage, source, self.outcome)
         settlement = await wallets.settle(
-            caller.end_user_id, self.hold.hold_id, charge.price_micros, meta=meta,
+            caller.end_user_id, self.hold.hold_id, price, meta=meta,
             spend=limits.credential_spend(caller, self.request_id, usage.prompt_tokens + usage.completion_tokens),
         )
         if settlement.shortfall_micros:
