@@ -20,7 +20,7 @@ from pricing import count_text_tokens
 from proxy import metering, observability
 from proxy.calls.lease import Lease
 from proxy.calls.sse import SSEDecoder
-from proxy.calls.upstream import UpstreamCall, clamp_header, open_upstream
+from proxy.calls.upstream import UpstreamCall, clamp_header, open_upstream, settle_and_show
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,7 @@ async def _with_cost(lease: Lease, usage_chunk: dict[str, Any], tools: metering.
     usage = metering.usage_from_openai(usage_chunk["usage"])
     if tools is not None:
         usage = metering.with_tool_calls(usage, tools.calls())
-    lease.report_usage(usage, "upstream")
-    settlement = await lease.close()
-    captured = settlement.captured_micros if settlement is not None else metering.price_of(lease.model, usage)
-    usage_chunk["usage"]["cost"] = metering.usd_number(captured)
-    usage_chunk["usage"]["cost_micros"] = captured
-    if settlement is None:
-        usage_chunk["usage"]["settlement"] = "pending"
+    await settle_and_show(lease, usage, "upstream", usage_chunk["usage"])
     return b"data: " + orjson.dumps(usage_chunk) + b"\n\n"
 
 
@@ -177,7 +171,7 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
 
 async def _covered(lease: Lease, tokens: int, response: web.StreamResponse, relay: list[bytes]) -> bool:
     """Cover `tokens` more output before relaying it; on refusal, relay what was covered and stop."""
-    if lease.completion_tokens + tokens <= lease.covered_output_tokens and not lease.store_lost:
+    if lease.covers(tokens):
         return True
     if relay:
         await response.write(b"".join(relay))

@@ -1,7 +1,7 @@
 """Talking to the model's upstream: what may be forwarded, the HTTP call and its
 error mapping, and the whole (non-streamed) answer.
 
-Nothing here closes a hold: failures are reported to the call's `Lease`, which
+Nothing here decides how a hold closes: what happened is reported to the call's `Lease`, which
 decides what the call costs.
 """
 
@@ -126,19 +126,31 @@ def clamp_header(lease: Lease) -> dict[str, str]:
     return {"X-Max-Tokens-Clamped": str(lease.clamped_to)} if lease.clamped_to is not None else {}
 
 
-def result_headers(lease: Lease, settlement: Settlement | None, usage: Usage, price_micros: int) -> dict[str, str]:
+async def settle_and_show(lease: Lease, usage: Usage, source: str, shown: dict[str, Any]) -> tuple[Settlement | None, int]:
+    """Settle the call on `usage` and write what it cost into `shown` (the answer's usage
+    object): the capture, or, while the store is away, the price, marked pending."""
+    lease.report_usage(usage, source)
+    settlement = await lease.close()
+    cost = settlement.captured_micros if settlement is not None else metering.price_of(lease.model, usage)
+    shown["cost"] = metering.usd_number(cost)
+    shown["cost_micros"] = cost
+    if settlement is None:
+        shown["settlement"] = "pending"
+    return settlement, cost
+
+
+def result_headers(lease: Lease, settlement: Settlement | None, usage: Usage, cost_micros: int) -> dict[str, str]:
     """What a non-streamed answer reports; `X-Settlement: pending` while the store is away."""
     headers = {
         "X-Request-Id": lease.request_id,
         "X-Model": lease.model.name,
         "X-Total-Tokens": str(usage.prompt_tokens + usage.completion_tokens),
+        "X-Usage-Cost": usd(cost_micros),
         **clamp_header(lease),
     }
     if settlement is None:
-        headers["X-Usage-Cost"] = usd(price_micros)
         headers["X-Settlement"] = "pending"
     else:
-        headers["X-Usage-Cost"] = usd(settlement.captured_micros)
         headers["X-Wallet-Balance"] = usd(settlement.wallet.balance_micros)
     return headers
 
@@ -168,13 +180,6 @@ async def forward_whole(call: UpstreamCall, lease: Lease) -> web.Response:
                                     "total_tokens": usage.prompt_tokens + usage.completion_tokens}
     # OpenAI's usage object has no count of built-in tool calls: read them off the answer.
     usage = metering.with_tool_calls(usage, metering.tool_calls_of_answer(lease.quote, data))
-    lease.report_usage(usage, source)
-    settlement = await lease.close()
-    price = metering.price_of(lease.model, usage)
-    captured = settlement.captured_micros if settlement is not None else price
-    reported["cost"] = metering.usd_number(captured)
-    reported["cost_micros"] = captured
-    if settlement is None:
-        reported["settlement"] = "pending"
+    settlement, cost = await settle_and_show(lease, usage, source, reported)
     return web.Response(body=orjson.dumps(data), content_type="application/json",
-                        headers=result_headers(lease, settlement, usage, price))
+                        headers=result_headers(lease, settlement, usage, cost))
