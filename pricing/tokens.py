@@ -357,6 +357,11 @@ def _positive_int(value: Any) -> int | None:
     return value
 
 
+def billed_choices(body: Mapping[str, Any]) -> int:
+    """How many answers a request bills: `n`, or `best_of` for completions (every candidate)."""
+    return max(_positive_int(body.get("n")) or 1, _positive_int(body.get("best_of")) or 1)
+
+
 def output_token_bound(body: Mapping[str, Any], model: ModelPrice) -> int:
     """The most completion tokens a request can be billed for.
 
@@ -371,8 +376,7 @@ def output_token_bound(body: Mapping[str, Any], model: ModelPrice) -> int:
         return cap
     requested = _positive_int(body.get("max_completion_tokens")) or _positive_int(body.get("max_tokens"))
     bound = min(requested, cap) if requested is not None else cap
-    choices = max(_positive_int(body.get("n")) or 1, _positive_int(body.get("best_of")) or 1)
-    return bound * choices
+    return bound * billed_choices(body)
 
 
 def estimate_usage(body: Mapping[str, Any], model: ModelPrice, *, tokenize_budget: int = TOKENIZE_BUDGET_CHARS) -> Usage:

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from pricing import ModelPrice, RateCard
-from pricing.tokens import UnpriceableRequest
+from pricing.tokens import UnpriceableRequest, billed_choices
 from proxy import limits, metering, observability
 from proxy.appstate import CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, WALLETS
 from proxy.auth import Caller, authenticate, identify, operator_caller
@@ -121,12 +121,6 @@ def _kind_of_estimate(body: Any) -> str:
 # ------------------------------------------------------------------ handlers
 
 
-def _choices(body: dict[str, Any]) -> int:
-    """How many answers the request bills (`n`, or `best_of` for completions): a clamp is per choice."""
-    counts = [v for v in (body.get("n"), body.get("best_of")) if isinstance(v, int) and not isinstance(v, bool) and v > 0]
-    return max(counts, default=1)
-
-
 async def _whole(call: UpstreamCall, lease: Lease) -> web.StreamResponse:
     async with lease:
         if lease.client_left:
@@ -146,7 +140,7 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
     service = app[METERING]
     lease = service.lease(
         caller, quote, "req_" + secrets.token_hex(12),
-        min_output_tokens=app[RATECARDS].current.min_output_tokens(caller.tier), choices=_choices(body),
+        min_output_tokens=app[RATECARDS].current.min_output_tokens(caller.tier), choices=billed_choices(body),  # a clamp is per choice
     )
     observability.call_started(request, lease)
     if stream:

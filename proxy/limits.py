@@ -111,31 +111,28 @@ async def admission(store: LimitStore, caller: Caller, quote: Quote, request_id:
         raise
 
 
-async def spend_room(store: LimitStore, caller: Caller) -> int:
-    """What the credential's spend caps still allow (a large number when it has none)."""
+async def _spend_against_caps(store: LimitStore, caller: Caller) -> list[tuple[str, int, int]]:
+    """(period, cap, spent) for each spend cap the credential has: one read, none without caps."""
     scopes = caller.scopes
     if not (_metered_key(caller) and any(scopes.get(f) is not None for f in SPEND_FIELDS)):
-        return MAX_AMOUNT_MICROS
+        return []
     spend = await store.spend(caller.end_user_id, caller.key_id)
-    room = MAX_AMOUNT_MICROS
-    if scopes.get("max_spend_micros") is not None:
-        room = min(room, scopes["max_spend_micros"] - spend.spent_micros)
-    if scopes.get("max_daily_spend_micros") is not None:
-        room = min(room, scopes["max_daily_spend_micros"] - spend.spent_today_micros)
-    return max(room, 0)
+    periods = (("lifetime", scopes.get("max_spend_micros"), spend.spent_micros),
+               ("daily", scopes.get("max_daily_spend_micros"), spend.spent_today_micros))
+    return [(period, cap, used) for period, cap, used in periods if cap is not None]
+
+
+async def spend_room(store: LimitStore, caller: Caller) -> int:
+    """What the credential's spend caps still allow (a large number when it has none)."""
+    return max(min((cap - used for _, cap, used in await _spend_against_caps(store, caller)), default=MAX_AMOUNT_MICROS), 0)
 
 
 async def refuse_spent_credential(store: LimitStore, caller: Caller) -> None:
     """A 402 for a credential whose spend already reached a cap: one read, before a
     large prompt is counted (admission checks it again, atomically, with the hold)."""
-    scopes = caller.scopes
-    if not (_metered_key(caller) and any(scopes.get(f) is not None for f in SPEND_FIELDS)):
-        return
-    spend = await store.spend(caller.end_user_id, caller.key_id)
-    for period, limit, used in (("lifetime", scopes.get("max_spend_micros"), spend.spent_micros),
-                                ("daily", scopes.get("max_daily_spend_micros"), spend.spent_today_micros)):
-        if limit is not None and used >= limit:
-            raise ApiError(402, f"This key's {period} spend limit is {usd(limit)} USD and it has spent {usd(used)}.",
+    for period, cap, used in await _spend_against_caps(store, caller):
+        if used >= cap:
+            raise ApiError(402, f"This key's {period} spend limit is {usd(cap)} USD and it has spent {usd(used)}.",
                            type="insufficient_quota", code="spend_limit_exceeded")
 
 
