@@ -14,7 +14,6 @@ import asyncio
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -33,24 +32,19 @@ from proxy.config import DEFAULT_CONFIG_PATH, DEV_ADMIN_KEY, DEV_OPERATOR_KEY, l
 from proxy.store import LimitStore
 from proxy.store.keyspace import _limits_key
 from tests.conftest import ADMIN
+from tests.redis_server import free_port
 
 EXIT_DEADLINE_SECONDS = 20  # the interpreter and the app's imports take a few seconds on a slow machine
 WINDOW_MS = 60_000  # key_limits.lua's rate window
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 100}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def serve_until_exit(repo_root: Path, **env_vars: str) -> tuple[int, list[str]]:
-    """Run `metergate serve` (bundled config, a free port) and return its exit code and stderr lines."""
+async def serve_until_exit(repo_root: Path, *, port: int | None = None, **env_vars: str) -> tuple[int, list[str]]:
+    """Run `metergate serve` (bundled config, `port` or a free one) and return its exit code and stderr lines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERGATE_")}
     env.update({"OPENAI_API_KEY": "sk-test", **env_vars})
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--port", str(free_port()), cwd=repo_root, env=env,
+        sys.executable, "-m", "proxy", "serve", "--port", str(port or free_port()), cwd=repo_root, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import sys
 
 from proxy.app import run_reaper
-
-EXIT_DEADLINE_SECONDS = 20  # the interpreter and the app's imports take a few seconds on a slow machine
+from tests.proxy.test_first_hour import serve_until_exit
 
 
 async def test_serve_on_a_busy_port_exits_with_one_clear_line(repo_root):
@@ -17,19 +14,9 @@ async def test_serve_on_a_busy_port_exits_with_one_clear_line(repo_root):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if k != "METERGATE_REDIS_URL"}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "--port", str(port), cwd=repo_root, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            _, stderr = await asyncio.wait_for(process.communicate(), EXIT_DEADLINE_SECONDS)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise AssertionError(f"metergate serve on a busy port was still running after {EXIT_DEADLINE_SECONDS} s") from None
-    assert process.returncode == 1
-    assert stderr.decode().splitlines() == [f"metergate: cannot listen on 127.0.0.1:{port}: address already in use"]
+        returncode, lines = await serve_until_exit(repo_root, port=port)
+    assert returncode == 1
+    assert lines == [f"metergate: cannot listen on 127.0.0.1:{port}: address already in use"]
 
 
 class SwallowingStore:
