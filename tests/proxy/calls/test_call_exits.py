@@ -272,6 +272,31 @@ async def test_a_store_paused_during_the_settle_answers_settlement_pending_and_c
     await assert_no_open_holds(redis, wallets, user.id)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_client_gone_while_its_hold_waits_on_the_store_is_never_forwarded_and_the_hold_is_released(
+    gateway, make_end_user, mock_upstream, redis, redis_server, wallets, stream
+):
+    user = await make_end_user()
+    host, port = redis_server.url.removeprefix("redis://").split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"CLIENT PAUSE 1500 WRITE\r\n")  # reads (the key lookup) go on; the hold waits
+    assert await asyncio.wait_for(reader.readline(), 2) == b"+OK\r\n"
+    writer.close()
+    with pytest.raises(asyncio.TimeoutError):
+        async with asyncio.timeout(0.4):
+            await gateway.post("/v1/chat/completions", json={**CHAT, "stream": stream},
+                               headers={"Authorization": f"Bearer {user.key}"})
+
+    async def released() -> bool:
+        return "release" in await ledger_types(wallets, user.id)
+
+    await wait_until(released, 10, "the hold placed for a client that had left was not released",
+                     lambda: describe_wallet(wallets, user.id))
+    assert await ledger_types(wallets, user.id) == ["open", "top_up", "hold", "release"]
+    assert mock_upstream.request_count == 0
+    await assert_no_open_holds(redis, wallets, user.id)
+
+
 # ------------------------------------------------- 6. the store goes down under streams in flight
 
 
