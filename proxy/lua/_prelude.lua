@@ -237,6 +237,28 @@ local function balance_op_finish(entry_type, amount, balance, held, credit_limit
   return result
 end
 
+-- Auto top-up (see auto_top_up_rule.lua): a wallet whose rule is on carries
+-- `at_threshold` on its hash. A capture that leaves available below it claims
+-- the next top-up attempt -- at most one at a time per wallet, across every
+-- replica, because the claim is written in the same step: `at_block_until` is
+-- pushed AUTO_TOP_UP_CLAIM_MS ahead (the attempt's lease; a claimer that died
+-- frees it by then) and `at_attempt` counts the claims. Returns the claimed
+-- attempt number as text, or '0'.
+local AUTO_TOP_UP_CLAIM_MS = 600000
+
+local function claim_auto_top_up(available)
+  local f = redis.call('HMGET', KEYS[1], 'at_threshold', 'at_block_until')
+  if not f[1] or available >= tonumber(f[1]) then
+    return '0'
+  end
+  local now = now_ms()
+  if f[2] and tonumber(f[2]) > now then
+    return '0'
+  end
+  redis.call('HSET', KEYS[1], 'at_block_until', fmt(now + AUTO_TOP_UP_CLAIM_MS))
+  return fmt(redis.call('HINCRBY', KEYS[1], 'at_attempt', 1))
+end
+
 -- Close an active hold by capturing `amount` of it (settle, or expire for a
 -- checkpoint): KEYS[1] wallet hash, KEYS[2] active holds hash, KEYS[3] the
 -- hold's record, KEYS[4] ledger stream. More than the hold is captured only as
@@ -244,7 +266,9 @@ end
 -- and, when `cap_room` is given, as far as the credential's spend caps allow
 -- (see limits_room); the rest is the shortfall. Appends the 'charge' entry (with `meta`) and
 -- returns {'ok', ledger_id, captured, released, shortfall, balance, held,
--- credit_limit} and the captured amount. The caller marks the record closed.
+-- credit_limit, auto_top_up_attempt} and the captured amount (the attempt is
+-- '0' unless this capture claimed one: see claim_auto_top_up). The caller
+-- marks the record closed.
 local function capture_hold(hold_id, hold_amount, amount, meta, cap_room)
   local balance, held, credit_limit = wallet_state(KEYS[1])
   local allowed = balance - (held - hold_amount) + credit_limit
@@ -260,7 +284,8 @@ local function capture_hold(hold_id, hold_amount, amount, meta, cap_room)
   local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(0 - captured), 'held_delta', fmt(0 - hold_amount),
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'requested', fmt(amount),
     'shortfall', fmt(shortfall), 'meta', meta})
-  return {'ok', id, fmt(captured), fmt(released), fmt(shortfall), fmt(balance), fmt(held), fmt(credit_limit)}, captured
+  local attempt = claim_auto_top_up(balance - held + credit_limit)
+  return {'ok', id, fmt(captured), fmt(released), fmt(shortfall), fmt(balance), fmt(held), fmt(credit_limit), attempt}, captured
 end
 
 -- Give a whole active hold back (release, or expire with nothing checkpointed):

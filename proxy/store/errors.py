@@ -65,11 +65,28 @@ class InvalidWalletRequest(WalletError):
     code = "INVALID_REQUEST"
 
 
+class PaymentNotFound(WalletError):
+    """No card payment with that id credited this wallet."""
+
+    code = "PAYMENT_NOT_FOUND"
+
+
+class RefundExceedsPayment(WalletError):
+    code = "REFUND_EXCEEDS_PAYMENT"
+
+
+class NoPaymentMethod(WalletError):
+    """Auto top-up cannot be enabled before a card is saved."""
+
+    code = "NO_PAYMENT_METHOD"
+
+
 _ERRORS: dict[str, type[WalletError]] = {
     cls.code: cls
     for cls in (
         WalletNotFound, WalletExists, InsufficientFunds, SpendLimitReached, IdempotencyConflict, HoldNotFound, HoldClosed,
         ChargeNotFound, RefundExceedsCharge, InvalidAmount, BalanceLimit, InvalidWalletRequest,
+        PaymentNotFound, RefundExceedsPayment, NoPaymentMethod,
     )
 }
 

@@ -1,8 +1,9 @@
 """Every Redis key name the store uses, in one place.
 
 All keys of one wallet share the hash tag `{w:<wallet_id>}`, so every script
-touches a single Redis Cluster slot. The hold index, read by the reaper, is
-the only key outside a wallet's slot.
+touches a single Redis Cluster slot. Outside a wallet's slot: the hold index
+(read by the reaper), API keys by hash, and the Stripe lookups (which wallet a
+payment paid, which events were applied), none of them written by a script.
 """
 
 from __future__ import annotations
@@ -56,6 +57,25 @@ def _user_keys_key(w: str) -> str:
 
 def _limits_key(w: str, key_id: str) -> str:
     return f"{_tag(w)}:limits:{key_id}"
+
+
+def _billing_key(w: str) -> str:
+    """The wallet's saved card (Stripe customer, payment method) and auto top-up rule."""
+    return f"{_tag(w)}:billing"
+
+
+def _card_payments_key(w: str) -> str:
+    """Per card payment (PaymentIntent id): what it credited, what was refunded, disputes."""
+    return f"{_tag(w)}:card-payments"
+
+
+def _stripe_payment_key(payment_intent_id: str) -> str:
+    """Which wallet a PaymentIntent paid (for events that name only the payment)."""
+    return f"{PREFIX}:stripe:payment:{payment_intent_id}"
+
+
+def _stripe_event_key(event_id: str) -> str:
+    return f"{PREFIX}:stripe:event:{event_id}"
 
 
 def _api_key_key(key_hash: str) -> str:

@@ -116,7 +116,8 @@ class _Scripts:
         prelude = (lua / "_prelude.lua").read_text()
         self.source: dict[str, str] = {}
         self.sha: dict[str, str] = {}
-        for name in ("open", "top_up", "adjust", "refund", "hold", "extend", "settle", "release", "expire", "key_limits"):
+        for name in ("open", "top_up", "adjust", "refund", "hold", "extend", "settle", "release", "expire", "key_limits",
+                     "card_payment", "card_refund", "dispute", "auto_top_up_rule", "auto_top_up_failed"):
             body = prelude + "\n" + (lua / f"{name}.lua").read_text()
             self.source[name] = body
             self.sha[name] = hashlib.sha1(body.encode()).hexdigest()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,9 @@ class Settlement:
     shortfall_micros: int
     wallet: WalletState
     replayed: bool
+    # Non-zero when this capture left the wallet below its auto top-up
+    # threshold and claimed that attempt (see claim_auto_top_up in _prelude.lua).
+    auto_top_up_attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,10 @@ class WalletStore:
         self.idempotency_ttl_seconds = idempotency_ttl_seconds
         self.closed_hold_ttl_seconds = closed_hold_ttl_seconds
         self._scripts = _scripts()
+        # Told (wallet id, attempt) when a capture claims an auto top-up; set by
+        # the app factory when Stripe is configured. It must not block: it
+        # schedules the attempt and returns.
+        self.auto_top_up_claimed: Callable[[str, int], None] | None = None
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[str]:
         return await self._scripts.run(self.commands, name, keys, args)
@@ -350,10 +357,17 @@ class WalletStore:
         )
 
     def _settlement(self, wallet_id: str, hold_id: str, out: list[str]) -> Settlement:
-        return Settlement(
+        settlement = Settlement(
             hold_id=hold_id, ledger_id=out[1], captured_micros=int(out[2]), released_micros=int(out[3]),
             shortfall_micros=int(out[4]), wallet=_state(wallet_id, *out[5:8]), replayed=out[0] == "replay",
+            auto_top_up_attempt=int(out[8]) if len(out) > 8 else 0,
         )
+        # A replay hands the claim on again: the first answer may have been lost
+        # with the connection, and the attempt's Stripe idempotency key makes a
+        # second start of the same attempt charge nothing more.
+        if settlement.auto_top_up_attempt and self.auto_top_up_claimed is not None:
+            self.auto_top_up_claimed(wallet_id, settlement.auto_top_up_attempt)
+        return settlement
 
     def _closing_keys(self, wallet_id: str, hold_id: str, spend: CredentialSpend | None) -> list[str]:
         keys = self._hold_keys(wallet_id, hold_id)
