@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from proxy import schemas
 from proxy.appstate import ACCOUNTS, CONFIG, RATECARDS, WALLETS
 from proxy.auth import key_matches, presented_bearer
+from proxy.billing import routes as billing_routes
 from proxy.enduser_jwt import TOKENS
 from proxy.errors import ApiError, error_middleware, read_model
 from proxy.ratecards import RateCardRegistry
@@ -286,4 +287,5 @@ async def reload_ratecards(request: web.Request) -> web.Response:
 def create_admin_app() -> web.Application:
     admin = web.Application(middlewares=[error_middleware, admin_auth])
     admin.add_routes(routes)
+    admin.add_routes(billing_routes.admin_routes)
     return admin

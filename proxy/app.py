@@ -15,13 +15,29 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import cors, enduser_jwt, gateway, observability, openapi
 from proxy.admin import create_admin_app
-from proxy.appstate import ACCOUNTS, BACKGROUND, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, REDIS, WALLETS, Lifecycle
+from proxy.appstate import (
+    ACCOUNTS,
+    BACKGROUND,
+    BILLING,
+    CONFIG,
+    HTTP,
+    LIFECYCLE,
+    METERING,
+    RATECARDS,
+    REDIS,
+    STRIPE_EVENTS,
+    WALLETS,
+    Lifecycle,
+)
+from proxy.billing import AutoTopUps, Billing, StripeApi, StripeEvents, StripeNotConfigured
+from proxy.billing import routes as billing_routes
 from proxy.calls.lease import Background, Metering
 from proxy.config import Config
 from proxy.errors import error_middleware
 from proxy.ratecards import RateCardRegistry
 from proxy.store import AccountStore, LimitStore, RedisPyCommands, WalletStore
 from proxy.store.cluster import StoreClients, connect_store
+from proxy.store.payments import PaymentStore
 
 log = logging.getLogger("metergate")
 
@@ -60,6 +76,31 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await clients.aclose()
+
+
+async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Stripe, when configured: the client, the services, and the store's auto top-up hook."""
+    stripe_config = app[CONFIG].stripe
+    if stripe_config is None:
+        yield
+        return
+    webhook_secret = stripe_config.webhook_secret
+    if not webhook_secret:
+        raise StripeNotConfigured(
+            f"stripe: is configured but ${stripe_config.webhook_secret_env} is empty; set it to the webhook "
+            "endpoint's signing secret (whsec_...)")
+    api = StripeApi.build(stripe_config)
+    config, redis, wallets = app[CONFIG], app[REDIS], app[WALLETS]
+    payments = PaymentStore(redis, wallets.commands, idempotency_ttl_seconds=config.idempotency_ttl_seconds)
+    billing = Billing(stripe_config, api, wallets, payments)
+    auto_top_ups = AutoTopUps(billing, app[BACKGROUND].spawn)
+    app[BILLING] = billing
+    app[STRIPE_EVENTS] = StripeEvents(billing, auto_top_ups, webhook_secret)
+    wallets.auto_top_up_claimed = auto_top_ups.claimed
+    yield
+    wallets.auto_top_up_claimed = None
+    await app[BACKGROUND].drain(timeout=10.0)
+    await api.aclose()
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -174,6 +215,7 @@ def create_app(config: Config) -> web.Application:
     cors.setup(app)
     app[RATECARDS] = RateCardRegistry(config.resolve(config.ratecards_dir), set(config.upstreams))
     app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_billing_ctx)
     app.cleanup_ctx.append(_http_ctx)
     app.cleanup_ctx.append(_reaper_ctx)
     app.cleanup_ctx.append(_ratecards_ctx)
@@ -182,5 +224,6 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/openapi.json", openapi.handler)
     app.router.add_get("/metrics", metrics)
     app.add_routes(gateway.routes)
+    app.add_routes(billing_routes.routes)
     app.add_subapp("/admin", create_admin_app())
     return app

@@ -13,6 +13,8 @@ from proxy.store import AccountStore, WalletStore
 from proxy.store.scripts import StoreRedis
 
 if TYPE_CHECKING:  # the call lifecycle imports errors, which reads CONFIG from here
+    from proxy.billing.service import Billing
+    from proxy.billing.webhook import StripeEvents
     from proxy.calls.lease import Background, Metering
 
 class Lifecycle:
@@ -31,3 +33,6 @@ RATECARDS = web.AppKey("ratecards", RateCardRegistry)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 BACKGROUND: web.AppKey[Background] = web.AppKey("background")  # closes and whole answers still running
 METERING: web.AppKey[Metering] = web.AppKey("metering")  # opens each call's lease
+# Set only when the config has a `stripe:` block:
+BILLING: web.AppKey[Billing] = web.AppKey("billing")
+STRIPE_EVENTS: web.AppKey[StripeEvents] = web.AppKey("stripe_events")

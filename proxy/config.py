@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -95,6 +96,76 @@ class JWTConfig(_Strict):
     max_ttl_seconds: PositiveInt = 3600
 
 
+# Currencies whose smallest unit is not a hundredth (Stripe's list): an amount
+# in micros becomes Stripe's integer amount by this exponent.
+_ZERO_DECIMAL = {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"}
+_THREE_DECIMAL = {"bhd", "jod", "kwd", "omr", "tnd"}
+
+Money = Annotated[Decimal, Field(gt=0, le=1_000_000_000)]
+
+
+class AutoTopUpDefaults(_Strict):
+    """A wallet's auto top-up rule when its card is saved: below `threshold`, charge `amount` (currency units)."""
+
+    enabled: bool = False
+    threshold: Money = Decimal(5)
+    amount: Money = Decimal(20)
+
+
+class StripeConfig(_Strict):
+    """Money in through Stripe: Checkout top-ups, saved cards, auto top-up, refunds to the card.
+
+    The wallets' balances are in this `currency` (1 unit = 1,000,000 micros);
+    amounts here are in currency units, the API's in micros.
+    """
+
+    secret_key_env: str = "STRIPE_SECRET_KEY"
+    webhook_secret_env: str = "STRIPE_WEBHOOK_SECRET"
+    # Where the stripe library sends its requests: Stripe itself, or a test double.
+    api_base: HttpUrl = "https://api.stripe.com"
+    currency: Annotated[str, Field(pattern=r"^[a-z]{3}$")] = "usd"
+    top_up_presets: list[Money] = [Decimal(20), Decimal(50), Decimal(200), Decimal(500)]
+    minimum_top_up: Money = Decimal(5)
+    maximum_top_up: Money = Decimal(10_000)
+    # Where Checkout sends the buyer back (Stripe fills {CHECKOUT_SESSION_ID}).
+    success_url: HttpUrl = "http://127.0.0.1:8080/topped-up?session_id={CHECKOUT_SESSION_ID}"
+    cancel_url: HttpUrl = "http://127.0.0.1:8080/top-up-cancelled"
+    product_name: str = "Credit"
+    # The auto top-up rule a wallet gets when its card is saved: `default`, or its tier's.
+    auto_top_up: dict[str, AutoTopUpDefaults] = {"default": AutoTopUpDefaults()}
+    # After a declined auto top-up, the next try waits this long; this many
+    # consecutive failures turn the rule off until the operator re-enables it.
+    auto_top_up_retry_after_seconds: Annotated[float, Field(ge=0)] = 3600.0
+    auto_top_up_max_failures: PositiveInt = 3
+    # How many times the library retries a request Stripe did not answer (with
+    # the same idempotency key, so a retry never charges twice).
+    max_network_retries: Annotated[int, Field(ge=0, le=10)] = 2
+
+    @property
+    def secret_key(self) -> str | None:
+        return os.environ.get(self.secret_key_env) or None
+
+    @property
+    def webhook_secret(self) -> str | None:
+        return os.environ.get(self.webhook_secret_env) or None
+
+    @property
+    def micros_per_unit(self) -> int:
+        """Micros in one of Stripe's integer amount units (a cent for USD)."""
+        if self.currency in _ZERO_DECIMAL:
+            return 1_000_000
+        if self.currency in _THREE_DECIMAL:
+            return 1_000
+        return 10_000
+
+    def auto_top_up_for(self, tier: str) -> AutoTopUpDefaults:
+        return self.auto_top_up.get(tier) or self.auto_top_up.get("default") or AutoTopUpDefaults()
+
+    @staticmethod
+    def to_micros(amount: Decimal) -> int:
+        return int(amount * 1_000_000)
+
+
 class Config(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
@@ -127,6 +198,8 @@ class Config(_Strict):
     ratecards_watch_interval_seconds: PositiveFloat = 2.0
     upstreams: dict[str, UpstreamConfig] = {}
     jwt: JWTConfig = JWTConfig()
+    # Unset: no Stripe; its endpoints answer 501.
+    stripe: StripeConfig | None = None
     # Where relative paths in this file are resolved from; set by the loader.
     base_dir: str = "."
 

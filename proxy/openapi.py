@@ -16,6 +16,8 @@ _MODELS: list[type[BaseModel]] = [
     schemas.CreateEndUser, schemas.UpdateEndUser, schemas.CreateKey, schemas.TopUp, schemas.Refund, schemas.Adjustment,
     schemas.WalletView, schemas.ReceiptView, schemas.LedgerPage, schemas.EndUserView, schemas.KeyView,
     schemas.CreatedKeyView, schemas.KeyList, schemas.RateCardsView, schemas.UpdateKey, schemas.MintToken, schemas.TokenView,
+    schemas.StartCheckout, schemas.AdminStartCheckout, schemas.CheckoutSessionView, schemas.UpdateAutoTopUp, schemas.AutoTopUpView,
+    schemas.StartCardRefund, schemas.CardRefundView, schemas.CardPaymentList,
 ]
 
 _ERROR_SCHEMA = {
@@ -98,6 +100,26 @@ def document() -> dict[str, Any]:
         "/admin/ratecards/reload": {"post": _op(
             "Reload the rate cards from disk; an invalid set is refused (422, with file:line) and the running one stays",
             200, schemas.RateCardsView, errors=(401, 422))},
+        "/admin/end-users/{id}/checkout-sessions": {"post": _op(
+            "Start a Stripe Checkout top-up for an end user (501 without stripe:)", 201, schemas.CheckoutSessionView,
+            schemas.AdminStartCheckout, params=[uid], errors=(400, 401, 404, 501))},
+        "/admin/end-users/{id}/auto-top-up": {
+            "get": _op("The saved card and auto top-up rule, with its failures", 200, schemas.AutoTopUpView, params=[uid], errors=(401, 404, 501)),
+            "patch": _op("Change or re-enable the auto top-up rule (enabling needs a saved card)", 200, schemas.AutoTopUpView,
+                         schemas.UpdateAutoTopUp, params=[uid], errors=(400, 401, 404, 501)),
+        },
+        "/admin/end-users/{id}/card-payments": {"get": _op("Card payments that credited the wallet, and what is refundable", 200,
+                                                           schemas.CardPaymentList, params=[uid], errors=(401, 404, 501))},
+        "/admin/end-users/{id}/card-refunds": {"post": _op(
+            "Refund unspent credit to the card that paid it (debited first; restored if Stripe refuses)", 201, schemas.CardRefundView,
+            schemas.StartCardRefund, [uid, _IDEMPOTENCY], (400, 401, 402, 404, 409, 501, 502))},
+        "/v1/wallet/checkout-sessions": {"post": {**_op(
+            "An end user starts a Stripe Checkout top-up of their own wallet", 201, schemas.CheckoutSessionView,
+            schemas.StartCheckout, errors=(400, 401, 501)), "security": [{"endUserKey": []}]}},
+        "/v1/wallet/top-up-options": {"get": {"summary": "Currency, presets, minimum and maximum of a top-up",
+                                              "security": [{"endUserKey": []}], "responses": {"200": {"description": "OK"}}}},
+        "/stripe/webhook": {"post": {"summary": "Stripe's events (Stripe-Signature checked; each applied once)", "security": [],
+                                     "responses": {"200": {"description": "received"}, "400": {"$ref": "#/components/responses/Error"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
         "/readyz": {"get": {"summary": "Readiness (the store answers)", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
@@ -109,7 +131,8 @@ def document() -> dict[str, Any]:
         "components": {
             "schemas": {**defs.get("$defs", {}), "Error": _ERROR_SCHEMA},
             "responses": {"Error": {"description": "Error in OpenAI's shape", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
-            "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"},
+                                "endUserKey": {"type": "http", "scheme": "bearer", "description": "an sk-eu_ key, an end-user token, or an operator key with `user`"}},
         },
     }
 

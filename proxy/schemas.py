@@ -9,7 +9,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from proxy.store import MAX_AMOUNT_MICROS, WalletState
 
@@ -215,3 +215,82 @@ class RateCardSummary(BaseModel):
 class RateCardsView(BaseModel):
     cards: list[RateCardSummary]
     tiers: dict[str, str]
+
+
+# ------------------------------------------------------------ money in (Stripe)
+
+Threshold = Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT_MICROS, description="integer micros")]
+
+
+class StartCheckout(_Body):
+    """An end user's top-up: POST /v1/wallet/checkout-sessions."""
+
+    amount_micros: Micros = Field(description="what the wallet is credited once paid; between the configured minimum and maximum")
+    save_card: StrictBool = Field(False, description="keep the card for auto top-up (setup_future_usage=off_session)")
+    user: StrictStr | None = Field(None, description="with an operator key: the end user who buys")
+
+
+class AdminStartCheckout(_Body):
+    amount_micros: Micros = Field(description="what the wallet is credited once paid")
+    save_card: StrictBool = False
+    success_url: StrictStr | None = Field(None, pattern=r"^https?://", description="default: stripe.success_url")
+    cancel_url: StrictStr | None = Field(None, pattern=r"^https?://", description="default: stripe.cancel_url")
+
+
+class CheckoutSessionView(BaseModel):
+    object: str = "checkout.session"
+    id: str
+    url: str = Field(description="send the buyer here (Stripe's hosted page)")
+    amount_micros: int
+    currency: str
+
+
+class UpdateAutoTopUp(_Body):
+    """Only the fields sent change. Enabling needs a saved card, and resets the failure count."""
+
+    enabled: StrictBool | None = None
+    threshold_micros: Threshold | None = Field(None, description="a settle leaving available below this starts a top-up")
+    amount_micros: Micros | None = Field(None, description="what one auto top-up charges and credits")
+
+
+class AutoTopUpView(BaseModel):
+    object: str = "auto_top_up"
+    end_user: str
+    enabled: bool
+    threshold_micros: int
+    amount_micros: int
+    card: str | None = Field(description="the saved card, e.g. 'visa •••• 4242'")
+    payment_method: str | None
+    customer: str | None
+    consecutive_failures: int
+    last_error: str | None
+    disabled_reason: str | None = Field(description="set when failures turned the rule off")
+    attempts: int
+    blocked_until_ms: int | None = Field(description="no attempt starts before this (one in flight, or backing off)")
+
+
+class StartCardRefund(_Body):
+    payment_intent: StrictStr = Field(pattern=r"^pi_[A-Za-z0-9_]+$", description="the card payment (see card-payments)")
+    amount_micros: Micros | None = Field(None, description="left out: all of the payment's credit the wallet still has")
+
+
+class CardRefundView(BaseModel):
+    object: str = "card_refund"
+    refund: str = Field(description="Stripe's refund id")
+    status: str
+    payment_intent: str
+    amount_micros: int
+    ledger_id: str
+    wallet: WalletView
+
+
+class CardPaymentView(BaseModel):
+    payment_intent: str
+    credited_micros: int
+    refunded_micros: int
+    refundable_micros: int
+
+
+class CardPaymentList(BaseModel):
+    object: str = "list"
+    data: list[CardPaymentView]

@@ -112,10 +112,24 @@ def warnings_for(config: Config) -> list[str]:
     return warnings
 
 
+def check_stripe(config: Config) -> str | None:
+    """A `stripe:` block needs both of its secrets: without them money could not come in, or be verified."""
+    stripe = config.stripe
+    if stripe is None:
+        return None
+    missing = [env for env, value in ((stripe.secret_key_env, stripe.secret_key), (stripe.webhook_secret_env, stripe.webhook_secret))
+               if not value]
+    if missing:
+        return (f"stripe: is configured but {' and '.join('$' + m for m in missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set (the secret key sk_..., the webhook signing secret whsec_...); "
+                "set them, or remove the stripe: block")
+    return None
+
+
 def check(config: Config) -> StartupCheck:
     """Everything `metergate serve` verifies before it listens; the first fatal problem wins."""
     warnings = warnings_for(config)
-    error = check_ratecards(config)
+    error = check_stripe(config) or check_ratecards(config)
     if error is None and config.redis_url:
         error = check_redis(config.redis_url)
     return StartupCheck(error=error, warnings=warnings)
