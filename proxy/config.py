@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from pricing.yaml_source import SourceError, SourceIssue, issues_from_validation, read_yaml, to_plain
@@ -157,6 +157,20 @@ class StripeConfig(_Strict):
         if self.currency in _THREE_DECIMAL:
             return 1_000
         return 10_000
+
+    @model_validator(mode="after")
+    def _whole_minor_units(self) -> StripeConfig:
+        # Stripe charges integers of the currency's smallest unit: an amount
+        # finer than that could be credited but never charged.
+        amounts = [("top_up_presets", p) for p in self.top_up_presets]
+        amounts += [("minimum_top_up", self.minimum_top_up), ("maximum_top_up", self.maximum_top_up)]
+        amounts += [(f"auto_top_up.{tier}.amount", rule.amount) for tier, rule in self.auto_top_up.items()]
+        for name, amount in amounts:
+            if (amount * 1_000_000) % self.micros_per_unit:
+                raise ValueError(f"{name}: {amount} is finer than one {self.currency.upper()} minor unit")
+        if self.minimum_top_up > self.maximum_top_up:
+            raise ValueError("minimum_top_up is above maximum_top_up")
+        return self
 
     def auto_top_up_for(self, tier: str) -> AutoTopUpDefaults:
         return self.auto_top_up.get(tier) or self.auto_top_up.get("default") or AutoTopUpDefaults()

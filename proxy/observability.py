@@ -68,6 +68,10 @@ STORE_ERRORS = Counter("metergate_store_errors", "Wallet-store round trips that 
                        ["script", "kind"])
 UPSTREAM_ERRORS = Counter("metergate_upstream_errors", "Upstream failures, by model and kind", ["model", "kind"])
 ACTIVE_STREAMS = Gauge("metergate_active_streams", "Streams being relayed now")
+STRIPE_EVENTS = Counter("metergate_stripe_events", "Stripe webhook events received, by type and outcome "
+                        "(applied, duplicate, ignored, bad_signature)", ["type", "outcome"])
+AUTO_TOP_UPS = Counter("metergate_auto_top_ups", "Auto top-up attempts, by outcome (succeeded, processing, declined, "
+                       "unavailable, disabled)", ["outcome"])
 
 _HOLD_OPENED = HOLDS.labels("opened")
 _HOLD_CLAMPED = HOLDS.labels("clamped")
@@ -160,6 +164,14 @@ def hold_opened(lease: Lease) -> None:
 
 def hold_extended() -> None:
     _HOLD_EXTENDED.inc()
+
+
+def stripe_event(kind: str, outcome: str) -> None:
+    STRIPE_EVENTS.labels(kind, outcome.split(":", 1)[0]).inc()
+
+
+def auto_top_up(outcome: str) -> None:
+    AUTO_TOP_UPS.labels(outcome).inc()
 
 
 def holds_expired(count: int) -> None:

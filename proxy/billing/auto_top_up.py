@@ -18,6 +18,7 @@ from typing import Any
 
 import stripe
 
+from proxy import observability
 from proxy.billing.service import META_ATTEMPT, META_CREDIT, META_END_USER, META_KIND, Billing, _key
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ class AutoTopUps:
             return
         if intent.status == "succeeded":
             await billing.credit_payment(wallet_id, intent.id, rule.amount_micros, attempt=attempt, kind="auto_top_up")
+            observability.auto_top_up("succeeded")
             log.info("wallet %s: auto top-up %d charged %s", wallet_id, attempt, intent.id)
         elif intent.status == "processing":
+            observability.auto_top_up("processing")
             log.info("wallet %s: auto top-up %d is processing (%s); its webhook settles it", wallet_id, attempt, intent.id)
         else:
             await self.record_failure(wallet_id, attempt, declined=True, error=f"authentication_required: payment {intent.status}")
@@ -83,7 +86,9 @@ class AutoTopUps:
             wallet_id, attempt, declined=declined, error=error,
             retry_after_ms=int(config.auto_top_up_retry_after_seconds * 1000), max_failures=config.auto_top_up_max_failures,
         )
+        observability.auto_top_up("declined" if declined else "unavailable")
         if outcome.disabled_now:
+            observability.auto_top_up("disabled")
             log.warning("wallet %s: auto top-up turned off after %d consecutive failures (last: %s)",
                         wallet_id, outcome.consecutive_failures, error)
         else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel
 
-from proxy import schemas
+from proxy import observability, schemas
 from proxy.appstate import BILLING, STRIPE_EVENTS
 from proxy.auth import authenticate
 from proxy.billing.service import Billing, BillingError, CheckoutStarted
@@ -69,8 +69,11 @@ async def stripe_webhook(request: web.Request) -> web.Response:
     try:
         event = events.verify(payload, request.headers.get("Stripe-Signature"))
     except BadSignature as exc:
+        observability.stripe_event("unknown", "bad_signature")
         raise ApiError(400, f"invalid Stripe signature: {exc}", code="invalid_signature") from None
     applied = await events.apply(event)
+    observability.stripe_event(applied.type if applied.outcome != "ignored: not an event metergate uses" else "other",
+                               applied.outcome)
     return web.json_response({"received": True, "id": applied.event_id, "type": applied.type, "outcome": applied.outcome})
 
 

@@ -102,6 +102,15 @@ class Billing:
         amount = self.check_top_up_amount(amount_micros)
         if await self.wallets.get(wallet_id) is None:
             raise WalletNotFound(f"no wallet {wallet_id!r}")
+        try:
+            return await self._create_session(wallet_id, amount_micros, amount, save_card, success_url, cancel_url)
+        except stripe.StripeError as exc:
+            log.error("wallet %s: Stripe refused or did not answer a Checkout Session: %s", wallet_id, exc)
+            raise BillingError(502, f"Stripe could not start the payment: {exc.user_message or exc}", "stripe_error") from None
+
+    async def _create_session(
+        self, wallet_id: str, amount_micros: int, amount: int, save_card: bool, success_url: str | None, cancel_url: str | None,
+    ) -> CheckoutStarted:
         customer = await self.customer_for(wallet_id)
         metadata = {META_END_USER: wallet_id, META_CREDIT: str(amount_micros), META_KIND: "checkout",
                     META_SAVE_CARD: "1" if save_card else "0"}

@@ -102,7 +102,9 @@ class StripeEvents:
         if not wallet_id or not credit or not payment_intent:
             return "ignored: not a metergate top-up"
         await self.billing.credit_payment(wallet_id, payment_intent, credit)
-        if meta.get(META_SAVE_CARD) == "1" and not (await self.billing.payments.rule(wallet_id)).payment_method:
+        if meta.get(META_SAVE_CARD) == "1":
+            # The session names its payment, not the card: read the card off the
+            # payment (the latest card a buyer chose to save becomes the card).
             intent = await self.billing.stripe.v1.payment_intents.retrieve_async(payment_intent)
             await self.billing.save_card(wallet_id, intent.to_dict())
         return "applied"

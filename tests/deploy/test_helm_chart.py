@@ -282,14 +282,17 @@ def test_jwt_secret_goes_into_the_variable_the_config_names(chart: helm.Chart, d
     assert rendered.env()["METERGATE_JWT_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-metergate", "key": "jwt-secret"}
 
 
-def test_stripe_key_ref_is_optional_and_off_by_default(chart: helm.Chart, default: Rendered) -> None:
-    assert "STRIPE_API_KEY" not in default.env()
-    rendered = render(chart, {"secrets": {"stripeApiKey": {"enabled": True}}})
-    assert rendered.env()["STRIPE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
-        "name": f"{RELEASE}-metergate",
-        "key": "stripe-api-key",
-        "optional": True,
-    }
+def test_stripe_secrets_are_referenced_only_when_stripe_is_configured(chart: helm.Chart, default: Rendered) -> None:
+    assert "STRIPE_SECRET_KEY" not in default.env() and "STRIPE_WEBHOOK_SECRET" not in default.env()
+    rendered = render(chart, {"config": {"stripe": {"currency": "usd"}}})
+    env = rendered.env()
+    assert env["STRIPE_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-metergate", "key": "stripe-secret-key"}
+    assert env["STRIPE_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-metergate", "key": "stripe-webhook-secret"}
+
+
+def test_stripe_secrets_follow_the_configured_variable_names(chart: helm.Chart) -> None:
+    rendered = render(chart, {"config": {"stripe": {"secret_key_env": "PAY_KEY", "webhook_secret_env": "PAY_HOOK"}}})
+    assert {"PAY_KEY", "PAY_HOOK"} <= set(rendered.env())
 
 
 def test_database_url_ref_is_off_by_default(chart: helm.Chart, default: Rendered) -> None:
