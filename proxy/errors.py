@@ -64,6 +64,9 @@ _WALLET_STATUS: dict[type[store.WalletError], tuple[int, str, str]] = {
     store.InvalidAmount: (400, "invalid_request_error", "invalid_amount"),
     store.BalanceLimit: (400, "invalid_request_error", "balance_limit"),
     store.InvalidWalletRequest: (400, "invalid_request_error", "invalid_request"),
+    store.PaymentNotFound: (404, "invalid_request_error", "payment_not_found"),
+    store.RefundExceedsPayment: (409, "invalid_request_error", "refund_exceeds_payment"),
+    store.NoPaymentMethod: (400, "invalid_request_error", "no_payment_method"),
 }
 
 

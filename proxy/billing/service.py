@@ -18,6 +18,7 @@ import stripe
 from proxy.billing.stripe_api import StripeApi
 from proxy.config import StripeConfig
 from proxy.store import Receipt, WalletNotFound, WalletStore
+from proxy.store.errors import RefundExceedsPayment
 from proxy.store.payments import AutoTopUpRule, CardPayment, PaymentStore
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,10 @@ class Billing:
         at all the debit stands and the caller retries with the same key.
         """
         payment = await self._payment(wallet_id, payment_intent)
+        request_id = _key("refund", wallet_id, request_key)
+        if amount_micros is None:
+            # A retry of a request that left the amount out refunds what the first one debited, not what is left now.
+            amount_micros = await self.payments.refund_requested(wallet_id, request_id)
         if amount_micros is None:
             wallet = await self.wallets.get(wallet_id)
             own = max((wallet.balance_micros - wallet.held_micros) if wallet else 0, 0)
@@ -198,8 +203,15 @@ class Billing:
             amount = self.api.to_amount(amount_micros)
         except ValueError as exc:
             raise BillingError(400, f"amount_micros {exc}", "invalid_amount", "amount_micros") from None
-        request_id = _key("refund", wallet_id, request_key)
-        receipt = await self.payments.refund_to_card(wallet_id, payment_intent, amount_micros, request_id=request_id)
+        try:
+            receipt = await self.payments.refund_to_card(wallet_id, payment_intent, amount_micros, request_id=request_id)
+        except RefundExceedsPayment as exc:
+            raise BillingError(409, exc.message, "refund_exceeds_payment", "amount_micros") from None
+        if receipt.replayed and await self.payments.refund_restored(wallet_id, request_id):
+            # Given back already (Stripe refused it, or the refund failed): asking Stripe again could send money
+            # to the card that the wallet no longer pays for.
+            raise BillingError(402, "this refund was refused by Stripe and the wallet restored; ask again with a new "
+                               "Idempotency-Key", "refund_refused")
         try:
             refund = await self.stripe.v1.refunds.create_async(
                 params={"payment_intent": payment_intent, "amount": amount,

@@ -9,7 +9,8 @@
 -- ARGV[8] the dispute's id (du_...)
 -- Returns {'ok'|'replay', ledger_id, balance, held, credit_limit}.
 -- Keeps: balance == sum of ledger amounts; balance never below -credit_limit;
--- a won dispute gives back exactly what its opening took, once.
+-- a won dispute gives back exactly what its opening took, once, in whichever
+-- order the two arrive.
 local amount = int_arg(ARGV[1], 1, MAX_AMOUNT)
 if amount == nil then
   return fail('INVALID_AMOUNT', 'amount_micros must be an integer between 1 and ' .. fmt(MAX_AMOUNT))
@@ -22,13 +23,18 @@ if early then
   return early
 end
 local debited_field = 'dispute:' .. ARGV[8]
+local recorded = redis.call('HGET', KEYS[4], debited_field)
 local delta, shortfall = 0, 0
 if ARGV[7] == 'opened' then
-  local debit = math.min(amount, math.max(balance - held + credit_limit, 0))
-  shortfall = amount - debit
-  delta = -debit
+  -- Stripe does not promise the order of deliveries: a dispute already won
+  -- when its opening arrives takes nothing.
+  if recorded ~= 'won' then
+    local debit = math.min(amount, math.max(balance - held + credit_limit, 0))
+    shortfall = amount - debit
+    delta = -debit
+  end
 else
-  delta = tonumber(redis.call('HGET', KEYS[4], debited_field)) or 0
+  delta = tonumber(recorded) or 0
 end
 local entry_type = (ARGV[7] == 'opened') and 'dispute' or 'dispute_won'
 local fields = {'payment_intent', ARGV[4], 'reference', ARGV[8], 'idempotency_key', ARGV[6],
@@ -46,8 +52,10 @@ else
   end
 end
 if ARGV[7] == 'opened' then
-  redis.call('HSET', KEYS[4], debited_field, fmt(0 - delta))
+  if recorded ~= 'won' then
+    redis.call('HSET', KEYS[4], debited_field, fmt(0 - delta))
+  end
 else
-  redis.call('HDEL', KEYS[4], debited_field)
+  redis.call('HSET', KEYS[4], debited_field, 'won')
 end
 return result

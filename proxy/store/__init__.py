@@ -3,6 +3,7 @@
 - `wallets`: `WalletStore` moves money, one method per script in `proxy/lua/`.
 - `accounts`: `AccountStore` keeps end users' API keys.
 - `limits`: `LimitStore` counts per-credential rates and spend.
+- `payments`: `PaymentStore` credits card payments, refunds to the card, disputes, and the auto top-up rule.
 - `scripts`: the client, the `Commands` protocol and the script runner;
   `redis_mux`: the multiplexed connection the request path uses;
   `cluster`: how the app connects, and the request path's routing on a Redis Cluster.
@@ -21,7 +22,10 @@ from proxy.store.errors import (
     InsufficientFunds,
     InvalidAmount,
     InvalidWalletRequest,
+    NoPaymentMethod,
+    PaymentNotFound,
     RefundExceedsCharge,
+    RefundExceedsPayment,
     SpendLimitReached,
     WalletError,
     WalletExists,
@@ -47,7 +51,7 @@ from proxy.store.wallets import (
 __all__ = [
     "API_KEY_PREFIX", "AccountStore", "ApiKey", "Audit", "BalanceLimit", "Checkpoint", "ChargeNotFound", "Commands", "CredentialSpend",
     "HOLD_INDEX_KEY", "Hold", "HoldClosed", "HoldExtension", "HoldNotFound", "IdempotencyConflict", "InsufficientFunds",
-    "InvalidAmount", "InvalidWalletRequest", "KeySpend", "LedgerEntry", "LimitStore", "Limited", "MAX_AMOUNT_MICROS",
+    "InvalidAmount", "InvalidWalletRequest", "NoPaymentMethod", "PaymentNotFound", "RefundExceedsPayment", "KeySpend", "LedgerEntry", "LimitStore", "Limited", "MAX_AMOUNT_MICROS",
     "PREFIX", "Receipt", "RedisPyCommands", "RefundExceedsCharge", "Settlement", "SpendLimitReached", "WALLET_ID_RE", "WalletError",
     "WalletExists", "WalletNotFound", "WalletState", "WalletStore", "connect", "fingerprint", "hash_api_key", "now_ms",
 ]

@@ -139,6 +139,21 @@ class PaymentStore:
             amount_micros, fp, self.idempotency_ttl_seconds, payment_intent, "", key, mode, dispute_id,
         ])
 
+    async def refund_requested(self, wallet_id: str, request_id: str) -> int | None:
+        """What the refund request `request_id` debited (micros), or None when it debited nothing (yet)."""
+        result: bytes | None = await self.redis.hget(_idempotency_key(wallet_id, f"card-refund:{request_id}"), "result")  # type: ignore[assignment]
+        if not result:
+            return None
+        ledger_id = result.decode().split(",")[0]
+        found: list[tuple[bytes, dict[bytes, bytes]]] = await self.redis.xrange(  # type: ignore[assignment]
+            _ledger_key(wallet_id), min=ledger_id, max=ledger_id)
+        return -int(found[0][1][b"amount"]) if found else None
+
+    async def refund_restored(self, wallet_id: str, request_id: str) -> bool:
+        """Whether the refund request `request_id` was given back (Stripe refused it, or it failed)."""
+        key = _idempotency_key(wallet_id, f"card-refund-restore:{request_id}")
+        return bool(await self.commands.execute("EXISTS", key))
+
     async def card_payments(self, wallet_id: str) -> list[CardPayment]:
         raw: dict[bytes, bytes] = await self.redis.hgetall(_card_payments_key(wallet_id))  # type: ignore[assignment]
         fields = {k.decode(): int(v) for k, v in raw.items()}
