@@ -282,14 +282,15 @@ def install(origin: str) -> web.Application:
 
     PaymentIntent._report_failure = report_failure
 
-    # localstripe's PaymentIntent rejects setup_future_usage and has no amount_received; Stripe's has both.
+    # localstripe's PaymentIntent rejects setup_future_usage and description and has no amount_received; Stripe's has all three.
     original_intent_init = PaymentIntent.__init__
 
-    def intent_init(self: PaymentIntent, *args: Any, setup_future_usage: Any = None, **kwargs: Any) -> None:
+    def intent_init(self: PaymentIntent, *args: Any, setup_future_usage: Any = None, description: Any = None, **kwargs: Any) -> None:
         if setup_future_usage not in SETUP_FUTURE_USAGES:
             raise UserError(400, "Bad request", {"param": "setup_future_usage"})
         original_intent_init(self, *args, **kwargs)
         self.setup_future_usage = setup_future_usage
+        self.description = description
 
     PaymentIntent.__init__ = intent_init
     PaymentIntent.amount_received = property(

@@ -23,6 +23,13 @@ from proxy.billing.service import META_ATTEMPT, META_CREDIT, META_END_USER, META
 
 log = logging.getLogger(__name__)
 
+# Stripe's refusals that mean the saved card cannot be charged (it was detached,
+# deleted, or is in a state that cannot pay): counted as the card's failures.
+_CARD_FAULTS = frozenset({
+    "resource_missing", "payment_method_unexpected_state", "payment_method_not_available", "payment_intent_authentication_failure",
+    "card_declined", "authentication_required", "expired_card", "incorrect_cvc", "processing_error",
+})
+
 
 class AutoTopUps:
     def __init__(self, billing: Billing, spawn: Callable[[Coroutine[Any, Any, Any]], object]):
@@ -67,8 +74,15 @@ class AutoTopUps:
             # Not the card's fault; if the charge did go through, its webhook credits it.
             await self.record_failure(wallet_id, attempt, declined=False, error=f"Stripe unavailable: {exc}")
             return
-        except stripe.StripeError as exc:  # e.g. the saved card was detached: the card is unusable
-            await self.record_failure(wallet_id, attempt, declined=True, error=f"{exc.code or 'stripe_error'}: {exc.user_message or exc}")
+        except stripe.StripeError as exc:
+            # The saved card gone or unusable counts against the card; any other
+            # refusal (our request, an idempotency clash) is ours, not the card
+            # holder's, and must not turn their auto top-up off.
+            card_fault = isinstance(exc, stripe.InvalidRequestError) and exc.code in _CARD_FAULTS
+            if not card_fault:
+                log.error("wallet %s: Stripe refused auto top-up attempt %d: %s", wallet_id, attempt, exc)
+            await self.record_failure(wallet_id, attempt, declined=card_fault,
+                                      error=f"{exc.code or 'stripe_error'}: {exc.user_message or exc}")
             return
         if intent.status == "succeeded":
             await billing.credit_payment(wallet_id, intent.id, rule.amount_micros, attempt=attempt, kind="auto_top_up")

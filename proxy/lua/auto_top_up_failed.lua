@@ -27,7 +27,11 @@ if attempt <= (tonumber(rule[1]) or 0) then
   return {'replay', fmt(failures), rule[3] or '0', ''}
 end
 redis.call('HSET', KEYS[2], 'at_last_finished', fmt(attempt), 'at_last_error', ARGV[3])
-redis.call('HSET', KEYS[1], 'at_block_until', fmt(now_ms() + retry_after))
+-- Only the latest claim's end moves the claim: a late report of an older
+-- attempt must not shorten the lease of a newer one still in flight.
+if attempt >= (tonumber(redis.call('HGET', KEYS[1], 'at_attempt')) or 0) then
+  redis.call('HSET', KEYS[1], 'at_block_until', fmt(now_ms() + retry_after))
+end
 local enabled, note = rule[3] or '0', ''
 if ARGV[2] == 'declined' then
   failures = redis.call('HINCRBY', KEYS[2], 'at_failures', 1)

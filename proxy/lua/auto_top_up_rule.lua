@@ -7,7 +7,8 @@
 -- ARGV[5] payment method id ('' keeps the saved one)   ARGV[6] card label ('' keeps it)
 -- ARGV[7] Stripe customer id ('' keeps it)
 -- Returns {'ok'}. Error NO_PAYMENT_METHOD when enabling a wallet with no saved card.
--- Enabling resets the failure count and lets the next low balance try at once.
+-- Enabling resets the failure count and lets the next low balance try at once
+-- (once the attempt in flight, if any, has finished).
 -- Keeps: `at_threshold` is on the wallet hash exactly when the rule is enabled
 -- with a saved card (capture_hold claims attempts from it).
 local threshold = int_arg(ARGV[3], 0, MAX_AMOUNT)
@@ -38,7 +39,12 @@ redis.call('HSET', KEYS[2], 'at_enabled', ARGV[2], 'at_threshold', fmt(threshold
 if ARGV[2] == '1' then
   redis.call('HSET', KEYS[2], 'at_failures', '0', 'at_disabled_reason', '')
   redis.call('HSET', KEYS[1], 'at_threshold', fmt(threshold))
-  redis.call('HDEL', KEYS[1], 'at_block_until')
+  -- A backoff ends here, but an attempt still in flight keeps its lease: freeing
+  -- it would let the next low settle charge the card a second time beside it.
+  local claimed = tonumber(redis.call('HGET', KEYS[1], 'at_attempt')) or 0
+  if claimed <= (tonumber(redis.call('HGET', KEYS[2], 'at_last_finished')) or 0) then
+    redis.call('HDEL', KEYS[1], 'at_block_until')
+  end
 else
   redis.call('HDEL', KEYS[1], 'at_threshold')
 end

@@ -34,6 +34,10 @@ elseif early[1] ~= 'replay' then
 end
 if attempt > 0 and attempt > (tonumber(redis.call('HGET', KEYS[5], 'at_last_finished')) or 0) then
   redis.call('HSET', KEYS[5], 'at_last_finished', fmt(attempt), 'at_failures', '0', 'at_last_error', '')
-  redis.call('HDEL', KEYS[1], 'at_block_until')
+  -- Only the latest claim's end frees the claim: a late report of an older
+  -- attempt must not free a newer one still in flight.
+  if attempt >= (tonumber(redis.call('HGET', KEYS[1], 'at_attempt')) or 0) then
+    redis.call('HDEL', KEYS[1], 'at_block_until')
+  end
 end
 return result
