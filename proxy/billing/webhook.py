@@ -13,9 +13,13 @@ Events handled:
 - payment_intent.succeeded: credit it (Checkout purchases and auto top-ups),
   keep a saved card; payment_intent.payment_failed: an auto top-up's failure;
 - charge.refunded, refund.created, refund.updated: refunds made in Stripe are
-  debited (ours were debited when asked; a failed one of ours is restored);
-- charge.dispute.created: the disputed amount is debited; charge.dispute.closed
-  as won: it comes back.
+  debited, and given back if they fail (ours were debited when asked; a failed
+  one of ours is restored);
+- charge.dispute.created / funds_withdrawn: the disputed amount is debited (not
+  for inquiries, which withdraw nothing); funds_reinstated, or closed as won:
+  it comes back.
+An event about a payment metergate has not seen credited yet reads the payment
+from Stripe first (see `_wallet_paid_by`).
 Anything else is acknowledged and ignored.
 """
 
@@ -30,7 +34,7 @@ import stripe
 
 from proxy.billing.auto_top_up import AutoTopUps
 from proxy.billing.service import META_ATTEMPT, META_CREDIT, META_END_USER, META_KIND, META_REFUND, META_SAVE_CARD, Billing
-from proxy.store import WalletError
+from proxy.store import InvalidWalletRequest, WalletError
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,25 @@ class StripeEvents:
         await self.auto_top_ups.record_failure(wallet_id, attempt, declined=True, error=str(error))
         return "applied"
 
+    async def _wallet_paid_by(self, payment_intent: str) -> str | None:
+        """The wallet a payment credited; None when it is not a metergate payment.
+
+        An event about a payment (a refund, a dispute) can arrive before the
+        payment's own events (Stripe retries after an outage in any order): then
+        the payment is read from Stripe and, if it is a metergate payment that
+        succeeded, credited first, so that what follows applies to it.
+        """
+        wallet_id = await self.billing.payments.wallet_of_payment(payment_intent)
+        if wallet_id is not None:
+            return wallet_id
+        intent = (await self.billing.stripe.v1.payment_intents.retrieve_async(payment_intent)).to_dict()
+        meta = intent.get("metadata") or {}
+        if not meta.get(META_END_USER) or not _int(meta.get(META_CREDIT)):
+            return None
+        if intent.get("status") == "succeeded":
+            await self._payment_succeeded(intent)
+        return str(meta[META_END_USER])
+
     # ----------------------------------------------------------------- refunds
 
     async def _refund(self, refund: dict[str, Any]) -> str:
@@ -137,7 +160,7 @@ class StripeEvents:
         amount, refund_id, status = _int(refund.get("amount")), refund.get("id"), refund.get("status")
         if not payment_intent or not amount or not refund_id:
             return "ignored: a refund without a payment"
-        wallet_id = await self.billing.payments.wallet_of_payment(payment_intent)
+        wallet_id = await self._wallet_paid_by(payment_intent)
         if wallet_id is None:
             return "ignored: not a metergate payment"
         micros = self.billing.api.to_micros(amount)
@@ -148,14 +171,20 @@ class StripeEvents:
                                                            reason=f"refund {refund_id} {status}")
                 return "applied: restored"
             return "applied: debited when it was asked"
+        payments = self.billing.payments
         if status in ("failed", "canceled"):
-            return "ignored: a refund that did not happen"
-        await self.billing.payments.record_external_refund(wallet_id, payment_intent, micros, refund_id=refund_id)
+            # Given back only if its creation was recorded (and debited) before.
+            try:
+                await payments.external_refund_failed(wallet_id, payment_intent, refund_id=refund_id)
+            except InvalidWalletRequest:
+                return "ignored: a refund that did not happen"
+            return "applied: restored"
+        await payments.record_external_refund(wallet_id, payment_intent, micros, refund_id=refund_id)
         return "applied"
 
     async def _charge_refunded(self, charge: dict[str, Any]) -> str:
         payment_intent = charge.get("payment_intent")
-        if not payment_intent or await self.billing.payments.wallet_of_payment(payment_intent) is None:
+        if not payment_intent or await self._wallet_paid_by(payment_intent) is None:
             return "ignored: not a metergate payment"
         refunds = await self.billing.stripe.v1.refunds.list_async(params={"payment_intent": payment_intent, "limit": 100})
         for refund in refunds.data:
@@ -164,24 +193,32 @@ class StripeEvents:
 
     # ---------------------------------------------------------------- disputes
 
-    async def _dispute(self, dispute: dict[str, Any], *, closed: bool) -> str:
+    async def _dispute(self, dispute: dict[str, Any], *, gives_back: bool) -> str:
         payment_intent, amount = dispute.get("payment_intent"), _int(dispute.get("amount"))
         if not payment_intent or not amount or not dispute.get("id"):
             return "ignored: a dispute without a payment"
-        wallet_id = await self.billing.payments.wallet_of_payment(payment_intent)
+        if str(dispute.get("status") or "").startswith("warning_"):
+            # An inquiry: Stripe withdraws nothing, so the wallet keeps its money.
+            return "ignored: an inquiry moves no money"
+        wallet_id = await self._wallet_paid_by(payment_intent)
         if wallet_id is None:
             return "ignored: not a metergate payment"
-        if closed and dispute.get("status") != "won":
-            return "ignored: lost disputes were debited when opened"
         await self.billing.payments.dispute(wallet_id, payment_intent, self.billing.api.to_micros(amount),
-                                            dispute_id=dispute["id"], won=closed)
+                                            dispute_id=dispute["id"], won=gives_back)
         return "applied"
 
-    async def _dispute_created(self, dispute: dict[str, Any]) -> str:
-        return await self._dispute(dispute, closed=False)
+    async def _dispute_opened(self, dispute: dict[str, Any]) -> str:
+        # charge.dispute.created and charge.dispute.funds_withdrawn both report
+        # one withdrawal: keyed by the dispute, it is debited once.
+        return await self._dispute(dispute, gives_back=False)
+
+    async def _dispute_reinstated(self, dispute: dict[str, Any]) -> str:
+        return await self._dispute(dispute, gives_back=True)
 
     async def _dispute_closed(self, dispute: dict[str, Any]) -> str:
-        return await self._dispute(dispute, closed=True)
+        if dispute.get("status") != "won":
+            return "ignored: a lost dispute was debited when it opened"
+        return await self._dispute(dispute, gives_back=True)
 
 
 _HANDLERS = {
@@ -192,6 +229,8 @@ _HANDLERS = {
     "refund.created": StripeEvents._refund,
     "refund.updated": StripeEvents._refund,
     "charge.refunded": StripeEvents._charge_refunded,
-    "charge.dispute.created": StripeEvents._dispute_created,
+    "charge.dispute.created": StripeEvents._dispute_opened,
+    "charge.dispute.funds_withdrawn": StripeEvents._dispute_opened,
+    "charge.dispute.funds_reinstated": StripeEvents._dispute_reinstated,
     "charge.dispute.closed": StripeEvents._dispute_closed,
 }

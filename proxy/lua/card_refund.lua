@@ -13,7 +13,11 @@
 --   'external' a refund made outside metergate (Stripe's dashboard): the money
 --              has left already, so it is debited as far as the wallet allows
 --              (available, down to -credit_limit) and the rest is recorded as the
---              entry's shortfall -- the operator's loss, said in the ledger.
+--              entry's shortfall -- the operator's loss, said in the ledger. What
+--              it debited and counted is kept as refund:<re_ id> on the hash.
+--   'external_failed' that refund failed after all (a closed card account):
+--              what it debited comes back, and it no longer counts as refunded
+--              (ARGV[1] is ignored beyond validation).
 -- Returns {'ok'|'replay', ledger_id, balance, held, credit_limit}.
 -- Keeps: balance == sum of ledger amounts; the refunds of one payment never
 -- exceed what it credited; balance never below -credit_limit.
@@ -22,7 +26,7 @@ if amount == nil then
   return fail('INVALID_AMOUNT', 'amount_micros must be an integer between 1 and ' .. fmt(MAX_AMOUNT))
 end
 local mode = ARGV[7]
-if mode ~= 'request' and mode ~= 'restore' and mode ~= 'external' then
+if mode ~= 'request' and mode ~= 'restore' and mode ~= 'external' and mode ~= 'external_failed' then
   return fail('INVALID_REQUEST', 'unknown card refund mode ' .. mode)
 end
 local early, balance, held, credit_limit = balance_op_start()
@@ -35,12 +39,24 @@ if credited == nil then
 end
 local refunded_field = ARGV[4] .. ':refunded'
 local refunded = tonumber(redis.call('HGET', KEYS[4], refunded_field)) or 0
-local delta, shortfall = 0, 0
+local delta, shortfall, counted = 0, 0, 0
+local external_field = 'refund:' .. ARGV[8]
 if mode == 'restore' then
   delta = math.min(amount, refunded)
   if delta == 0 then
     return fail('INVALID_REQUEST', 'nothing of ' .. ARGV[4] .. ' is refunded to restore')
   end
+  counted = -delta
+elseif mode == 'external_failed' then
+  local kept = redis.call('HGET', KEYS[4], external_field)
+  local debited, was_counted = nil, nil
+  if kept then
+    debited, was_counted = string.match(kept, '^(%d+)|(%d+)$')
+  end
+  if debited == nil then
+    return fail('INVALID_REQUEST', 'no refund ' .. ARGV[8] .. ' of ' .. ARGV[4] .. ' was recorded to give back')
+  end
+  delta, counted = tonumber(debited), -tonumber(was_counted)
 else
   local refundable = credited - refunded
   if mode == 'request' then
@@ -52,14 +68,15 @@ else
       return fail('INSUFFICIENT_FUNDS', 'the wallet has ' .. fmt(math.max(balance - held, 0)) ..
         ' micros of its own not held by calls in flight')
     end
-    delta = -amount
+    delta, counted = -amount, amount
   else
     local debit = math.min(amount, refundable, math.max(balance - held + credit_limit, 0))
-    shortfall = math.min(amount, refundable) - debit
+    counted = math.min(amount, refundable)
+    shortfall = counted - debit
     delta = -debit
   end
 end
-local entry_type = (mode == 'restore') and 'card_refund_reversed' or 'card_refund'
+local entry_type = (mode == 'restore' or mode == 'external_failed') and 'card_refund_reversed' or 'card_refund'
 local fields = {'payment_intent', ARGV[4], 'reference', ARGV[8], 'idempotency_key', ARGV[6], 'meta', ARGV[5]}
 if shortfall > 0 then
   fields[#fields + 1] = 'requested'
@@ -80,9 +97,10 @@ else
     return err
   end
 end
-if mode == 'restore' then
-  redis.call('HINCRBY', KEYS[4], refunded_field, 0 - delta)
-else
-  redis.call('HINCRBY', KEYS[4], refunded_field, math.min(amount, credited - refunded))
+redis.call('HINCRBY', KEYS[4], refunded_field, counted)
+if mode == 'external' then
+  redis.call('HSET', KEYS[4], external_field, fmt(0 - delta) .. '|' .. fmt(counted))
+elseif mode == 'external_failed' then
+  redis.call('HDEL', KEYS[4], external_field)
 end
 return result

@@ -131,6 +131,14 @@ class PaymentStore:
             amount_micros, fp, self.idempotency_ttl_seconds, payment_intent, "", key, "external", refund_id,
         ])
 
+    async def external_refund_failed(self, wallet_id: str, payment_intent: str, *, refund_id: str) -> Receipt:
+        """A refund made in Stripe failed after it was recorded: give back what it debited."""
+        key = f"stripe:{refund_id}:failed"
+        fp = fingerprint("card_refund_external_failed", payment_intent, refund_id)
+        return await self._receipt("card_refund", wallet_id, key, [
+            1, fp, self.idempotency_ttl_seconds, payment_intent, "", key, "external_failed", refund_id,
+        ])
+
     async def dispute(self, wallet_id: str, payment_intent: str, amount_micros: int, *, dispute_id: str, won: bool) -> Receipt:
         mode = "won" if won else "opened"
         key = f"stripe:{dispute_id}:{mode}"
@@ -156,9 +164,10 @@ class PaymentStore:
 
     async def card_payments(self, wallet_id: str) -> list[CardPayment]:
         raw: dict[bytes, bytes] = await self.redis.hgetall(_card_payments_key(wallet_id))  # type: ignore[assignment]
-        fields = {k.decode(): int(v) for k, v in raw.items()}
+        # The hash also keeps disputes ("dispute:du_..." -> micros, or "won"): only payments' fields are numbers here.
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
         return [
-            CardPayment(payment_intent=name, credited_micros=value, refunded_micros=fields.get(f"{name}:refunded", 0))
+            CardPayment(payment_intent=name, credited_micros=int(value), refunded_micros=int(fields.get(f"{name}:refunded", 0)))
             for name, value in sorted(fields.items()) if ":" not in name
         ]
 
