@@ -12,81 +12,20 @@ where `.ci/run` installs it.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import jwt
 import pytest
-from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import load_config
 from tests.conftest import ADMIN_KEY, OPERATOR_KEY, UPSTREAM_KEY, UPSTREAM_KEY_ENV
 from tests.mock_upstream import make_usage
 
-PAGE_DIR = Path(__file__).resolve().parents[2] / "examples" / "browser"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SECRET_ENV, SECRET = "METERGATE_TEST_BROWSER_JWT_SECRET", "browser-test-secret-" + "s" * 40
 WORDS = 8
 EXPECTED = [f"word{i}" if i == 0 else f" word{i}" for i in range(WORDS)]  # the mock's chunks
 COST = 68  # 200 x 0.1875 + 40 x 0.75 = 67.5 micros, rounded up
-
-
-def _unavailable() -> str | None:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e '.[test]')"
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not os.access(path, os.X_OK):
-            return f"{path} is missing (apt-get install chromium chromium-driver)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    missing = _unavailable()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the browser test must run in CI: {missing}")
-        pytest.skip(missing)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="metergate-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    driver.set_script_timeout(20)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def _static_app() -> web.Application:
-    app = web.Application()
-    app.router.add_static("/", PAGE_DIR)
-    return app
-
-
-@pytest.fixture
-async def pages(aiohttp_server):
-    """The example page from two origins: (listed, unlisted)."""
-    listed = await aiohttp_server(_static_app(), host="127.0.0.1")
-    unlisted = await aiohttp_server(_static_app(), host="127.0.0.1")
-    return f"http://127.0.0.1:{listed.port}", f"http://127.0.0.1:{unlisted.port}"
 
 
 @pytest.fixture
