@@ -55,6 +55,16 @@ async def assert_ledger_invariants(store: WalletStore) -> None:
         assert audit.wallet.balance_micros >= -audit.wallet.credit_limit_micros, f"{wallet_id}: below -credit_limit"
 
 
+# Ledger notes: entries of amount 0 that record what moved no money (a refusal for
+# funds, a key at its cap...) so that it becomes an event in ledger order.
+NOTE_TYPES = frozenset({"depleted", "spend_cap_reached", "top_up_failed", "auto_top_up_failed", "auto_top_up_disabled"})
+
+
+async def money_ledger(store: WalletStore, wallet_id: str, limit: int = 500) -> list:
+    """The wallet's ledger (newest first) without its notes: what a refused call must leave unchanged."""
+    return [e for e in await store.ledger(wallet_id, limit=limit) if e.type not in NOTE_TYPES]
+
+
 @pytest.fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     client = connect(redis_server.url)

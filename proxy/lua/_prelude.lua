@@ -228,6 +228,9 @@ local function balance_op_finish(entry_type, amount, balance, held, credit_limit
     return nil, fail('BALANCE_LIMIT', 'the balance would exceed ' .. fmt(MAX_BALANCE) .. ' micros')
   end
   balance = redis.call('HINCRBY', KEYS[1], 'balance', amount)
+  if amount > 0 then
+    redis.call('HDEL', KEYS[1], 'note:depleted')  -- funds came in: the next refusal is news again (see note.lua)
+  end
   local entry = {'type', entry_type, 'amount', fmt(amount), 'balance', fmt(balance), 'held', fmt(held)}
   for i = 1, #fields do
     entry[#entry + 1] = fields[i]

@@ -17,6 +17,7 @@ import orjson
 from redis.exceptions import RedisError, WatchError
 
 from proxy.store.errors import HoldNotFound, IdempotencyConflict, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
+from proxy.store.events import dirty_command
 from proxy.store.keyspace import (
     HOLD_INDEX_KEY,
     MAX_AMOUNT_MICROS,
@@ -256,7 +257,7 @@ class WalletStore:
     ) -> Receipt:
         _check_wallet_id(wallet_id)
         keys = [_wallet_key(wallet_id), _ledger_key(wallet_id), _idempotency_key(wallet_id, idempotency_key), *extra_keys]
-        out = await self._run(name, keys, args)
+        out = await self._scripts.run(self.commands, name, keys, args, before=[dirty_command(wallet_id)])
         return Receipt(ledger_id=out[1], wallet=_state(wallet_id, *out[2:5]), replayed=out[0] == "replay")
 
     async def top_up(
@@ -288,6 +289,23 @@ class WalletStore:
             "refund", wallet_id, idempotency_key, [_refunded_key(wallet_id)],
             [amount_micros, fp, self.idempotency_ttl_seconds, charge_id, reason, _meta(meta), idempotency_key],
         )
+
+    async def note(
+        self, wallet_id: str, entry_type: str, *, reason: str = "", meta: Mapping[str, Any] | None = None,
+        once_per: tuple[str, str] | None = None,
+    ) -> str | None:
+        """Append a ledger note (amount 0) that becomes an event; its ledger id, or None when skipped.
+
+        `once_per` = (field, value): written only if the wallet's `field` does not
+        already hold `value` (see note.lua), so a storm of refusals writes one note.
+        """
+        _check_wallet_id(wallet_id)
+        field_name, value = once_per or ("", "")
+        out = await self._scripts.run(
+            self.commands, "note", [_wallet_key(wallet_id), _ledger_key(wallet_id)],
+            [entry_type, reason, _meta(meta), field_name, value], before=[dirty_command(wallet_id)],
+        )
+        return out[1] if out[0] == "ok" else None
 
     # -- holds
 
@@ -396,6 +414,7 @@ class WalletStore:
             self.commands, "settle", self._closing_keys(wallet_id, hold_id, spend),
             [hold_id, amount_micros, _meta(meta), self.closed_hold_ttl_seconds,
              *((spend.request_id, spend.tokens) if spend else ())],
+            before=[dirty_command(wallet_id)],
         )
         await self._unindex(wallet_id, hold_id)
         return self._settlement(wallet_id, hold_id, out)
@@ -417,7 +436,8 @@ class WalletStore:
         keys = self._hold_keys(wallet_id, hold_id)
         if credential:
             keys.append(_limits_key(wallet_id, credential.decode()))
-        out = await self._run("expire", keys, [hold_id, self.closed_hold_ttl_seconds])
+        out = await self._scripts.run(self.commands, "expire", keys, [hold_id, self.closed_hold_ttl_seconds],
+                                      before=[dirty_command(wallet_id)])
         member = _index_member(wallet_id, hold_id)
         if out[0] == "not_due":
             await self.redis.zadd(HOLD_INDEX_KEY, {member: int(out[1])})
@@ -454,6 +474,12 @@ class WalletStore:
         top = f"({before}" if before else "+"
         raw: list[tuple[bytes, dict[bytes, bytes]]] = await self.redis.xrevrange(  # type: ignore[assignment]
             _ledger_key(wallet_id), max=top, min="-", count=limit)
+        return [_ledger_entry(entry_id, fields) for entry_id, fields in raw]
+
+    async def ledger_after(self, wallet_id: str, after: str, *, limit: int = 500) -> list[LedgerEntry]:
+        """Entries after the entry `after` ("0": from the start), oldest first."""
+        raw: list[tuple[bytes, dict[bytes, bytes]]] = await self.redis.xrange(  # type: ignore[assignment]
+            _ledger_key(wallet_id), min="-" if after == "0" else f"({after}", max="+", count=limit)
         return [_ledger_entry(entry_id, fields) for entry_id, fields in raw]
 
     async def audit(self, wallet_id: str) -> Audit:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.app import create_app
 from proxy.config import load_config
-from tests.conftest import ADMIN, ADMIN_KEY, OPERATOR_KEY, UPSTREAM_KEY, UPSTREAM_KEY_ENV
+from tests.conftest import ADMIN, ADMIN_KEY, OPERATOR_KEY, UPSTREAM_KEY, UPSTREAM_KEY_ENV, money_ledger
 from tests.mock_upstream import make_usage
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 100}
@@ -100,7 +100,7 @@ async def chat(client, token: str, body: dict = CHAT):
 
 async def snapshot(wallets, user_id: str = "u_1"):
     state = await wallets.get(user_id)
-    return state.balance_micros, state.held_micros, [e.id for e in await wallets.ledger(user_id, limit=500)]
+    return state.balance_micros, state.held_micros, [e.id for e in await money_ledger(wallets, user_id)]
 
 
 async def assert_401_and_free(client, token: str, wallets, mock_upstream, fragment: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from proxy.app import create_app
 from proxy.store import LimitStore
-from tests.conftest import ADMIN, OPERATOR_KEY
+from tests.conftest import ADMIN, OPERATOR_KEY, money_ledger
 from tests.mock_upstream import make_usage
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 100}
@@ -34,7 +34,7 @@ async def scoped_key(gateway, user_id: str = "u_1", **scopes) -> dict:
 
 async def snapshot(wallets, user_id: str = "u_1"):
     state = await wallets.get(user_id)
-    return state.balance_micros, state.held_micros, [e.id for e in await wallets.ledger(user_id, limit=500)]
+    return state.balance_micros, state.held_micros, [e.id for e in await money_ledger(wallets, user_id)]
 
 
 async def chat(gateway, key: str, body: dict = CHAT):

@@ -11,6 +11,7 @@ import pytest
 from pricing import Usage, estimate_prompt_tokens, price_usage
 from proxy.app import create_app
 from proxy.appstate import RATECARDS
+from tests.conftest import money_ledger
 from tests.mock_upstream import make_usage
 from tests.proxy.test_gateway_failures import sdk
 
@@ -70,7 +71,7 @@ async def test_a_wallet_that_cannot_cover_the_minimum_output_gets_a_402(base_url
         await sdk(base_url, user.key).chat.completions.create(**ASK)
     assert (err.value.status_code, err.value.body["code"]) == (402, "insufficient_quota")
     assert mock_upstream.request_count == 0
-    assert [e.type for e in await wallets.ledger(user.id)] == ["top_up", "open"]
+    assert [e.type for e in await money_ledger(wallets, user.id)] == ["top_up", "open"]
 
 
 async def test_clamping_is_per_choice(base_url, gateway, make_end_user, mock_upstream):
