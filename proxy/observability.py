@@ -70,6 +70,10 @@ UPSTREAM_ERRORS = Counter("metergate_upstream_errors", "Upstream failures, by mo
 ACTIVE_STREAMS = Gauge("metergate_active_streams", "Streams being relayed now")
 STRIPE_EVENTS = Counter("metergate_stripe_events", "Stripe webhook events received, by type and outcome "
                         "(applied, duplicate, ignored, bad_signature)", ["type", "outcome"])
+WEBHOOK_DELIVERIES = Counter("metergate_webhook_deliveries", "Webhook delivery attempts, by outcome (delivered, failed, "
+                             "redelivered)", ["outcome"])
+WEBHOOK_ENDPOINTS_DISABLED = Counter("metergate_webhook_endpoints_disabled",
+                                     "Webhook endpoints turned off after failing for events.disable_after_seconds")
 AUTO_TOP_UPS = Counter("metergate_auto_top_ups", "Auto top-up attempts, by outcome (succeeded, processing, declined, "
                        "unavailable, disabled)", ["outcome"])
 
