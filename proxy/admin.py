@@ -17,6 +17,7 @@ from proxy.auth import key_matches, presented_bearer
 from proxy.billing import routes as billing_routes
 from proxy.enduser_jwt import TOKENS
 from proxy.errors import ApiError, error_middleware, read_model
+from proxy.events import routes as event_routes
 from proxy.ratecards import RateCardRegistry
 from proxy.store import ApiKey, LedgerEntry, LimitStore, Receipt, now_ms
 
@@ -288,4 +289,5 @@ def create_admin_app() -> web.Application:
     admin = web.Application(middlewares=[error_middleware, admin_auth])
     admin.add_routes(routes)
     admin.add_routes(billing_routes.admin_routes)
+    admin.add_routes(event_routes.routes)
     return admin

@@ -20,6 +20,7 @@ from proxy.appstate import (
     BACKGROUND,
     BILLING,
     CONFIG,
+    EVENTS,
     HTTP,
     LIFECYCLE,
     METERING,
@@ -34,9 +35,13 @@ from proxy.billing import routes as billing_routes
 from proxy.calls.lease import Background, Metering
 from proxy.config import Config
 from proxy.errors import error_middleware
+from proxy.events.consumer import EventConsumer, ratecard_event
+from proxy.events.delivery import Deliverer
+from proxy.events.notices import Notices
 from proxy.ratecards import RateCardRegistry
 from proxy.store import AccountStore, LimitStore, RedisPyCommands, WalletStore
 from proxy.store.cluster import StoreClients, connect_store
+from proxy.store.events import EventStore
 from proxy.store.payments import PaymentStore
 
 log = logging.getLogger("metergate")
@@ -76,6 +81,32 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await clients.aclose()
+
+
+async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Events out: the consumer deriving events from ledgers, and the webhook deliverer, on every replica."""
+    config = app[CONFIG].events
+    store = EventStore(app[REDIS], app[WALLETS].commands, retention_days=config.retention_days)
+    app[EVENTS] = store
+    app[METERING].notices = Notices(app[WALLETS], app[BACKGROUND].spawn)
+    consumer = EventConsumer(store, app[WALLETS], config)
+    session = aiohttp.ClientSession(skip_auto_headers=("User-Agent",))
+    deliverer = Deliverer(store, session, config)
+    registry, background = app[RATECARDS], app[BACKGROUND]
+
+    def ratecards_reloaded(loaded: bool, what: str) -> None:
+        background.spawn(store.append([ratecard_event(loaded, what)]))
+
+    registry.on_reload = ratecards_reloaded
+    tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(deliverer.run())]
+    yield
+    registry.on_reload = None
+    for task in tasks:
+        task.cancel()
+    # Both stop at their next check; nothing they do is lost by stopping (a
+    # wallet left dirty or an event not yet delivered is picked up again).
+    await asyncio.wait(tasks, timeout=5)
+    await session.close()
 
 
 async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -215,6 +246,7 @@ def create_app(config: Config) -> web.Application:
     cors.setup(app)
     app[RATECARDS] = RateCardRegistry(config.resolve(config.ratecards_dir), set(config.upstreams))
     app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_events_ctx)
     app.cleanup_ctx.append(_billing_ctx)
     app.cleanup_ctx.append(_http_ctx)
     app.cleanup_ctx.append(_reaper_ctx)

@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.ratecards import RateCardRegistry
 from proxy.store import AccountStore, WalletStore
+from proxy.store.events import EventStore
 from proxy.store.scripts import StoreRedis
 
 if TYPE_CHECKING:  # the call lifecycle imports errors, which reads CONFIG from here
@@ -36,3 +37,4 @@ METERING: web.AppKey[Metering] = web.AppKey("metering")  # opens each call's lea
 # Set only when the config has a `stripe:` block:
 BILLING: web.AppKey[Billing] = web.AppKey("billing")
 STRIPE_EVENTS: web.AppKey[StripeEvents] = web.AppKey("stripe_events")
+EVENTS: web.AppKey[EventStore] = web.AppKey("events")  # the event log, webhook endpoints and deliveries

@@ -180,6 +180,35 @@ class StripeConfig(_Strict):
         return int(amount * 1_000_000)
 
 
+class LowBalanceAlerts(_Strict):
+    """When `wallet.balance_low` fires: available crossing below an absolute amount,
+    or below a percentage of the wallet's last top-up. Each fires once when
+    crossed downward and is re-armed by a top-up."""
+
+    absolute_micros: list[Annotated[int, Field(ge=0)]] = []
+    percent_of_last_top_up: list[Annotated[int, Field(gt=0, lt=100)]] = [50, 20, 10]
+
+
+class EventsConfig(_Strict):
+    """Events out: derived from the wallets' ledgers, delivered to signed webhook endpoints."""
+
+    # Per tier ("default" for the others); a wallet's own alerts (admin API) win.
+    low_balance: dict[str, LowBalanceAlerts] = {"default": LowBalanceAlerts()}
+    # How often each replica looks for wallets with new ledger entries, and for events to deliver.
+    poll_interval_seconds: PositiveFloat = 0.5
+    # Events are kept (and can be redelivered) this long.
+    retention_days: PositiveInt = 30
+    webhook_timeout_seconds: PositiveFloat = 10.0
+    # A failed delivery is retried after retry_base, doubling up to retry_max;
+    # an endpoint failing for disable_after is turned off (and said so).
+    retry_base_seconds: PositiveFloat = 10.0
+    retry_max_seconds: PositiveFloat = 3600.0
+    disable_after_seconds: PositiveFloat = 3 * 24 * 3600.0
+
+    def low_balance_for(self, tier: str) -> LowBalanceAlerts:
+        return self.low_balance.get(tier) or self.low_balance.get("default") or LowBalanceAlerts()
+
+
 class Config(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
@@ -214,6 +243,7 @@ class Config(_Strict):
     jwt: JWTConfig = JWTConfig()
     # Unset: no Stripe; its endpoints answer 501.
     stripe: StripeConfig | None = None
+    events: EventsConfig = EventsConfig()
     # Where relative paths in this file are resolved from; set by the loader.
     base_dir: str = "."
 

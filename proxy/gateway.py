@@ -100,11 +100,20 @@ async def _prepare(request: web.Request, kind: str | None) -> tuple[dict[str, An
             # Cheap checks first: an empty wallet costs one HMGET, not a tokenizer run.
             wallet = await request.config_dict[WALLETS].get(caller.end_user_id)
             if wallet is not None and wallet.available_micros <= 0:
+                notices = request.config_dict[METERING].notices
+                if notices is not None:
+                    notices.depleted(caller.end_user_id, "refused", model=model.name)
                 raise ApiError(
                     402, "You exceeded your current quota: the wallet has no funds available. Top up the wallet to continue.",
                     type="insufficient_quota", code="insufficient_quota",
                 )
-            await limits.refuse_spent_credential(request.config_dict[METERING].limits, caller)
+            try:
+                await limits.refuse_spent_credential(request.config_dict[METERING].limits, caller)
+            except limits.SpendCapRefusal as exc:
+                notices = request.config_dict[METERING].notices
+                if notices is not None:
+                    notices.spend_cap_reached(caller.end_user_id, caller.key_id, period=exc.period, cap_micros=exc.cap_micros)
+                raise
         return body, caller, await asyncio.to_thread(metering.quote, card, model, body)
     except UnpriceableRequest as exc:
         raise ApiError(400, exc.message, code=exc.code, param=exc.param) from None

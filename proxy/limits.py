@@ -78,11 +78,18 @@ def _refusal(caller: Caller, limited: Limited, tokens: int, amount: int) -> ApiE
                      "X-RateLimit-Remaining-Tokens": str(max(0, limited.limit - limited.used))},
         )
     period = "daily" if limited.what == "daily_spend" else "lifetime"
-    return ApiError(
-        402, f"This key's {period} spend limit is {usd(limited.limit)} USD; it has spent {usd(limited.used)} "
-        f"and this call may cost up to {usd(amount)}.",
-        type="insufficient_quota", code="spend_limit_exceeded",
+    return SpendCapRefusal(
+        f"This key's {period} spend limit is {usd(limited.limit)} USD; it has spent {usd(limited.used)} "
+        f"and this call may cost up to {usd(amount)}.", period=period, cap_micros=limited.limit,
     )
+
+
+class SpendCapRefusal(ApiError):
+    """A 402: the credential reached a spend cap (which one, for the operator's event)."""
+
+    def __init__(self, message: str, *, period: str, cap_micros: int):
+        super().__init__(402, message, type="insufficient_quota", code="spend_limit_exceeded")
+        self.period, self.cap_micros = period, cap_micros
 
 
 @contextlib.asynccontextmanager
@@ -132,8 +139,8 @@ async def refuse_spent_credential(store: LimitStore, caller: Caller) -> None:
     large prompt is counted (admission checks it again, atomically, with the hold)."""
     for period, cap, used in await _spend_against_caps(store, caller):
         if used >= cap:
-            raise ApiError(402, f"This key's {period} spend limit is {usd(cap)} USD and it has spent {usd(used)}.",
-                           type="insufficient_quota", code="spend_limit_exceeded")
+            raise SpendCapRefusal(f"This key's {period} spend limit is {usd(cap)} USD and it has spent {usd(used)}.",
+                                  period=period, cap_micros=cap)
 
 
 def credential_spend(caller: Caller, request_id: str, tokens: int) -> CredentialSpend | None:

@@ -18,6 +18,9 @@ _MODELS: list[type[BaseModel]] = [
     schemas.CreatedKeyView, schemas.KeyList, schemas.RateCardsView, schemas.UpdateKey, schemas.MintToken, schemas.TokenView,
     schemas.StartCheckout, schemas.AdminStartCheckout, schemas.CheckoutSessionView, schemas.UpdateAutoTopUp, schemas.AutoTopUpView,
     schemas.StartCardRefund, schemas.CardRefundView, schemas.CardPaymentList,
+    schemas.CreateWebhookEndpoint, schemas.UpdateWebhookEndpoint, schemas.RotateWebhookSecret, schemas.WebhookEndpointView,
+    schemas.WebhookEndpointList, schemas.EventPage, schemas.EventDetailView, schemas.Redeliver, schemas.BalanceAlerts,
+    schemas.BalanceAlertsView,
 ]
 
 _ERROR_SCHEMA = {
@@ -113,6 +116,32 @@ def document() -> dict[str, Any]:
         "/admin/end-users/{id}/card-refunds": {"post": _op(
             "Refund unspent credit to the card that paid it (debited first; restored if Stripe refuses)", 201, schemas.CardRefundView,
             schemas.StartCardRefund, [uid, _IDEMPOTENCY], (400, 401, 402, 404, 409, 501, 502))},
+        "/admin/webhook-endpoints": {
+            "post": _op("Register a webhook endpoint (its signing secret is shown only now)", 201, schemas.WebhookEndpointView,
+                        schemas.CreateWebhookEndpoint, errors=(400, 401)),
+            "get": _op("List webhook endpoints (secrets masked)", 200, schemas.WebhookEndpointList, errors=(401,)),
+        },
+        "/admin/webhook-endpoints/{id}": {
+            "get": _op("A webhook endpoint and where its delivery stands", 200, schemas.WebhookEndpointView, params=[uid]),
+            "patch": _op("Change or re-enable an endpoint (re-enabled, it resumes where it stopped)", 200,
+                         schemas.WebhookEndpointView, schemas.UpdateWebhookEndpoint, params=[uid]),
+            "delete": _op("Remove an endpoint", 200, None, params=[uid]),
+        },
+        "/admin/webhook-endpoints/{id}/rotate-secret": {"post": _op(
+            "New signing secret (shown once); the old one also signs during the grace", 200, schemas.WebhookEndpointView,
+            schemas.RotateWebhookSecret, params=[uid])},
+        "/admin/events": {"get": _op("Events, newest first", 200, schemas.EventPage, params=[
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
+            {"name": "starting_after", "in": "query", "schema": {"type": "string"}, "description": "next_cursor of the previous page"},
+            {"name": "type", "in": "query", "schema": {"type": "string"}},
+            {"name": "end_user", "in": "query", "schema": {"type": "string"}},
+        ], errors=(400, 401))},
+        "/admin/events/{id}": {"get": _op("An event with every delivery attempt", 200, schemas.EventDetailView, params=[uid])},
+        "/admin/events/{id}/redeliver": {"post": _op("Send an event again", 202, None, schemas.Redeliver, params=[uid])},
+        "/admin/end-users/{id}/balance-alerts": {
+            "get": _op("The low-balance thresholds in force (the wallet's own, or its tier's)", 200, schemas.BalanceAlertsView, params=[uid]),
+            "put": _op("Set the wallet's own low-balance thresholds", 200, schemas.BalanceAlertsView, schemas.BalanceAlerts, params=[uid]),
+        },
         "/v1/wallet/checkout-sessions": {"post": {**_op(
             "An end user starts a Stripe Checkout top-up of their own wallet", 201, schemas.CheckoutSessionView,
             schemas.StartCheckout, errors=(400, 401, 501)), "security": [{"endUserKey": []}]}},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import Counter
@@ -29,6 +30,8 @@ class RateCardRegistry:
         self.current: RateCardSet = load_rate_cards(directory, upstreams=upstreams)
         self.last_error: RateCardError | None = None
         self._lock = asyncio.Lock()
+        # Told (loaded?, what: the cards now in force, or why the reload was refused); set by the app factory.
+        self.on_reload: Callable[[bool, str], None] | None = None
 
     def files_signature(self) -> tuple[tuple[str, int, int], ...]:
         """What the card files look like on disk now; a change means a reload is due."""
@@ -50,11 +53,16 @@ class RateCardRegistry:
                 self.last_error = exc
                 RELOADS.labels(outcome="refused").inc()
                 log.error("rate card reload refused; the running cards stay in force:\n%s", exc)
+                if self.on_reload is not None:
+                    self.on_reload(False, str(exc))
                 return False
             self.current = fresh
             self.last_error = None
             RELOADS.labels(outcome="loaded").inc()
-            log.info("rate cards reloaded: %s", ", ".join(c.ref for c in fresh.all_cards()))
+            refs = ", ".join(c.ref for c in fresh.all_cards())
+            log.info("rate cards reloaded: %s", refs)
+            if self.on_reload is not None:
+                self.on_reload(True, refs)
             return True
 
     async def watch(self, interval: float) -> None:

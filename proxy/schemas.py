@@ -294,3 +294,90 @@ class CardPaymentView(BaseModel):
 class CardPaymentList(BaseModel):
     object: str = "list"
     data: list[CardPaymentView]
+
+
+# ------------------------------------------------------------ events out (webhooks)
+
+EventTypes = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=100)]], Field(min_length=1, max_length=50)]
+
+
+class CreateWebhookEndpoint(_Body):
+    url: StrictStr = Field(pattern=r"^https?://[^\s]+$", max_length=2000, description="where events are POSTed")
+    events: EventTypes = Field(["*"], description="event types to send, or [\"*\"] for all")
+    description: StrictStr = Field("", max_length=500)
+    enabled: StrictBool = True
+
+
+class UpdateWebhookEndpoint(_Body):
+    """Only the fields sent change. Enabling a disabled endpoint resumes where it stopped (nothing is skipped)."""
+
+    url: StrictStr | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=2000)
+    events: EventTypes | None = None
+    description: StrictStr | None = Field(None, max_length=500)
+    enabled: StrictBool | None = None
+
+
+class RotateWebhookSecret(_Body):
+    grace_seconds: Annotated[StrictInt, Field(ge=0, le=7 * 86_400)] = Field(
+        86_400, description="how long deliveries are also signed with the old secret")
+
+
+class WebhookEndpointView(BaseModel):
+    object: str = "webhook_endpoint"
+    id: str
+    url: str
+    events: list[str]
+    description: str
+    enabled: bool
+    disabled_reason: str | None
+    created: int
+    secret: str | None = Field(None, description="the signing secret: shown only when created or rotated")
+    secret_hint: str = Field(description="the secret's last four characters")
+    failing_since: int | None = Field(None, description="unix seconds; set while deliveries fail")
+    pending_attempts: int = Field(0, description="failed attempts of the event it is retrying")
+    next_attempt_at: int | None = None
+
+
+class WebhookEndpointList(BaseModel):
+    object: str = "list"
+    data: list[WebhookEndpointView]
+
+
+class EventView(BaseModel):
+    object: str = "event"
+    id: str
+    type: str
+    created: int
+    end_user: str | None = None
+    ledger_id: str | None = None
+    data: dict[str, Any]
+
+
+class EventPage(BaseModel):
+    object: str = "list"
+    data: list[EventView]
+    next_cursor: str | None = Field(None, description="pass as starting_after for the next (older) page")
+
+
+class DeliveryAttemptView(BaseModel):
+    endpoint: str
+    attempts: list[dict[str, Any]]
+
+
+class EventDetailView(EventView):
+    deliveries: list[DeliveryAttemptView]
+
+
+class Redeliver(_Body):
+    endpoint: StrictStr | None = Field(None, description="one endpoint; left out: every enabled endpoint that wants this type")
+
+
+class BalanceAlerts(_Body):
+    absolute_micros: list[Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT_MICROS)]] = Field([], max_length=20)
+    percent_of_last_top_up: list[Annotated[StrictInt, Field(gt=0, lt=100)]] = Field([], max_length=20)
+
+
+class BalanceAlertsView(BalanceAlerts):
+    object: str = "balance_alerts"
+    end_user: str
+    source: str = Field(description="'wallet' (set for this end user) or 'tier' (its tier's default)")

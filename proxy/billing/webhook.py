@@ -128,9 +128,15 @@ class StripeEvents:
     async def _payment_failed(self, intent: dict[str, Any]) -> str:
         meta = intent.get("metadata") or {}
         wallet_id, attempt = meta.get(META_END_USER), _int(meta.get(META_ATTEMPT))
+        error = (intent.get("last_payment_error") or {}).get("code") or "payment_failed"
+        if wallet_id and meta.get(META_KIND) == "checkout":
+            # The buyer may try another card on the same page; each failure is told once.
+            await self.billing.wallets.note(wallet_id, "top_up_failed", reason=str(error),
+                                            meta={"payment_intent": intent.get("id")},
+                                            once_per=("note:top_up_failed", f"{intent.get('id')}|{error}"))
+            return "applied: noted"
         if meta.get(META_KIND) != "auto_top_up" or not wallet_id or not attempt:
             return "ignored: not an auto top-up"
-        error = (intent.get("last_payment_error") or {}).get("code") or "payment_failed"
         await self.auto_top_ups.record_failure(wallet_id, attempt, declined=True, error=str(error))
         return "applied"
 

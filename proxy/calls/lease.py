@@ -38,6 +38,7 @@ from pricing import ModelPrice, Usage, price_usage
 from proxy import limits, metering, observability
 from proxy.auth import Caller
 from proxy.errors import ApiError
+from proxy.events.notices import Notices
 from proxy.store import (
     Checkpoint,
     Hold,
@@ -95,6 +96,8 @@ class Metering:
     limits: LimitStore
     background: Background
     checkpoint_interval_seconds: float = 2.0
+    # Ledger notes for refusals and cuts (they become the operator's events).
+    notices: Notices | None = None
 
     def lease(self, caller: Caller, quote: metering.Quote, request_id: str, *, min_output_tokens: int = 0,
               choices: int = 1) -> Lease:
@@ -207,6 +210,16 @@ class Lease:
     async def _admit_and_hold(self) -> None:
         service = self.service
         hold_id = service.wallets.new_hold_id()
+        try:
+            await self._admitted_hold(hold_id)
+        except limits.SpendCapRefusal as exc:
+            if service.notices is not None:
+                service.notices.spend_cap_reached(self.caller.end_user_id, self.caller.key_id, period=exc.period,
+                                                  cap_micros=exc.cap_micros, request_id=self.request_id)
+            raise
+
+    async def _admitted_hold(self, hold_id: str) -> None:
+        service = self.service
         async with limits.admission(service.limits, self.caller, self.quote, self.request_id):
             try:
                 self.hold = await service.wallets.hold(
@@ -215,6 +228,9 @@ class Lease:
                     spend=limits.credential_spend(self.caller, self.request_id, 0),
                 )
             except InsufficientFunds as exc:
+                if service.notices is not None:
+                    service.notices.depleted(self.caller.end_user_id, "refused", request_id=self.request_id,
+                                             model=self.quote.model.name)
                 raise ApiError(
                     402, f"You exceeded your current quota: {exc.message}. Top up the wallet to continue.",
                     type="insufficient_quota", code="insufficient_quota",
@@ -275,9 +291,18 @@ class Lease:
             await self._extend(metering.output_price(self.model, step))
         except InsufficientFunds:
             self.outcome = "wallet_exhausted"
+            if self.service.notices is not None:
+                self.service.notices.depleted(self.caller.end_user_id, "stream_cut", request_id=self.request_id,
+                                              model=self.model.name)
             return False
         except SpendLimitReached:
             self.outcome = "spend_limit_reached"
+            if self.service.notices is not None:
+                scopes = self.caller.scopes
+                period = "lifetime" if scopes.get("max_spend_micros") is not None else "daily"
+                cap = scopes.get("max_spend_micros" if period == "lifetime" else "max_daily_spend_micros")
+                self.service.notices.spend_cap_reached(self.caller.end_user_id, self.caller.key_id, period=period,
+                                                       cap_micros=cap, request_id=self.request_id)
             return False
         except (*STORE_UNREACHABLE, WalletError) as exc:
             log.warning("request %s: could not extend its hold: %r", self.request_id, exc)
