@@ -134,6 +134,15 @@ async def spend_room(store: LimitStore, caller: Caller) -> int:
     return max(min((cap - used for _, cap, used in await _spend_against_caps(store, caller)), default=MAX_AMOUNT_MICROS), 0)
 
 
+async def binding_cap(store: LimitStore, caller: Caller) -> tuple[str, int] | None:
+    """The spend cap (period, cap) that leaves the credential the least room: the one a refusal hit. One read."""
+    caps = await _spend_against_caps(store, caller)
+    if not caps:
+        return None
+    period, cap, _ = min(caps, key=lambda c: c[1] - c[2])
+    return period, cap
+
+
 async def refuse_spent_credential(store: LimitStore, caller: Caller) -> None:
     """A 402 for a credential whose spend already reached a cap: one read, before a
     large prompt is counted (admission checks it again, atomically, with the hold)."""

@@ -158,12 +158,14 @@ def usd_number(micros: int) -> float:
 
 
 def charge_meta(
-    *, request_id: str, key_id: str, quote: Quote, usage: Usage, charge: Charge, usage_source: str, outcome: str
+    *, request_id: str, key_id: str, quote: Quote, usage: Usage, charge: Charge, usage_source: str, outcome: str,
+    tier: str | None = None,
 ) -> dict[str, Any]:
     """What a charge's ledger entry records, so margins can be reported per user, model and tier."""
     return {
         "request_id": request_id,
         "key_id": key_id,
+        **({"tier": tier} if tier else {}),  # the end user's tier when the call ran (reports by tier)
         "model": quote.model.name,
         "upstream": quote.model.upstream,
         "upstream_model": quote.model.upstream_model,

@@ -61,6 +61,13 @@ STORE_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, T
 _CLOSE_RETRY_FOR_SECONDS = 3600.0
 
 
+class FundsRefusal(ApiError):
+    """A 402: the wallet cannot cover the call's hold."""
+
+    def __init__(self, message: str):
+        super().__init__(402, message, type="insufficient_quota", code="insufficient_quota")
+
+
 class Background:
     """Tasks that outlive the request that started them (closes, whole answers
     read after the client left); the app waits for them at shutdown."""
@@ -179,13 +186,18 @@ class Lease:
         try:
             await self._admit_and_hold()
         except ApiError as refusal:
-            if refusal.status != 402 or self.min_output_tokens <= 0:
-                raise
-            clamped = await self._clamped_quote()
+            clamped = None
+            if refusal.status == 402 and self.min_output_tokens > 0:
+                clamped = await self._clamped_quote()
             if clamped is None:
+                self._tell_refusal(refusal)
                 raise
             self.quote = clamped
-            await self._admit_and_hold()
+            try:
+                await self._admit_and_hold()
+            except ApiError as again:
+                self._tell_refusal(again)
+                raise
         assert self.hold is not None
         self.held_micros = self.hold.amount_micros
         self.covered_output_tokens = self.quote.max_output_tokens
@@ -207,19 +219,20 @@ class Lease:
         self.clamped_to = per_choice
         return self.quote.with_output_bound(per_choice * self.choices)
 
+    def _tell_refusal(self, refusal: ApiError) -> None:
+        """Note a refusal that stands (after any clamped retry) for the operator's events."""
+        notices = self.service.notices
+        if notices is None:
+            return
+        if isinstance(refusal, limits.SpendCapRefusal):
+            notices.spend_cap_reached(self.caller.end_user_id, self.caller.key_id, period=refusal.period,
+                                      cap_micros=refusal.cap_micros, request_id=self.request_id)
+        elif isinstance(refusal, FundsRefusal):
+            notices.depleted(self.caller.end_user_id, "refused", request_id=self.request_id, model=self.quote.model.name)
+
     async def _admit_and_hold(self) -> None:
         service = self.service
         hold_id = service.wallets.new_hold_id()
-        try:
-            await self._admitted_hold(hold_id)
-        except limits.SpendCapRefusal as exc:
-            if service.notices is not None:
-                service.notices.spend_cap_reached(self.caller.end_user_id, self.caller.key_id, period=exc.period,
-                                                  cap_micros=exc.cap_micros, request_id=self.request_id)
-            raise
-
-    async def _admitted_hold(self, hold_id: str) -> None:
-        service = self.service
         async with limits.admission(service.limits, self.caller, self.quote, self.request_id):
             try:
                 self.hold = await service.wallets.hold(
@@ -228,13 +241,7 @@ class Lease:
                     spend=limits.credential_spend(self.caller, self.request_id, 0),
                 )
             except InsufficientFunds as exc:
-                if service.notices is not None:
-                    service.notices.depleted(self.caller.end_user_id, "refused", request_id=self.request_id,
-                                             model=self.quote.model.name)
-                raise ApiError(
-                    402, f"You exceeded your current quota: {exc.message}. Top up the wallet to continue.",
-                    type="insufficient_quota", code="insufficient_quota",
-                ) from None
+                raise FundsRefusal(f"You exceeded your current quota: {exc.message}. Top up the wallet to continue.") from None
             except (WalletError, ApiError):
                 raise
             except BaseException:
@@ -297,12 +304,7 @@ class Lease:
             return False
         except SpendLimitReached:
             self.outcome = "spend_limit_reached"
-            if self.service.notices is not None:
-                scopes = self.caller.scopes
-                period = "lifetime" if scopes.get("max_spend_micros") is not None else "daily"
-                cap = scopes.get("max_spend_micros" if period == "lifetime" else "max_daily_spend_micros")
-                self.service.notices.spend_cap_reached(self.caller.end_user_id, self.caller.key_id, period=period,
-                                                       cap_micros=cap, request_id=self.request_id)
+            await self._tell_cap_cut()
             return False
         except (*STORE_UNREACHABLE, WalletError) as exc:
             log.warning("request %s: could not extend its hold: %r", self.request_id, exc)
@@ -312,6 +314,20 @@ class Lease:
         self.covered_output_tokens += step
         observability.hold_extended()
         return True
+
+    async def _tell_cap_cut(self) -> None:
+        """Note a stream cut at a spend cap, naming the cap it hit (one read; the stream ends anyway)."""
+        notices = self.service.notices
+        if notices is None:
+            return
+        try:
+            binding = await limits.binding_cap(self.service.limits, self.caller)
+        except (*STORE_UNREACHABLE, WalletError) as exc:
+            log.warning("request %s: could not read which spend cap it reached: %r", self.request_id, exc)
+            return
+        if binding is not None:
+            notices.spend_cap_reached(self.caller.end_user_id, self.caller.key_id, period=binding[0],
+                                      cap_micros=binding[1], request_id=self.request_id)
 
     def _beat_interval(self) -> float:
         return min(self.service.checkpoint_interval_seconds, self.service.wallets.hold_ttl_ms / 2000)
@@ -337,7 +353,7 @@ class Lease:
         charge = price_usage(self.model, usage)
         meta = metering.charge_meta(
             request_id=self.request_id, key_id=self.caller.key_id, quote=self.quote, usage=usage, charge=charge,
-            usage_source=source, outcome=outcome,
+            usage_source=source, outcome=outcome, tier=self.caller.tier,
         )
         return charge.price_micros, meta
 
@@ -394,6 +410,14 @@ class Lease:
             except STORE_UNREACHABLE as exc:
                 if not first.done():
                     first.set_result(None)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Shutdown gave up on this close, but redis-py turned the cancellation into a
+                    # connection error (Python 3.11's wait_for, see proxy.app.run_reaper). Retrying
+                    # would outlive the process's cleanup; the reaper charges the checkpoint instead.
+                    log.warning("request %s: its close was cancelled while the store was unreachable (%r); "
+                                "the reaper will charge its checkpoint", self.request_id, exc)
+                    raise asyncio.CancelledError from exc
                 if loop.time() > give_up_at:
                     log.error("request %s: gave up closing its hold (%r); the reaper will charge its checkpoint",
                               self.request_id, exc)
