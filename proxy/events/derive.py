@@ -91,6 +91,22 @@ def _int_or_none(value: Any) -> int | None:
     return int(value) if value is not None and value != "" else None
 
 
+def _balance_low(wallet_id: str, entry: LedgerEntry, available: int, created: int,
+                 thresholds: list[tuple[int, str]], fired: set[str]) -> list[Event]:
+    """One `wallet.balance_low` per threshold `available` is below and that has not fired (added to `fired`)."""
+    events = []
+    for value, key in thresholds:
+        if key not in fired and available < value:
+            fired.add(key)
+            events.append(Event(
+                id=derived_event_id(wallet_id, entry.id, "wallet.balance_low", key), type="wallet.balance_low",
+                created=created, end_user=wallet_id, ledger_id=entry.id,
+                data={"threshold": key, "threshold_micros": value, "available_micros": available,
+                      "balance_micros": entry.balance_micros, "held_micros": entry.held_micros},
+            ))
+    return events
+
+
 def derive(
     wallet_id: str, entries: Sequence[LedgerEntry], state: WalletEventState, alerts: LowBalanceAlerts,
     credit_limit_micros: int,
@@ -144,6 +160,12 @@ def derive(
             data["request_id"] = d.get("request_id")
             emit("hold.expired", data)
 
+        if entry.type == "depleted":
+            # Concurrent calls can hold the last funds and be refused before any of them is
+            # charged: the thresholds that available (holds counted) is already below are
+            # reported before the wallet is said to be depleted, never after.
+            events.extend(_balance_low(wallet_id, entry, available, created, _thresholds(alerts, last_top_up), fired))
+
         if entry.type in _NOTE_EVENTS:
             event_type = _NOTE_EVENTS[entry.type]
             if entry.type == "depleted":
@@ -163,12 +185,6 @@ def derive(
             # A credit re-arms what it lifted available back to (after a top-up, against its new base).
             fired = {k for k in fired if threshold_micros(k, last_top_up) > available}
         elif entry.amount_micros < 0:
-            for value, key in _thresholds(alerts, last_top_up):
-                if key not in fired and available < value:
-                    fired.add(key)
-                    emit("wallet.balance_low", {
-                        "threshold": key, "threshold_micros": value, "available_micros": available,
-                        "balance_micros": entry.balance_micros, "held_micros": entry.held_micros,
-                    }, discriminator=key)
+            events.extend(_balance_low(wallet_id, entry, available, created, _thresholds(alerts, last_top_up), fired))
 
     return events, replace(state, cursor=cursor, last_top_up_micros=last_top_up, fired=frozenset(fired))

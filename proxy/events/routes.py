@@ -152,17 +152,28 @@ async def list_events(request: web.Request) -> web.Response:
         raise ApiError(400, "limit must be an integer between 1 and 500", code="invalid_limit", param="limit")
     wanted_type, end_user = request.query.get("type"), request.query.get("end_user")
     cursor = request.query.get("starting_after")
+    filtered = bool(wanted_type or end_user)
+    scan_size = 200 if filtered else limit
     found: list[StoredEvent] = []
-    # Filters are applied while paging back through the log (bounded: a few pages).
+    exhausted = False
+    # Filters are applied while paging back through the log, a bounded number of pages per request; when the
+    # bound stops the scan, next_cursor is where it stopped, so walking the pages still reaches every match.
     for _ in range(20):
-        page = await store.latest(limit, before=cursor)
+        page = await store.latest(scan_size, before=cursor)
         found += [s for s in page if (not wanted_type or s.event.type == wanted_type)
                   and (not end_user or s.event.end_user == end_user)]
-        if len(page) < limit or len(found) >= limit:
+        if len(page) < scan_size:
+            exhausted = True
+            break
+        if len(found) >= limit:
             break
         cursor = page[-1].position
-    found = found[:limit]
-    next_cursor = found[-1].position if len(found) == limit else None
+    next_cursor: str | None
+    if len(found) >= limit:
+        found = found[:limit]
+        next_cursor = found[-1].position
+    else:
+        next_cursor = None if exhausted else cursor
     return _json(schemas.EventPage(data=[_event_view(s) for s in found], next_cursor=next_cursor))
 
 

@@ -236,6 +236,28 @@ def test_one_entry_crossing_two_thresholds_fires_both_highest_first() -> None:
     assert len({e.id for e in low}) == 2
 
 
+def test_a_refusal_while_holds_take_the_funds_reports_the_crossed_thresholds_before_depleted() -> None:
+    ledger = Ledger()
+    ledger.top_up(10 * USD)
+    ledger.hold(9_500_000, hold_id="hold_a")  # concurrent calls hold nearly everything, none charged yet
+    ledger.note("depleted", reason="refused")
+    ledger.charge(9_500_000, hold_id="hold_a")
+    events, state = run(ledger, PERCENTS)
+    assert [(e.type, e.data.get("threshold")) for e in events if e.type != "wallet.topped_up"] == [
+        ("wallet.balance_low", "pct:50"), ("wallet.balance_low", "pct:20"), ("wallet.balance_low", "pct:10"),
+        ("wallet.depleted", None),
+    ]
+    assert state.fired == {"pct:50", "pct:20", "pct:10"}
+
+
+def test_a_hold_alone_fires_no_threshold() -> None:
+    ledger = Ledger()
+    ledger.top_up(10 * USD)
+    ledger.hold(9_500_000)
+    events, state = run(ledger, PERCENTS)
+    assert of_type(events, "wallet.balance_low") == [] and state.fired == frozenset()
+
+
 def test_a_top_up_rearms_a_threshold_which_then_fires_again() -> None:
     ledger = Ledger()
     ledger.top_up(10 * USD)
