@@ -15,8 +15,15 @@ from proxy.app import create_app
 from proxy.config import Config, load_config
 from proxy.store import AccountStore, WalletStore, connect
 from proxy.store.redis_mux import MultiplexedConnection
+from tests import loop_guard
 from tests.mock_upstream import MockUpstream, running_mock_upstream
 from tests.redis_server import RedisCluster, RedisServer
+
+loop_guard.install()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    loop_guard.report(terminalreporter)
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +32,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ledger_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Every app (and `metergate serve`) the tests start archives to one SQLite file of the session's,
+    never to metergate-ledger.sqlite3 in the working directory. Entries from different tests never
+    collide: an entry's key is its wallet and its stream id, a time. tests/ledger gives each test its own."""
+    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.sqlite3'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("METERGATE_DATABASE_URL", url)
+        yield url
 
 
 @pytest.fixture(scope="session")
