@@ -36,9 +36,13 @@ RUN python -m venv /opt/venv \
 
 FROM ${PYTHON_IMAGE}
 
+# The ledger of record defaults to a SQLite file in the working directory, which
+# is read-only here: without a database_url the image keeps it in /tmp (lost with
+# the container, like the embedded store). Production sets METERGATE_DATABASE_URL.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    METERGATE_DATABASE_URL=sqlite+aiosqlite:////tmp/metergate-ledger.sqlite3
 
 # A fixed uid/gid, so a Kubernetes securityContext (runAsUser) and mounted
 # volumes can name it.

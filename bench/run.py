@@ -137,6 +137,8 @@ def write_metergate_config(path: Path, port: int, upstream_base_url: str, redis_
         "host: 127.0.0.1",
         f"port: {port}",
         *([f"redis_url: {json.dumps(redis_url)}"] if redis_url else []),
+        # The ledger of record (archived in the background while the load runs) in the temp dir.
+        f"database_url: {json.dumps('sqlite+aiosqlite:///' + str(path.parent / f'ledger-{port}.sqlite3'))}",
         f"admin_keys: [{json.dumps(ADMIN_KEY)}]",
         f"operator_keys: [{json.dumps(OPERATOR_KEY)}]",
         f"ratecards_dir: {json.dumps(str(ratecards))}",

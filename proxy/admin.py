@@ -1,25 +1,33 @@
 """The operator's admin API under /admin: end users, their keys, and wallet money movements.
 
 Handlers are thin: parse and validate the body, call the store, shape the
-answer. Authentication is the sub-application's middleware.
+answer. The sub-application's middleware, `admin_access`, resolves the key to
+an identity and role (proxy/admin_roles.py) and has every request that may
+change something checked and recorded in the audit log (proxy/admin_audit.py).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from pydantic import BaseModel
 
 from proxy import schemas
-from proxy.appstate import ACCOUNTS, CONFIG, RATECARDS, WALLETS
-from proxy.auth import key_matches, presented_bearer
+from proxy.admin_audit import audited
+from proxy.admin_roles import READ_METHODS, AdminKeyring, action_of, check_permission
+from proxy.appstate import ACCOUNTS, LEDGER_DB, RATECARDS, WALLETS
+from proxy.auth import presented_bearer
 from proxy.billing import routes as billing_routes
+from proxy.config import Config
 from proxy.enduser_jwt import TOKENS
-from proxy.errors import ApiError, error_middleware, read_model
+from proxy.errors import ApiError, answer, error_middleware, read_model
 from proxy.events import routes as event_routes
+from proxy.ledger import audit, report_routes
+from proxy.ledger.history import archived_charge_micros
 from proxy.ratecards import RateCardRegistry
-from proxy.store import ApiKey, LedgerEntry, LimitStore, Receipt, now_ms
+from proxy.store import ApiKey, ChargeNotFound, LedgerEntry, LimitStore, Receipt, now_ms
 
 routes = web.RouteTableDef()
 
@@ -30,13 +38,38 @@ def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = 
     )
 
 
+ADMIN_PREFIX = "/admin"
+KEYRING = web.AppKey("admin_keyring", AdminKeyring)
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def admin_route(request: web.Request) -> str | None:
+    """The matched route's template without the /admin prefix ("/end-users/{id}"); None for a 404 or 405."""
+    resource = request.match_info.route.resource
+    return resource.canonical.removeprefix(ADMIN_PREFIX) if resource is not None else None
+
+
 @web.middleware
-async def admin_auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def admin_access(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Who calls (a 401 for no admin key), may they (a 403 before the handler), and the audit of any change."""
     token = presented_bearer(request)
-    admin_keys = request.config_dict[CONFIG].admin_keys
-    if not token or not key_matches(token, admin_keys):
+    identity = request.config_dict[KEYRING].identify(token) if token else None
+    if identity is None:
         raise ApiError(401, "missing or wrong admin key (Authorization: Bearer <admin key>)", code="invalid_api_key")
-    return await handler(request)
+    request_id = "req_" + secrets.token_hex(12)
+    route = admin_route(request)
+    action = action_of(request.method, route if route is not None else "(no route)")
+    if request.method in READ_METHODS:
+        async def read(req: web.Request) -> web.StreamResponse:
+            if route is not None:  # no route: aiohttp's 404/405
+                check_permission(identity, action)
+            return await handler(req)
+
+        response = await answer(request, read)
+    else:
+        response = await audited(request, handler, identity=identity, action=action, route=route, request_id=request_id)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 def _key_not_found() -> ApiError:
@@ -210,10 +243,17 @@ async def top_up(request: web.Request) -> web.Response:
 async def refund(request: web.Request) -> web.Response:
     key = _idempotency_key(request)
     body = await read_model(request, schemas.Refund)
-    receipt = await request.config_dict[WALLETS].refund(
-        request.match_info["id"], body.amount_micros, charge_id=body.charge_id, reason=body.reason,
-        idempotency_key=key, meta=body.metadata or None,
-    )
+    wallet_id, wallets = request.match_info["id"], request.config_dict[WALLETS]
+    try:
+        receipt = await wallets.refund(wallet_id, body.amount_micros, charge_id=body.charge_id, reason=body.reason,
+                                       idempotency_key=key, meta=body.metadata or None)
+    except ChargeNotFound:
+        # Past Redis's retention the charge lives only in the ledger of record.
+        archived = await archived_charge_micros(request.config_dict[LEDGER_DB], wallet_id, body.charge_id)
+        if archived is None:
+            raise
+        receipt = await wallets.refund(wallet_id, body.amount_micros, charge_id=body.charge_id, reason=body.reason,
+                                       idempotency_key=key, meta=body.metadata or None, archived_charge_micros=archived)
     return _receipt(receipt)
 
 
@@ -285,9 +325,13 @@ async def reload_ratecards(request: web.Request) -> web.Response:
     return _json(_ratecards_view(registry))
 
 
-def create_admin_app() -> web.Application:
-    admin = web.Application(middlewares=[error_middleware, admin_auth])
+def create_admin_app(config: Config) -> web.Application:
+    """The /admin sub-application; its keys (and `admins`' env vars) are read now."""
+    admin = web.Application(middlewares=[error_middleware, admin_access])
+    admin[KEYRING] = AdminKeyring.from_config(config)
     admin.add_routes(routes)
+    admin.add_routes(audit.routes)
+    admin.add_routes(report_routes.admin_routes)
     admin.add_routes(billing_routes.admin_routes)
     admin.add_routes(event_routes.routes)
     return admin

@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import cors, enduser_jwt, gateway, observability, openapi
-from proxy.admin import create_admin_app
+from proxy.admin import ADMIN_PREFIX, create_admin_app
 from proxy.appstate import (
     ACCOUNTS,
     BACKGROUND,
@@ -22,6 +22,7 @@ from proxy.appstate import (
     CONFIG,
     EVENTS,
     HTTP,
+    LEDGER_DB,
     LIFECYCLE,
     METERING,
     RATECARDS,
@@ -33,13 +34,18 @@ from proxy.appstate import (
 from proxy.billing import AutoTopUps, Billing, StripeApi, StripeEvents, StripeNotConfigured
 from proxy.billing import routes as billing_routes
 from proxy.calls.lease import Background, Metering
+from proxy.calls.upstream import UpstreamSessions
 from proxy.config import Config
 from proxy.errors import error_middleware
 from proxy.events.consumer import EventConsumer, ratecard_event
 from proxy.events.delivery import Deliverer
 from proxy.events.notices import Notices
+from proxy.ledger import report_routes
+from proxy.ledger.archiver import Archiver
+from proxy.ledger.db import open_database
 from proxy.ratecards import RateCardRegistry
 from proxy.store import AccountStore, LimitStore, RedisPyCommands, WalletStore
+from proxy.store.archive import ArchiveStore
 from proxy.store.cluster import StoreClients, connect_store
 from proxy.store.events import EventStore
 from proxy.store.payments import PaymentStore
@@ -109,6 +115,23 @@ async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The ledger of record: the SQL database (migrated at start) and the archiver, on every replica."""
+    config = app[CONFIG]
+    database = await open_database(config.database_url, attempts=5)
+    app[LEDGER_DB] = database
+    task = None
+    if config.archive.enabled:
+        archiver = Archiver(ArchiveStore(app[REDIS], app[WALLETS].commands), app[WALLETS], database, config.archive)
+        task = asyncio.create_task(archiver.run())
+    yield
+    if task is not None:
+        task.cancel()
+        # Stopping loses nothing: a wallet not yet archived stays marked and is taken up again.
+        await asyncio.wait([task], timeout=5)
+    await database.close()
+
+
 async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
     """Stripe, when configured: the client, the services, and the store's auto top-up hook."""
     stripe_config = app[CONFIG].stripe
@@ -135,10 +158,7 @@ async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
-    # One pooled session for every upstream: keep-alive connections are most of
-    # the latency budget a proxy has.
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300)
-    app[HTTP] = aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
+    app[HTTP] = UpstreamSessions(app[CONFIG].upstreams)
     yield
     # Closes and answers still running finish before the store closes; one
     # stuck on an unreachable store is left to the reaper (which charges the
@@ -247,6 +267,7 @@ def create_app(config: Config) -> web.Application:
     app[RATECARDS] = RateCardRegistry(config.resolve(config.ratecards_dir), set(config.upstreams))
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_events_ctx)
+    app.cleanup_ctx.append(_ledger_ctx)
     app.cleanup_ctx.append(_billing_ctx)
     app.cleanup_ctx.append(_http_ctx)
     app.cleanup_ctx.append(_reaper_ctx)
@@ -257,5 +278,6 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.add_routes(gateway.routes)
     app.add_routes(billing_routes.routes)
-    app.add_subapp("/admin", create_admin_app())
+    app.add_routes(report_routes.public_routes)
+    app.add_subapp(ADMIN_PREFIX, create_admin_app(config))
     return app

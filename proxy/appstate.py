@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
 from proxy.config import Config
@@ -17,6 +16,8 @@ if TYPE_CHECKING:  # the call lifecycle imports errors, which reads CONFIG from 
     from proxy.billing.service import Billing
     from proxy.billing.webhook import StripeEvents
     from proxy.calls.lease import Background, Metering
+    from proxy.calls.upstream import UpstreamSessions
+    from proxy.ledger.db import LedgerDatabase
 
 class Lifecycle:
     """Whether the process is draining (SIGTERM received): no new calls, not ready."""
@@ -31,10 +32,11 @@ REDIS: web.AppKey[StoreRedis] = web.AppKey("redis")  # one server's client, or a
 WALLETS = web.AppKey("wallets", WalletStore)
 ACCOUNTS = web.AppKey("accounts", AccountStore)
 RATECARDS = web.AppKey("ratecards", RateCardRegistry)
-HTTP = web.AppKey("http", aiohttp.ClientSession)
+HTTP: web.AppKey[UpstreamSessions] = web.AppKey("http")  # one pooled session per upstream
 BACKGROUND: web.AppKey[Background] = web.AppKey("background")  # closes and whole answers still running
 METERING: web.AppKey[Metering] = web.AppKey("metering")  # opens each call's lease
 # Set only when the config has a `stripe:` block:
 BILLING: web.AppKey[Billing] = web.AppKey("billing")
 STRIPE_EVENTS: web.AppKey[StripeEvents] = web.AppKey("stripe_events")
 EVENTS: web.AppKey[EventStore] = web.AppKey("events")  # the event log, webhook endpoints and deliveries
+LEDGER_DB: web.AppKey[LedgerDatabase] = web.AppKey("ledger_db")  # the ledger of record (SQL): archive, reports, audit

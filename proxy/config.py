@@ -65,6 +65,10 @@ class UpstreamConfig(_Strict):
     api_key_env: str | None = None
     connect_timeout_seconds: PositiveFloat = 5.0
     read_timeout_seconds: PositiveFloat = 300.0
+    # Open connections to this upstream at most (calls beyond wait for one). Each call in
+    # flight holds one, a stream for its whole length; the process needs two file
+    # descriptors per call (client and upstream), so raise `ulimit -n` to match.
+    max_connections: PositiveInt = 4096
 
     @property
     def api_key(self) -> str | None:
@@ -209,11 +213,56 @@ class EventsConfig(_Strict):
         return self.low_balance.get(tier) or self.low_balance.get("default") or LowBalanceAlerts()
 
 
+class AdminKeyConfig(_Strict):
+    """A named admin key with a role: `admin` (everything), `developer` (end users and
+    keys, no money movements), `viewer` (read only). The key itself comes from an
+    env var, so it never sits in the file; the audit log records the name."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
+    key_env: str
+    role: Literal["admin", "developer", "viewer"] = "viewer"
+
+    @property
+    def key(self) -> str | None:
+        return os.environ.get(self.key_env) or None
+
+
+class ArchiveConfig(_Strict):
+    """The ledger of record: every wallet's ledger entries copied to the SQL database,
+    and the Redis streams trimmed behind what was copied."""
+
+    enabled: bool = True
+    # Ledger entries stay in Redis at least this long (and always until archived).
+    redis_retention_days: Annotated[float, Field(gt=0)] = 7.0
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
+    poll_interval_seconds: PositiveFloat = 1.0
+    # A replica's claim on a wallet it archives, renewed every batch: how late a killed
+    # replica's wallets are taken up by the others.
+    lease_seconds: PositiveFloat = 10.0
+
+
+class StatementsConfig(_Strict):
+    """End users' monthly statements: hosted HTML pages behind signed, expiring links."""
+
+    operator_name: str = "metergate"
+    logo_url: str | None = None
+    link_ttl_seconds: PositiveInt = 7 * 24 * 3600
+    # The HMAC key of statement links; unset, one derived from the first admin key (links then
+    # die when that key is rotated).
+    secret_env: str = "METERGATE_STATEMENT_SECRET"
+    public_base_url: str | None = None  # how links are written (e.g. https://billing.example.com); unset: the request's host
+
+    @property
+    def secret(self) -> str | None:
+        return os.environ.get(self.secret_env) or None
+
+
 class Config(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     redis_url: str | None = None
-    admin_keys: list[str] = []
+    admin_keys: list[str] = []  # each has the `admin` role
+    admins: list[AdminKeyConfig] = []  # named keys with roles (see AdminKeyConfig)
     operator_keys: list[str] = []
     hold_ttl_seconds: PositiveInt = 600
     # How often a call in flight writes its counted usage onto its hold, so
@@ -244,6 +293,11 @@ class Config(_Strict):
     # Unset: no Stripe; its endpoints answer 501.
     stripe: StripeConfig | None = None
     events: EventsConfig = EventsConfig()
+    # The ledger of record (SQLAlchemy URL: postgresql+asyncpg://… or sqlite+aiosqlite:///…).
+    # Unset: a SQLite file, metergate-ledger.sqlite3, in the working directory.
+    database_url: str | None = None
+    archive: ArchiveConfig = ArchiveConfig()
+    statements: StatementsConfig = StatementsConfig()
     # Where relative paths in this file are resolved from; set by the loader.
     base_dir: str = "."
 
@@ -261,6 +315,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, Any]] = {
     "METERGATE_HOST": ("host", str),
     "METERGATE_PORT": ("port", int),
     "METERGATE_REDIS_URL": ("redis_url", str),
+    "METERGATE_DATABASE_URL": ("database_url", str),
     "METERGATE_ADMIN_KEY": ("admin_keys", _key_list),
     "METERGATE_OPERATOR_KEY": ("operator_keys", _key_list),
     "METERGATE_RATECARDS_DIR": ("ratecards_dir", str),

@@ -82,7 +82,7 @@ async def error_middleware(
     """Every answer in OpenAI's error shape, and every answer counted (proxy/observability.py)."""
     started = observability.request_arrived(request)
     try:
-        response = await _answer(request, handler)
+        response = await answer(request, handler)
     except web.HTTPException as exc:  # a redirect, raised on as it came
         observability.request_answered(request, exc.status, started)
         raise
@@ -93,9 +93,10 @@ async def error_middleware(
     return response
 
 
-async def _answer(
+async def answer(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    """The handler's response, or the error it raised as a response (the admin audit needs the status)."""
     try:
         return await handler(request)
     except ApiError as exc:
@@ -141,8 +142,8 @@ def _hang_up_after_response(request: web.Request) -> None:
         task.add_done_callback(lambda _: transport.close())
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or a 400 that says what is wrong with it.
+async def read_body(request: web.Request) -> bytes:
+    """The request body (aiohttp keeps it: reading it again is free).
 
     A body that has not fully arrived within `body_timeout_seconds` is a 408,
     and the connection is closed after it.
@@ -159,6 +160,12 @@ async def read_json(request: web.Request) -> Any:
             408, f"the request body did not arrive within {timeout:g} s", code="request_timeout",
             headers={"Connection": "close"},
         ) from None
+    return body
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or a 400 that says what is wrong with it (a 408 when it is late)."""
+    body = await read_body(request)
     if not body:
         raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
     try:

@@ -145,7 +145,7 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
     body, caller, quote = await _prepare(request, kind)
     app = request.config_dict
     stream = bool(body.get("stream")) and kind != "embedding"
-    call = UpstreamCall(app[HTTP], app[CONFIG].upstreams[quote.model.upstream], path, body, stream)
+    call = UpstreamCall(app[HTTP][quote.model.upstream], app[CONFIG].upstreams[quote.model.upstream], path, body, stream)
     service = app[METERING]
     lease = service.lease(
         caller, quote, "req_" + secrets.token_hex(12),

@@ -74,6 +74,8 @@ WEBHOOK_DELIVERIES = Counter("metergate_webhook_deliveries", "Webhook delivery a
                              "redelivered)", ["outcome"])
 WEBHOOK_ENDPOINTS_DISABLED = Counter("metergate_webhook_endpoints_disabled",
                                      "Webhook endpoints turned off after failing for events.disable_after_seconds")
+AUDIT_WRITE_FAILURES = Counter("metergate_audit_write_failures", "Admin audit records the database refused "
+                               "(each is logged in full at ERROR)")
 AUTO_TOP_UPS = Counter("metergate_auto_top_ups", "Auto top-up attempts, by outcome (succeeded, processing, declined, "
                        "unavailable, disabled)", ["outcome"])
 
@@ -176,6 +178,10 @@ def stripe_event(kind: str, outcome: str) -> None:
 
 def auto_top_up(outcome: str) -> None:
     AUTO_TOP_UPS.labels(outcome).inc()
+
+
+def audit_write_failed() -> None:
+    AUDIT_WRITE_FAILURES.inc()
 
 
 def holds_expired(count: int) -> None:

@@ -11,6 +11,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from proxy import schemas
+from proxy.ledger.audit import AuditPage
+from proxy.ledger.report_routes import CreateStatementLink, StatementLinkView
 
 _MODELS: list[type[BaseModel]] = [
     schemas.CreateEndUser, schemas.UpdateEndUser, schemas.CreateKey, schemas.TopUp, schemas.Refund, schemas.Adjustment,
@@ -20,7 +22,7 @@ _MODELS: list[type[BaseModel]] = [
     schemas.StartCardRefund, schemas.CardRefundView, schemas.CardPaymentList,
     schemas.CreateWebhookEndpoint, schemas.UpdateWebhookEndpoint, schemas.RotateWebhookSecret, schemas.WebhookEndpointView,
     schemas.WebhookEndpointList, schemas.EventPage, schemas.EventDetailView, schemas.Redeliver, schemas.BalanceAlerts,
-    schemas.BalanceAlertsView,
+    schemas.BalanceAlertsView, AuditPage, CreateStatementLink, StatementLinkView,
 ]
 
 _ERROR_SCHEMA = {
@@ -41,6 +43,13 @@ _ERROR_SCHEMA = {
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+_REPORT_PARAMS = [
+    {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}, "description": "inclusive, UTC"},
+    {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}, "description": "exclusive, UTC"},
+    {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}},
+]
 
 
 def _op(summary: str, ok: int, response: type[BaseModel] | None, body: type[BaseModel] | None = None,
@@ -138,6 +147,36 @@ def document() -> dict[str, Any]:
         ], errors=(400, 401))},
         "/admin/events/{id}": {"get": _op("An event with every delivery attempt", 200, schemas.EventDetailView, params=[uid])},
         "/admin/events/{id}/redeliver": {"post": _op("Send an event again", 202, None, schemas.Redeliver, params=[uid])},
+        "/admin/audit": {"get": _op("Admin changes (and refusals), newest first; readable by every role", 200, AuditPage, params=[
+            *({"name": n, "in": "query", "schema": {"type": "string"}} for n in ("actor", "target", "action")),
+            *({"name": n, "in": "query", "schema": {"type": "integer"}} for n in ("from_ms", "to_ms", "starting_after")),
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
+        ], errors=(400, 401))},
+        "/admin/reports/usage": {"get": _op(
+            "Spend, price, cost, margin, tokens and calls from the ledger of record (format=csv streams CSV)", 200, None,
+            params=[*_REPORT_PARAMS,
+                    {"name": "group_by", "in": "query", "schema": {"type": "string", "default": "end_user"},
+                     "description": "comma-separated: end_user, model, key, tier, day, month"},
+                    *({"name": n, "in": "query", "schema": {"type": "string"}} for n in ("end_user", "model"))],
+            errors=(400, 401))},
+        "/admin/reports/money": {"get": _op(
+            "Top-ups, refunds, adjustments, card refunds and disputes by period", 200, None,
+            params=[*_REPORT_PARAMS, {"name": "period", "in": "query", "schema": {"enum": ["day", "month"]}},
+                    {"name": "end_user", "in": "query", "schema": {"type": "string"}}], errors=(400, 401))},
+        "/admin/end-users/{id}/rollups": {"get": _op(
+            "The end user's months: carried in, top-ups, spend, refunds, other, carried out", 200, None, params=[
+                uid, *({"name": n, "in": "query", "schema": {"type": "string"}, "description": "YYYY-MM"}
+                       for n in ("from_month", "to_month")),
+                {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}}], errors=(400, 401))},
+        "/admin/end-users/{id}/statement-links": {"post": _op(
+            "A signed, expiring link to the end user's statement page (and its CSV) for a month", 201,
+            StatementLinkView, CreateStatementLink, params=[uid])},
+        "/v1/usage": {"get": {**_op(
+            "The caller's own charges and money movements (ledger of record), newest first", 200, None,
+            params=[{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+                    {"name": "starting_after", "in": "query", "schema": {"type": "string"}},
+                    *({"name": n, "in": "query", "schema": {"type": "string", "format": "date"}} for n in ("from", "to"))],
+            errors=(400, 401)), "security": [{"endUserKey": []}]}},
         "/admin/end-users/{id}/balance-alerts": {
             "get": _op("The low-balance thresholds in force (the wallet's own, or its tier's)", 200, schemas.BalanceAlertsView, params=[uid]),
             "put": _op("Set the wallet's own low-balance thresholds", 200, schemas.BalanceAlertsView, schemas.BalanceAlerts, params=[uid]),

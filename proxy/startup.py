@@ -126,10 +126,65 @@ def check_stripe(config: Config) -> str | None:
     return None
 
 
+DURABLE_REDIS = "appendonly yes with appendfsync everysec (or always), and a replica"
+
+
+def redis_durability(url: str, timeout: float = REDIS_PING_TIMEOUT_SECONDS) -> str | None:
+    """A warning when the Redis at `url` would lose money in a crash (what it keeps on disk), else None."""
+    import redis
+    from redis.exceptions import RedisError
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout, decode_responses=True)
+    try:
+        settings: dict[str, str] = {}
+        for name in ("appendonly", "appendfsync", "save"):
+            settings.update(client.config_get(name))  # type: ignore[arg-type]
+    except (RedisError, OSError) as exc:
+        # Managed services often refuse CONFIG: say we could not tell rather than nothing.
+        return (f"could not read how Redis at {redacted(url)} persists ({exc}); for balances to survive a crash it "
+                f"must run with {DURABLE_REDIS}")
+    finally:
+        client.close()
+    if settings.get("appendonly") == "yes":
+        if settings.get("appendfsync") in ("everysec", "always"):
+            return None
+        return (f"Redis at {redacted(url)} has appendfsync {settings.get('appendfsync')!r}: a crash of its machine can "
+                f"lose recent top-ups and charges; run it with {DURABLE_REDIS}")
+    kept = "keeps nothing on disk" if not settings.get("save") else f"keeps only RDB snapshots (save {settings['save']!r})"
+    return (f"Redis at {redacted(url)} {kept}: a Redis restart loses every balance and hold since "
+            f"{'its start' if not settings.get('save') else 'the last snapshot'}; run it with {DURABLE_REDIS}")
+
+
+def check_database(url: str | None) -> str | None:
+    """Why the ledger of record's database cannot be used (unreachable, refusing us, a failed migration), or None."""
+    import asyncio
+
+    from proxy.ledger.db import LedgerDatabase, database_url
+    from proxy.ledger.db import redacted as redacted_db
+
+    async def probe() -> None:
+        database = await LedgerDatabase.open(url)
+        await database.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:
+        try:
+            where = redacted_db(database_url(url))
+        except Exception:
+            where = "the configured database_url"
+        return f"cannot use the ledger database at {where}: {type(exc).__name__}: {exc}"
+    return None
+
+
 def check(config: Config) -> StartupCheck:
     """Everything `metergate serve` verifies before it listens; the first fatal problem wins."""
     warnings = warnings_for(config)
     error = check_stripe(config) or check_ratecards(config)
     if error is None and config.redis_url:
         error = check_redis(config.redis_url)
+        if error is None and (durability := redis_durability(config.redis_url)):
+            warnings.append(durability)
+    if error is None:
+        error = check_database(config.database_url)
     return StartupCheck(error=error, warnings=warnings)

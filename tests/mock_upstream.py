@@ -91,6 +91,7 @@ class MockUpstream:
     fast_usage: tuple[int, int] = (10, 20)  # (prompt, completion) reported in fast mode
     # --- timing / faults
     first_byte_delay: float = 0.0  # seconds before the status line
+    first_byte_gate: asyncio.Event | None = None  # streams: when set, no status line before the event is set
     chunk_delay: float = 0.0  # seconds between SSE chunks (streams only)
     line_ending: str = "\n"  # SSE framing: "\n", "\r\n" or "\r" ends every line; two end each event
     cut_after_chunks: int | None = None  # stream: close after N content chunks;
@@ -488,6 +489,8 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
             state._note_disconnect()
             return web.Response(status=499)
+        if state.first_byte_gate is not None:
+            await state.first_byte_gate.wait()
 
         resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
         try:

@@ -55,6 +55,27 @@ def check_forwardable(body: Mapping[str, Any]) -> None:
         raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_request")
 
 
+class UpstreamSessions:
+    """One pooled HTTP session per upstream, each capped at its own `max_connections`:
+    keep-alive connections are most of the latency budget a proxy has, and one busy
+    upstream must not take the connections another needs."""
+
+    def __init__(self, upstreams: Mapping[str, UpstreamConfig]):
+        self._sessions = {
+            name: aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=upstream.max_connections, limit_per_host=0, ttl_dns_cache=300),
+                auto_decompress=True, skip_auto_headers=("User-Agent",))
+            for name, upstream in upstreams.items()
+        }
+
+    def __getitem__(self, upstream: str) -> aiohttp.ClientSession:
+        return self._sessions[upstream]
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+
+
 @dataclass(frozen=True)
 class UpstreamCall:
     """Where and how one call is forwarded."""

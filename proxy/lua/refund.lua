@@ -3,6 +3,10 @@
 -- KEYS[4] refunded-per-charge hash
 -- ARGV[1] amount (micros, > 0)   ARGV[2] fingerprint   ARGV[3] idempotency TTL (s)
 -- ARGV[4] charge ledger id   ARGV[5] reason   ARGV[6] metadata JSON   ARGV[7] idempotency key
+-- Optional, for a charge already trimmed from the stream (see trim.lua): KEYS[5]
+-- the wallet's archive hash and ARGV[8] what the charge captured, as the ledger
+-- of record holds it; taken only if the charge id is at or before `trimmed_to`
+-- (so it was archived, and cannot be in the stream any more).
 -- Returns {'ok'|'replay', ledger_id, balance, held, credit_limit}.
 -- Keeps: the refunds of one charge never add up to more than it captured;
 -- balance == sum of ledger amounts.
@@ -27,6 +31,17 @@ if #entries == 1 then
   end
   if fields['type'] == 'charge' then
     charged = -tonumber(fields['amount'])
+  end
+end
+if charged == nil and #entries == 0 and KEYS[5] and ARGV[8] and ARGV[8] ~= '' then
+  local trimmed_to = redis.call('HGET', KEYS[5], 'trimmed_to')
+  if trimmed_to then
+    local cm, cs = string.match(ARGV[4], '^(%d+)-(%d+)$')
+    local tm, ts = string.match(trimmed_to, '^(%d+)-(%d+)$')
+    cm, cs, tm, ts = tonumber(cm), tonumber(cs), tonumber(tm), tonumber(ts)
+    if cm < tm or (cm == tm and cs <= ts) then
+      charged = int_arg(ARGV[8], 0, MAX_AMOUNT)
+    end
   end
 end
 if charged == nil then

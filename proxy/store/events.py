@@ -3,7 +3,7 @@ events, each wallet's derivation cursor, the event log, webhook endpoints, and t
 
 How an event is never lost: every script that appends a ledger entry an event
 can come from runs with a `ZADD mg:events:dirty <now> <wallet>` before it, in
-the same round trip (see `dirty_command`), so a wallet with new entries is
+the same round trip (see `dirty_commands`), so a wallet with new entries is
 always findable -- as a hold is by the reaper's index. A consumer (any replica,
 one at a time per wallet by lease) derives the events from the entries after
 the wallet's cursor, appends them to the event log, then moves the cursor. A
@@ -14,7 +14,6 @@ wallet dirty. A wallet is only marked clean if no entry arrived meanwhile.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from typing import Any
 import orjson
 
 from proxy.events.model import Event
-from proxy.store.keyspace import PREFIX, _tag
+from proxy.store.keyspace import ARCHIVE_DIRTY_KEY, PREFIX, _wallet_events_key
+from proxy.store.leases import Leases
 from proxy.store.scripts import Commands, RedisPyCommands, StoreRedis
 
 DIRTY_KEY = f"{PREFIX}:events:dirty"
@@ -36,34 +36,22 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 0
 """
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
-def dirty_command(wallet_id: str) -> tuple[Any, ...]:
-    """Mark a wallet as having ledger entries to derive events from; sent before the script that writes them.
+def dirty_commands(wallet_id: str) -> list[tuple[Any, ...]]:
+    """Mark a wallet as having ledger entries to derive events from and to archive
+    (proxy/ledger/archiver.py); sent before the script that writes them.
 
     The score is the time in microseconds (exact in a double until the year
     2255): `mark_clean` drops a mark only if its score did not change, and a
     finer clock makes a re-mark with an equal score practically impossible.
     """
-    return ("ZADD", DIRTY_KEY, int(time.time() * 1_000_000), wallet_id)
-
-
-def _wallet_events_key(wallet_id: str) -> str:
-    return f"{_tag(wallet_id)}:events"
+    now_us = int(time.time() * 1_000_000)
+    return [("ZADD", DIRTY_KEY, now_us, wallet_id), ("ZADD", ARCHIVE_DIRTY_KEY, now_us, wallet_id)]
 
 
 def _event_id_key(event_id: str) -> str:
     return f"{PREFIX}:event:{event_id}"
-
-
-def _lease_key(name: str) -> str:
-    return f"{PREFIX}:lease:{name}"
 
 
 def _endpoint_state_key(endpoint_id: str) -> str:
@@ -127,7 +115,7 @@ class DeliveryState:
     failing_since_ms: int  # 0 when the last attempt succeeded
 
 
-class EventStore:
+class EventStore(Leases):
     def __init__(self, redis: StoreRedis, commands: Commands | None = None, *, retention_days: int = 30):
         self.redis = redis
         # redis-py's annotations cover its many reply shapes loosely; this
@@ -148,23 +136,8 @@ class EventStore:
         return bool(await self._r.eval(_UNDIRTY, 1, DIRTY_KEY, wallet_id, score))
 
     async def mark_dirty(self, wallet_id: str) -> None:
-        await self.commands.execute(*dirty_command(wallet_id))
-
-    # ---------------------------------------------------------- leases
-
-    async def acquire(self, name: str, ttl_ms: int) -> str | None:
-        """A lease on `name` for `ttl_ms` (one holder across replicas); its token, or None if held."""
-        token = secrets.token_hex(8)
-        ok = await self._r.set(_lease_key(name), token, nx=True, px=ttl_ms)
-        return token if ok else None
-
-    async def renew(self, name: str, token: str, ttl_ms: int) -> bool:
-        if _s(await self._r.get(_lease_key(name)) or b"") != token:
-            return False
-        return bool(await self._r.pexpire(_lease_key(name), ttl_ms))
-
-    async def release(self, name: str, token: str) -> None:
-        await self._r.eval(_RELEASE, 1, _lease_key(name), token)
+        for command in dirty_commands(wallet_id):
+            await self.commands.execute(*command)
 
     # ---------------------------------------------------------- a wallet's derivation state
 

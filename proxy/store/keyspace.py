@@ -15,6 +15,10 @@ from proxy.store.errors import InvalidWalletRequest
 
 PREFIX = "mg"
 HOLD_INDEX_KEY = f"{PREFIX}:hold-index"
+# Wallets with ledger entries not yet archived (scored by when), and wallets whose
+# archived entries come due for trimming (scored by when): see proxy/ledger/archiver.py.
+ARCHIVE_DIRTY_KEY = f"{PREFIX}:archive:dirty"
+ARCHIVE_TRIM_KEY = f"{PREFIX}:archive:trim"
 WALLET_ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 MAX_AMOUNT_MICROS = 10**15
 
@@ -57,6 +61,17 @@ def _user_keys_key(w: str) -> str:
 
 def _limits_key(w: str, key_id: str) -> str:
     return f"{_tag(w)}:limits:{key_id}"
+
+
+def _archive_key(w: str) -> str:
+    """The wallet's archive state: `cursor` (the last entry archived), `trimmed_to` and
+    `trimmed_sum` (the last entry trimmed from the stream, and the sum of all trimmed amounts)."""
+    return f"{_tag(w)}:archive"
+
+
+def _wallet_events_key(w: str) -> str:
+    """The wallet's event-derivation state (see proxy/store/events.py); its `cursor` bounds trimming too."""
+    return f"{_tag(w)}:events"
 
 
 def _billing_key(w: str) -> str:

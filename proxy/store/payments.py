@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.store.events import dirty_command
+from proxy.store.events import dirty_commands
 from proxy.store.keyspace import (
     _billing_key,
     _card_payments_key,
@@ -88,7 +88,7 @@ class PaymentStore:
                 _card_payments_key(wallet_id)]
         if name == "card_payment":
             keys.append(_billing_key(wallet_id))
-        out = await self._scripts.run(self.commands, name, keys, args, before=[dirty_command(wallet_id)])
+        out = await self._scripts.run(self.commands, name, keys, args, before=dirty_commands(wallet_id))
         return Receipt(ledger_id=out[1], wallet=_state(wallet_id, *out[2:5]), replayed=out[0] == "replay")
 
     # -- money
@@ -204,7 +204,7 @@ class PaymentStore:
         out = await self._scripts.run(
             self.commands, "auto_top_up_failed", [_wallet_key(wallet_id), _billing_key(wallet_id), _ledger_key(wallet_id)],
             [attempt, "declined" if declined else "unavailable", error[:500], retry_after_ms, max_failures],
-            before=[dirty_command(wallet_id)],
+            before=dirty_commands(wallet_id),
         )
         return AutoTopUpFailure(consecutive_failures=int(out[1]), enabled=out[2] == "1", disabled_now=out[4] == "1")
 

@@ -17,12 +17,13 @@ import orjson
 from redis.exceptions import RedisError, WatchError
 
 from proxy.store.errors import HoldNotFound, IdempotencyConflict, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
-from proxy.store.events import dirty_command
+from proxy.store.events import dirty_commands
 from proxy.store.keyspace import (
     HOLD_INDEX_KEY,
     MAX_AMOUNT_MICROS,
     PREFIX,
     WALLET_ID_RE,
+    _archive_key,
     _check_wallet_id,
     _hold_key,
     _holds_key,
@@ -257,7 +258,7 @@ class WalletStore:
     ) -> Receipt:
         _check_wallet_id(wallet_id)
         keys = [_wallet_key(wallet_id), _ledger_key(wallet_id), _idempotency_key(wallet_id, idempotency_key), *extra_keys]
-        out = await self._scripts.run(self.commands, name, keys, args, before=[dirty_command(wallet_id)])
+        out = await self._scripts.run(self.commands, name, keys, args, before=dirty_commands(wallet_id))
         return Receipt(ledger_id=out[1], wallet=_state(wallet_id, *out[2:5]), replayed=out[0] == "replay")
 
     async def top_up(
@@ -282,12 +283,18 @@ class WalletStore:
 
     async def refund(
         self, wallet_id: str, amount_micros: int, *, charge_id: str, reason: str, idempotency_key: str,
-        meta: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None, archived_charge_micros: int | None = None,
     ) -> Receipt:
+        """`archived_charge_micros`: what the charge captured per the ledger of record, for a charge
+        trimmed from Redis (refund.lua takes it only for an entry it trimmed)."""
         fp = fingerprint("refund", amount_micros, charge_id, reason, meta)
+        extra_keys, extra_args = [_refunded_key(wallet_id)], []
+        if archived_charge_micros is not None:
+            extra_keys.append(_archive_key(wallet_id))
+            extra_args.append(archived_charge_micros)
         return await self._receipt_op(
-            "refund", wallet_id, idempotency_key, [_refunded_key(wallet_id)],
-            [amount_micros, fp, self.idempotency_ttl_seconds, charge_id, reason, _meta(meta), idempotency_key],
+            "refund", wallet_id, idempotency_key, extra_keys,
+            [amount_micros, fp, self.idempotency_ttl_seconds, charge_id, reason, _meta(meta), idempotency_key, *extra_args],
         )
 
     async def note(
@@ -303,7 +310,7 @@ class WalletStore:
         field_name, value = once_per or ("", "")
         out = await self._scripts.run(
             self.commands, "note", [_wallet_key(wallet_id), _ledger_key(wallet_id)],
-            [entry_type, reason, _meta(meta), field_name, value], before=[dirty_command(wallet_id)],
+            [entry_type, reason, _meta(meta), field_name, value], before=dirty_commands(wallet_id),
         )
         return out[1] if out[0] == "ok" else None
 
@@ -414,7 +421,7 @@ class WalletStore:
             self.commands, "settle", self._closing_keys(wallet_id, hold_id, spend),
             [hold_id, amount_micros, _meta(meta), self.closed_hold_ttl_seconds,
              *((spend.request_id, spend.tokens) if spend else ())],
-            before=[dirty_command(wallet_id)],
+            before=dirty_commands(wallet_id),
         )
         await self._unindex(wallet_id, hold_id)
         return self._settlement(wallet_id, hold_id, out)
@@ -437,7 +444,7 @@ class WalletStore:
         if credential:
             keys.append(_limits_key(wallet_id, credential.decode()))
         out = await self._scripts.run(self.commands, "expire", keys, [hold_id, self.closed_hold_ttl_seconds],
-                                      before=[dirty_command(wallet_id)])
+                                      before=dirty_commands(wallet_id))
         member = _index_member(wallet_id, hold_id)
         if out[0] == "not_due":
             await self.redis.zadd(HOLD_INDEX_KEY, {member: int(out[1])})
@@ -487,9 +494,15 @@ class WalletStore:
         wallet = await self.get(wallet_id)
         if wallet is None:
             raise WalletNotFound(wallet_id)
-        total = 0
-        async for entry in self._iter_ledger(wallet_id):
-            total += entry.amount_micros
+        # Entries archived and trimmed from the stream count through their kept sum
+        # (trim.lua); read again if a trim ran while the stream was summed.
+        while True:
+            trimmed_to, trimmed_sum = await self.redis.hmget(_archive_key(wallet_id), "trimmed_to", "trimmed_sum")
+            total = int(trimmed_sum or 0)
+            async for entry in self._iter_ledger(wallet_id):
+                total += entry.amount_micros
+            if (await self.redis.hget(_archive_key(wallet_id), "trimmed_to")) == trimmed_to:
+                break
         holds = await self.active_holds(wallet_id)
         return Audit(wallet=wallet, ledger_sum_micros=total, active_holds_sum_micros=sum(holds.values()))
 

@@ -295,10 +295,18 @@ def test_stripe_secrets_follow_the_configured_variable_names(chart: helm.Chart) 
     assert {"PAY_KEY", "PAY_HOOK"} <= set(rendered.env())
 
 
-def test_database_url_ref_is_off_by_default(chart: helm.Chart, default: Rendered) -> None:
-    assert "METERGATE_DATABASE_URL" not in default.env()
-    rendered = render(chart, {"secrets": {"databaseUrl": {"enabled": True, "name": "pg", "key": "url"}}})
+def test_the_ledger_database_url_comes_from_the_secret_by_default(chart: helm.Chart, default: Rendered) -> None:
+    # Each pod's own SQLite file would be history lost with the pod: the chart asks for a database.
+    assert default.env()["METERGATE_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "mg-metergate", "key": "database-url"}
+    rendered = render(chart, {"secrets": {"databaseUrl": {"name": "pg", "key": "url"}}})
     assert rendered.env()["METERGATE_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "pg", "key": "url"}
+    off = render(chart, {"secrets": {"databaseUrl": {"enabled": False}}})
+    assert "METERGATE_DATABASE_URL" not in off.env()
+
+
+def test_the_statement_secret_is_an_optional_ref(default: Rendered) -> None:
+    assert default.env()["METERGATE_STATEMENT_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mg-metergate", "key": "statement-secret", "optional": True}
 
 
 # --- the pod ---

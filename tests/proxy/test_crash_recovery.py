@@ -43,6 +43,7 @@ def write_config(tmp_path: Path, repo_root: Path, redis_url: str, upstream_url: 
     path.write_text(json.dumps({
         "host": "127.0.0.1",
         "redis_url": redis_url,
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'ledger.sqlite3'}",
         "admin_keys": [ADMIN_KEY],
         "operator_keys": [OPERATOR_KEY],
         # Short enough that the dead process's hold expires within the test; the survivor's keep-alive

@@ -42,7 +42,8 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say he
 async def serve_until_exit(repo_root: Path, *, port: int | None = None, **env_vars: str) -> tuple[int, list[str]]:
     """Run `metergate serve` (bundled config, `port` or a free one) and return its exit code and stderr lines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERGATE_")}
-    env.update({"OPENAI_API_KEY": "sk-test", **env_vars})
+    # The ledger of record goes to the session's file (tests/conftest.py), not into the repository.
+    env.update({"OPENAI_API_KEY": "sk-test", "METERGATE_DATABASE_URL": os.environ["METERGATE_DATABASE_URL"], **env_vars})
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--port", str(port or free_port()), cwd=repo_root, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
