@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.loadgen import REPO_ROOT, LoadResult, free_port, run_load_in_subprocess, wait_for_port
+from bench.memory import by_family, used_memory
+from bench.memory import report as memory_report
 
 ADMIN_KEY = "bench-admin-key"
 OPERATOR_KEY = "bench-operator-key"
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = create_end_user(base)
                 targets.append(Target(name, base + "/v1/chat/completions", {"Authorization": f"Bearer {key}"}, proc, base))
 
+            redis_used_before = asyncio.run(used_memory(redis.url))
             results: dict[tuple[str, str], LoadResult] = {}
             cpu: dict[tuple[str, str], tuple[float, float]] = {}  # (proxy, redis) CPU µs per call
             for label, concurrency, stream in SCENARIOS:
@@ -374,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 print(fmt_row(row, widths))
             print("(the goal column is information, not a pass/fail of this script)")
+
+            print()
+            metergate_calls = next(t.sent_ok + t.sent_err for t in targets if t.name == METERGATE)
+            for line in memory_report(asyncio.run(by_family(redis.url)), metergate_calls, redis_used_before,
+                                      asyncio.run(used_memory(redis.url))):
+                print(line)
 
             # ---------------------------------------------------------------- ledger
             print()
