@@ -78,7 +78,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = client
     app[WALLETS] = WalletStore(
         client, hold_ttl_ms=config.hold_ttl_seconds * 1000, idempotency_ttl_seconds=config.idempotency_ttl_seconds,
-        commands=commands,
+        closed_hold_ttl_seconds=config.closed_hold_ttl_seconds, commands=commands,
     )
     app[ACCOUNTS] = AccountStore(client, commands)
     app[METERING] = Metering(

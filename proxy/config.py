@@ -281,6 +281,11 @@ class Config(_Strict):
     profile_cache_seconds: Annotated[float, Field(ge=0)] = 5.0
     reaper_interval_seconds: PositiveFloat = 5.0
     idempotency_ttl_seconds: PositiveInt = 7 * 24 * 3600
+    # How long a closed hold's record stays, so that a close retried after a lost
+    # reply replays its first result. Only the call's own lease retries a close, for
+    # at most an hour, so the record must outlive that and nothing more: every call
+    # leaves one (~420 bytes), kept this long.
+    closed_hold_ttl_seconds: Annotated[int, Field(ge=7200)] = 24 * 3600
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     # How long a request body may take to arrive in full; a slower one is a 408,
     # so a client cannot hold a handler open by trickling (or withholding) it.

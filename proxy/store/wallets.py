@@ -172,7 +172,7 @@ class WalletStore:
         *,
         hold_ttl_ms: int = 600_000,
         idempotency_ttl_seconds: int = 7 * 24 * 3600,
-        closed_hold_ttl_seconds: int = 7 * 24 * 3600,
+        closed_hold_ttl_seconds: int = 24 * 3600,
         commands: Commands | None = None,
     ):
         self.redis = redis

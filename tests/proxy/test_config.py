@@ -45,3 +45,13 @@ def test_a_bad_environment_value_is_named(tmp_path):
     with pytest.raises(SourceError) as err:
         load_config(environ={"METERGATE_PORT": "eighty"})
     assert "METERGATE_PORT" in str(err.value)
+
+
+def test_a_closed_hold_record_shorter_than_the_close_retries_is_refused(tmp_path):
+    # A close is retried for up to an hour; a record gone before that could not replay it.
+    path = tmp_path / "metergate.yaml"
+    path.write_text("host: 127.0.0.1\nclosed_hold_ttl_seconds: 600\n")
+    with pytest.raises(SourceError) as err:
+        load_config(path, environ={})
+    [issue] = err.value.issues
+    assert (issue.line, issue.field) == (2, "closed_hold_ttl_seconds")

@@ -182,3 +182,16 @@ async def test_concurrent_calls_each_pay_exactly(base_url, make_end_user, mock_u
     client = sdk(base_url, user.key)
     await asyncio.gather(*(client.chat.completions.create(**CHAT) for _ in range(20)))
     assert (await wallets.get("u_1")).balance_micros == 10_000_000 - 20 * 563
+
+
+async def test_a_settled_calls_hold_record_is_kept_for_closed_hold_ttl_seconds_only(
+        aiohttp_client, gateway_config, make_end_user, mock_upstream, redis):
+    from proxy.app import create_app
+
+    config = gateway_config.model_copy(update={"closed_hold_ttl_seconds": 7200})
+    app_client = await aiohttp_client(create_app(config))
+    user = await make_end_user()
+    await sdk(str(app_client.make_url("/v1")), user.key).chat.completions.create(**CHAT)
+    [record] = [k async for k in redis.scan_iter(match="mg:{w:u_1}:hold:*")]
+    assert await redis.hget(record, "status") == b"settled"
+    assert 7100 < await redis.ttl(record) <= 7200
