@@ -365,7 +365,7 @@ def billed_choices(body: Mapping[str, Any]) -> int:
 def output_token_bound(body: Mapping[str, Any], model: ModelPrice) -> int:
     """The most completion tokens a request can be billed for.
 
-    `max_completion_tokens`, else `max_tokens`, else the card's cap; never more
+    `max_completion_tokens`, else `max_tokens` (the Responses API's `max_output_tokens`), else the card's cap; never more
     than the cap; times the number of choices generated (`n`, or `best_of` for
     completions, which bills every candidate). 0 for embeddings.
     """
@@ -374,7 +374,8 @@ def output_token_bound(body: Mapping[str, Any], model: ModelPrice) -> int:
     cap = model.max_output_tokens
     if not isinstance(body, Mapping):
         return cap
-    requested = _positive_int(body.get("max_completion_tokens")) or _positive_int(body.get("max_tokens"))
+    requested = (_positive_int(body.get("max_completion_tokens")) or _positive_int(body.get("max_tokens"))
+                 or _positive_int(body.get("max_output_tokens")))
     bound = min(requested, cap) if requested is not None else cap
     return bound * billed_choices(body)
 

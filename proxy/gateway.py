@@ -31,25 +31,28 @@ from proxy.schemas import WalletView, usd
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-_KIND = {"/chat/completions": "chat", "/completions": "completion", "/embeddings": "embedding"}
+# Each endpoint's model kind; the Responses API is served by chat models.
+_KIND = {"/chat/completions": "chat", "/completions": "completion", "/embeddings": "embedding", "/responses": "chat"}
 _REQUIRED = {"chat": "messages", "completion": "prompt", "embedding": "input"}
+_REQUIRED_BY_PATH = {"/chat/completions": "messages", "/completions": "prompt", "/embeddings": "input", "/responses": "input"}
 
 
 # ----------------------------------------------------------------- preparing
 
 
-def _validate_body(body: Any, kind: str) -> dict[str, Any]:
+def _validate_body(body: Any, field_name: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_request")
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise ApiError(400, "you must provide a model parameter", code="missing_model", param="model")
-    field_name = _REQUIRED[kind]
     value = body.get(field_name)
-    if value is None or (kind == "chat" and (not isinstance(value, list) or not value)):
+    if value is None or (field_name == "messages" and (not isinstance(value, list) or not value)):
         raise ApiError(400, f"`{field_name}` is required", code="invalid_request", param=field_name)
+    if field_name == "input" and isinstance(value, list) and not value:
+        raise ApiError(400, "`input` must not be empty", code="invalid_request", param="input")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise ApiError(400, "`stream` must be true or false", code="invalid_request", param="stream")
-    for name in ("max_tokens", "max_completion_tokens", "n"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "n"):
         v = body.get(name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             raise ApiError(400, f"`{name}` must be a non-negative integer", code="invalid_request", param=name)
@@ -81,13 +84,14 @@ def _model(card: RateCard, caller: Caller, name: str, kind: str | None) -> Model
 QUOTE_OFF_LOOP_BYTES = 16 * 1024
 
 
-async def _prepare(request: web.Request, kind: str | None) -> tuple[dict[str, Any], Caller, metering.Quote]:
+async def _prepare(request: web.Request, kind: str | None, required: str | None = None,
+                   ) -> tuple[dict[str, Any], Caller, metering.Quote]:
     # The bearer is checked before any body is read: a request without a
     # credential is refused at once and cannot hold a handler by sending its
     # body slowly. Only an operator key needs the body, for its `user`.
     credential = await identify(request)
     body = await read_json(request)
-    body = _validate_body(body, kind or _kind_of_estimate(body))
+    body = _validate_body(body, required or _REQUIRED[kind or _kind_of_estimate(body)])
     caller = credential if isinstance(credential, Caller) else await operator_caller(request, body.get("user"))
     card = _card(request, caller)
     model = _model(card, caller, body["model"], kind)
@@ -142,7 +146,7 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
         raise ApiError(503, "metergate is shutting down; retry on another replica", type="api_error",
                        code="shutting_down", headers={"Retry-After": "1"})
     kind = _KIND[path]
-    body, caller, quote = await _prepare(request, kind)
+    body, caller, quote = await _prepare(request, kind, _REQUIRED_BY_PATH[path])
     app = request.config_dict
     stream = bool(body.get("stream")) and kind != "embedding"
     call = UpstreamCall(app[HTTP][quote.model.upstream], app[CONFIG].upstreams[quote.model.upstream], path, body, stream)
@@ -176,6 +180,12 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _metered(request, "/chat/completions")
+
+
+@routes.post("/v1/responses")
+async def responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI's Responses API (the SDK's `responses.create` / `responses.stream`), metered as chat is."""
+    return await _metered(request, "/responses")
 
 
 @routes.post("/v1/completions")

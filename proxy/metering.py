@@ -85,12 +85,19 @@ def _int(value: Any) -> int:
 
 
 def usage_from_openai(usage: Mapping[str, Any]) -> Usage:
-    """OpenAI's usage object (chat, completions, embeddings) as a `Usage`."""
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
+    """OpenAI's usage object as a `Usage`: chat, completions and embeddings name it
+    `prompt_tokens`/`completion_tokens`, the Responses API `input_tokens`/`output_tokens`."""
+    if "input_tokens" in usage and "prompt_tokens" not in usage:
+        prompt_details = usage.get("input_tokens_details") or {}
+        completion_details = usage.get("output_tokens_details") or {}
+        prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
+    else:
+        prompt_details = usage.get("prompt_tokens_details") or {}
+        completion_details = usage.get("completion_tokens_details") or {}
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     return Usage(
-        prompt_tokens=_int(usage.get("prompt_tokens")),
-        completion_tokens=_int(usage.get("completion_tokens")),
+        prompt_tokens=_int(prompt),
+        completion_tokens=_int(completion),
         cached_tokens=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, Mapping) else 0,
         reasoning_tokens=_int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, Mapping) else 0,
     )
@@ -184,7 +191,8 @@ def charge_meta(
 
 
 def text_of_choices(data: Mapping[str, Any]) -> str:
-    """The output text of a whole (non-streamed) answer: what is counted when it reports no usage."""
+    """The output text of a whole (non-streamed) answer, its choices or its Responses `output`
+    items: what is counted when it reports no usage."""
     parts = []
     for choice in data.get("choices") or ():
         if not isinstance(choice, Mapping):
@@ -198,4 +206,15 @@ def text_of_choices(data: Mapping[str, Any]) -> str:
                     parts.append(str(tc["function"].get("arguments") or ""))
         elif isinstance(choice.get("text"), str):
             parts.append(choice["text"])
+    output = data.get("output")  # the Responses API's output items
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, Mapping):
+            continue
+        kind = item.get("type")
+        if kind in ("message", "reasoning"):
+            for part in [*(item.get("content") or ()), *(item.get("summary") or ())]:
+                if isinstance(part, Mapping):
+                    parts.extend(part[k] for k in ("text", "refusal") if isinstance(part.get(k), str))
+        elif kind == "function_call" and isinstance(item.get("arguments"), str):
+            parts.append(item["arguments"])
     return "".join(parts)

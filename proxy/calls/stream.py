@@ -78,6 +78,43 @@ def read_event(data: bytes, tools: metering.ToolCallCounter | None = None) -> tu
     return tokens, chunk if isinstance(chunk.get("usage"), dict) else None
 
 
+# Responses API stream events whose `delta` is output text the provider bills as output tokens.
+RESPONSE_TEXT_DELTAS = frozenset({
+    "response.output_text.delta", "response.refusal.delta", "response.function_call_arguments.delta",
+    "response.reasoning_text.delta", "response.reasoning_summary_text.delta", "response.custom_tool_call_input.delta",
+    "response.mcp_call_arguments.delta", "response.code_interpreter_call_code.delta",
+})
+# The events that end a Responses stream; each carries the response, with its usage.
+RESPONSE_TERMINALS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def read_response_event(data: bytes, tools: metering.ToolCallCounter | None) -> tuple[int, dict[str, Any] | None]:
+    """One Responses API event: its output tokens, and the event itself when it ends the stream."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return 0, None
+    if not isinstance(event, dict):
+        return 0, None
+    if tools is not None:
+        tools.see(event)
+    kind = event.get("type")
+    if kind in RESPONSE_TEXT_DELTAS:
+        delta = event.get("delta")
+        return (count_text_tokens(delta) if isinstance(delta, str) and delta else 0), None
+    return 0, event if kind in RESPONSE_TERMINALS else None
+
+
+async def _response_with_cost(lease: Lease, terminal: dict[str, Any], usage: dict[str, Any],
+                              tools: metering.ToolCallCounter | None) -> bytes:
+    """Settle on a Responses stream's final usage and show the charge in it (the event is re-framed as sent)."""
+    counted = metering.usage_from_openai(usage)
+    if tools is not None:
+        counted = metering.with_tool_calls(counted, tools.calls())
+    await settle_and_show(lease, counted, "upstream", usage)
+    return b"event: " + str(terminal.get("type")).encode() + b"\ndata: " + orjson.dumps(terminal) + b"\n\n"
+
+
 async def _with_cost(lease: Lease, usage_chunk: dict[str, Any], tools: metering.ToolCallCounter | None) -> bytes:
     """Settle on the upstream's usage (the last chunk before [DONE]) and show the charge in it."""
     usage = metering.usage_from_openai(usage_chunk["usage"])
@@ -89,6 +126,7 @@ async def _with_cost(lease: Lease, usage_chunk: dict[str, Any], tools: metering.
 
 async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease) -> web.StreamResponse:
     client_wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+    responses_api = call.responses_api  # typed events ending in response.completed, not chunks and [DONE]
     upstream = await open_upstream(call, lease)
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
@@ -109,6 +147,21 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
             for event in decoder.feed(piece):
                 data = event.data
                 if data is None:
+                    relay.append(event.raw)
+                    continue
+                if responses_api:
+                    tokens, terminal = read_response_event(data, tools)
+                    if tokens:
+                        if not await _covered(lease, tokens, response, relay):
+                            return response
+                        lease.add_output(tokens)
+                    if terminal is not None:
+                        saw_done = True
+                        final = terminal.get("response")
+                        usage = final.get("usage") if isinstance(final, dict) else None
+                        if isinstance(usage, dict) and lease.usage is None:
+                            relay.append(await _response_with_cost(lease, terminal, usage, tools))
+                            continue
                     relay.append(event.raw)
                     continue
                 if data == b"[DONE]":

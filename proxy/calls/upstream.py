@@ -86,18 +86,26 @@ class UpstreamCall:
     body: Mapping[str, Any]
     stream: bool
 
+    @property
+    def responses_api(self) -> bool:
+        """OpenAI's Responses API: `input`/`output` items, `max_output_tokens`, typed stream events."""
+        return self.path == "/responses"
+
 
 async def open_upstream(call: UpstreamCall, lease: Lease) -> aiohttp.ClientResponse:
     """POST to the model's upstream; a failure is reported to the lease and raised as the error to answer."""
     payload = dict(call.body)
     payload["model"] = lease.model.upstream_model
-    if call.stream:
+    if call.stream and not call.responses_api:  # a Responses stream always ends with its usage
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     if lease.clamped_to is not None:
         # The wallet can pay for this much output and no more (see Lease.open).
-        named = [f for f in ("max_completion_tokens", "max_tokens") if payload.get(f) is not None]
-        for name in named or ["max_completion_tokens" if lease.model.kind == "chat" else "max_tokens"]:
-            payload[name] = lease.clamped_to
+        if call.responses_api:
+            payload["max_output_tokens"] = lease.clamped_to
+        else:
+            named = [f for f in ("max_completion_tokens", "max_tokens") if payload.get(f) is not None]
+            for name in named or ["max_completion_tokens" if lease.model.kind == "chat" else "max_tokens"]:
+                payload[name] = lease.clamped_to
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if call.stream else "application/json"}
     if call.upstream.api_key:
         headers["Authorization"] = f"Bearer {call.upstream.api_key}"
@@ -197,7 +205,8 @@ async def forward_whole(call: UpstreamCall, lease: Lease) -> web.Response:
     else:
         usage = Usage(prompt_tokens=lease.quote.prompt_tokens, completion_tokens=count_text_tokens(metering.text_of_choices(data)))
         source = "counted"
-        reported = data["usage"] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+        names = ("input_tokens", "output_tokens") if call.responses_api else ("prompt_tokens", "completion_tokens")
+        reported = data["usage"] = {names[0]: usage.prompt_tokens, names[1]: usage.completion_tokens,
                                     "total_tokens": usage.prompt_tokens + usage.completion_tokens}
     # OpenAI's usage object has no count of built-in tool calls: read them off the answer.
     usage = metering.with_tool_calls(usage, metering.tool_calls_of_answer(lease.quote, data))
