@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from typing import Any
 
@@ -20,13 +21,14 @@ from aiohttp import web
 from pricing import ModelPrice, RateCard
 from pricing.tokens import UnpriceableRequest, billed_choices
 from proxy import limits, metering, observability
-from proxy.appstate import CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, WALLETS
+from proxy.appstate import ACCOUNTS, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, WALLETS
 from proxy.auth import Caller, authenticate, identify, operator_caller
 from proxy.calls.lease import Lease
 from proxy.calls.stream import forward_stream
-from proxy.calls.upstream import UpstreamCall, check_forwardable, forward_whole
+from proxy.calls.upstream import UpstreamCall, check_forwardable, fetch_stored, forward_whole
 from proxy.errors import ApiError, read_json
 from proxy.schemas import WalletView, usd
+from proxy.store import AccountStore
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -134,11 +136,29 @@ def _kind_of_estimate(body: Any) -> str:
 # ------------------------------------------------------------------ handlers
 
 
-async def _whole(call: UpstreamCall, lease: Lease) -> web.StreamResponse:
+async def _whole(call: UpstreamCall, lease: Lease, accounts: AccountStore) -> web.StreamResponse:
     async with lease:
         if lease.client_left:
             raise asyncio.CancelledError  # gone before forwarding: the lease releases the hold
-        return await forward_whole(call, lease)
+        response = await forward_whole(call, lease)
+    await _remember_response(accounts, call, lease)
+    return response
+
+
+# OpenAI keeps a stored response 30 days; so does the record of whose it is.
+RESPONSE_OWNER_TTL_SECONDS = 30 * 86_400
+_RESPONSE_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
+
+
+async def _remember_response(accounts: AccountStore, call: UpstreamCall, lease: Lease) -> None:
+    """Record whose a stored Responses API answer is, so GET /v1/responses/{id} serves it to them alone."""
+    rid = lease.response_id
+    if rid is None or not _RESPONSE_ID.match(rid) or call.body.get("store") is False:
+        return
+    try:
+        await accounts.remember_response(lease.caller.end_user_id, rid, lease.model.upstream, RESPONSE_OWNER_TTL_SECONDS)
+    except Exception as exc:  # the answer is paid and delivered; only its later retrieval is lost
+        log.warning("request %s: could not record the owner of response %s: %r", lease.request_id, rid, exc)
 
 
 async def _metered(request: web.Request, path: str) -> web.StreamResponse:
@@ -159,15 +179,17 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
     if stream:
         async with lease:
             try:
-                return await forward_stream(request, call, lease)
+                response = await forward_stream(request, call, lease)
             except asyncio.CancelledError:
                 if app[LIFECYCLE].draining:  # cut by shutdown past its grace, not by its client
                     lease.outcome = "shutdown"
                 raise
+        await _remember_response(app[ACCOUNTS], call, lease)
+        return response
     # A whole answer is read and billed even if the client leaves while it is
     # generated (the provider bills it either way), so it runs in a task the
     # handler's cancellation does not reach.
-    task = service.background.spawn(_whole(call, lease))
+    task = service.background.spawn(_whole(call, lease, app[ACCOUNTS]))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -186,6 +208,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def responses(request: web.Request) -> web.StreamResponse:
     """OpenAI's Responses API (the SDK's `responses.create` / `responses.stream`), metered as chat is."""
     return await _metered(request, "/responses")
+
+
+@routes.get("/v1/responses/{response_id}")
+async def retrieve_response(request: web.Request) -> web.StreamResponse:
+    """A stored response (the SDK's `responses.retrieve`), for the end user who created it only; free."""
+    caller = await authenticate(request, None)
+    rid = request.match_info["response_id"]
+    app = request.config_dict
+    upstream_name = await app[ACCOUNTS].response_upstream(caller.end_user_id, rid) if _RESPONSE_ID.match(rid) else None
+    if upstream_name is None or upstream_name not in app[CONFIG].upstreams:
+        raise ApiError(404, f"No response with id '{rid}' found.", code="response_not_found", param="response_id")
+    return await fetch_stored(app[HTTP][upstream_name], app[CONFIG].upstreams[upstream_name], f"/responses/{rid}",
+                              request.query_string)
 
 
 @routes.post("/v1/completions")

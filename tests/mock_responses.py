@@ -91,6 +91,8 @@ def make_responses_handler(
             body = response("completed", [*searches, message], True)
             if body["usage"] is None:
                 del body["usage"]
+            if data.get("store") is not False:
+                state.stored_responses[rid] = body
             state.replies_completed += 1
             return _json_response(200, body)
 
@@ -136,7 +138,10 @@ def make_responses_handler(
             await resp.write(event("response.content_part.done", {"item_id": mid, "output_index": at, "content_index": 0,
                                                                   "part": {**part, "text": text}}))
             await resp.write(event("response.output_item.done", {"output_index": at, "item": message}))
-            await resp.write(event("response.completed", {"response": response("completed", [*searches, message], True)}))
+            final = response("completed", [*searches, message], True)
+            if data.get("store") is not False:
+                state.stored_responses[rid] = final
+            await resp.write(event("response.completed", {"response": final}))
             await resp.write_eof()
         except ConnectionResetError:
             state._note_disconnect()
@@ -145,3 +150,23 @@ def make_responses_handler(
         return resp
 
     return responses
+
+
+def make_retrieve_handler(state: MockUpstream) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """GET /v1/responses/{id}: a stored response, or OpenAI's 404."""
+    from multidict import CIMultiDict
+
+    from tests.mock_upstream import RecordedRequest, _json_response
+
+    async def retrieve(request: web.Request) -> web.StreamResponse:
+        state.request_count += 1
+        if state.record_requests:
+            state.requests.append(RecordedRequest(method="GET", path=request.path, query=dict(request.query),
+                                                  headers=CIMultiDict(request.headers), body=b"", json=None))
+        found = state.stored_responses.get(request.match_info["response_id"])
+        if found is None:
+            return _json_response(404, {"error": {"message": f"No response found with id '{request.match_info['response_id']}'.",
+                                                  "type": "invalid_request_error", "param": None, "code": None}})
+        return _json_response(200, found)
+
+    return retrieve

@@ -129,6 +129,7 @@ class Lease:
     held_micros: int = 0  # the hold's amount now (it grows while a stream outruns it)
     covered_output_tokens: int = 0  # output tokens the hold pays for
     completion_tokens: int = 0  # output counted so far (relayed to the client)
+    response_id: str | None = None  # a Responses API answer's id, as the upstream named it
     outcome: str = "completed"
     # Set by the forwarders:
     is_forwarded: bool = False

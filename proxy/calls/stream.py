@@ -158,6 +158,8 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
                     if terminal is not None:
                         saw_done = True
                         final = terminal.get("response")
+                        if isinstance(final, dict) and isinstance(final.get("id"), str):
+                            lease.response_id = final["id"]
                         usage = final.get("usage") if isinstance(final, dict) else None
                         if isinstance(usage, dict) and lease.usage is None:
                             relay.append(await _response_with_cost(lease, terminal, usage, tools))

@@ -208,8 +208,28 @@ async def forward_whole(call: UpstreamCall, lease: Lease) -> web.Response:
         names = ("input_tokens", "output_tokens") if call.responses_api else ("prompt_tokens", "completion_tokens")
         reported = data["usage"] = {names[0]: usage.prompt_tokens, names[1]: usage.completion_tokens,
                                     "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+    if call.responses_api and isinstance(data.get("id"), str):
+        lease.response_id = data["id"]
     # OpenAI's usage object has no count of built-in tool calls: read them off the answer.
     usage = metering.with_tool_calls(usage, metering.tool_calls_of_answer(lease.quote, data))
     settlement, cost = await settle_and_show(lease, usage, source, reported)
     return web.Response(body=orjson.dumps(data), content_type="application/json",
                         headers=result_headers(lease, settlement, usage, cost))
+
+
+async def fetch_stored(http: aiohttp.ClientSession, upstream: UpstreamConfig, path: str, query: str = "") -> web.Response:
+    """GET something the upstream stores (a Responses API response): no money moves; its answer is passed on."""
+    headers = {"Accept": "application/json"}
+    if upstream.api_key:
+        headers["Authorization"] = f"Bearer {upstream.api_key}"
+    url = upstream.base_url.rstrip("/") + path + (f"?{query}" if query else "")
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds,
+                                    sock_read=upstream.read_timeout_seconds)
+    try:
+        async with http.get(url, headers=headers, timeout=timeout) as response:
+            raw = await response.read()
+            if response.status >= 400:
+                raise upstream_error(response, raw, path)
+            return web.Response(body=raw, status=response.status, content_type="application/json")
+    except (TimeoutError, aiohttp.ClientError):
+        raise ApiError(502, "the upstream provider could not be reached", type="api_error", code="upstream_unavailable") from None

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from proxy.store.keyspace import _api_key_key, _user_keys_key
+from proxy.store.keyspace import _api_key_key, _response_key, _user_keys_key
 from proxy.store.scripts import Commands, RedisPyCommands, StoreRedis
 from proxy.store.wallets import now_ms
 
@@ -75,6 +75,15 @@ class AccountStore:
             pipe.hset(_user_keys_key(end_user_id), key.id, orjson.dumps({"hash": digest, "key": key.to_json()}))
             await pipe.execute()
         return key, plaintext
+
+    async def remember_response(self, end_user_id: str, response_id: str, upstream: str, ttl_seconds: int) -> None:
+        """Record that `end_user_id` created the Responses API response `response_id` on `upstream`."""
+        await self.commands.execute("SET", _response_key(end_user_id, response_id), upstream, "EX", ttl_seconds)
+
+    async def response_upstream(self, end_user_id: str, response_id: str) -> str | None:
+        """The upstream of a response this end user created, or None (another's, unknown, or expired)."""
+        raw = await self.commands.execute("GET", _response_key(end_user_id, response_id))
+        return raw.decode() if isinstance(raw, bytes) else raw
 
     async def list_keys(self, end_user_id: str) -> list[ApiKey]:
         raw = await self.redis.hgetall(_user_keys_key(end_user_id))

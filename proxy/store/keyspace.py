@@ -63,6 +63,11 @@ def _limits_key(w: str, key_id: str) -> str:
     return f"{_tag(w)}:limits:{key_id}"
 
 
+def _response_key(w: str, response_id: str) -> str:
+    """Which upstream holds a Responses API response this end user created (GET /v1/responses/{id})."""
+    return f"{_tag(w)}:response:{response_id}"
+
+
 def _archive_key(w: str) -> str:
     """The wallet's archive state: `cursor` (the last entry archived), `trimmed_to` and
     `trimmed_sum` (the last entry trimmed from the stream, and the sum of all trimmed amounts)."""

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from pricing import Usage, count_text_tokens, estimate_prompt_tokens, price_usage
+from tests.conftest import UPSTREAM_KEY
 from tests.mock_upstream import make_usage, reply_chunks
 
 REQUEST = {"model": "gpt-4o-mini", "input": "Tell me a story", "max_output_tokens": 200}
@@ -180,3 +181,40 @@ async def test_a_wallet_that_cannot_cover_max_output_tokens_gets_it_clamped(base
     assert mock_upstream.requests[-1].json["max_output_tokens"] == clamped
     charge = await settled(wallets)
     assert (await wallets.get("u_1")).balance_micros == 1_000 + charge.amount_micros >= 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_stored_response_is_retrieved_by_the_end_user_who_made_it_for_free(
+        base_url, make_end_user, mock_upstream, wallets, stream):
+    user = await make_end_user()
+    client = sdk(base_url, user.key)
+    if stream:
+        async with client.responses.stream(**REQUEST) as events:
+            made = await events.get_final_response()
+    else:
+        made = await client.responses.create(**REQUEST)
+    await settled(wallets)
+    balance = (await wallets.get("u_1")).balance_micros
+
+    fetched = await client.responses.retrieve(made.id)
+
+    assert fetched.id == made.id and fetched.output_text == made.output_text
+    [get] = [r for r in mock_upstream.requests if r.method == "GET"]
+    assert get.path == f"/v1/responses/{made.id}" and get.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert (await wallets.get("u_1")).balance_micros == balance
+
+
+async def test_another_end_users_response_is_not_found(base_url, make_end_user, mock_upstream, wallets):
+    owner, other = await make_end_user("u_1"), await make_end_user("u_2")
+    made = await sdk(base_url, owner.key).responses.create(**REQUEST)
+    with pytest.raises(openai.NotFoundError) as err:
+        await sdk(base_url, other.key).responses.retrieve(made.id)
+    assert err.value.body["code"] == "response_not_found"
+    assert not any(r.method == "GET" for r in mock_upstream.requests)  # never asked the upstream
+
+
+async def test_a_response_made_with_store_false_is_not_retrievable(base_url, make_end_user, mock_upstream, wallets):
+    user = await make_end_user()
+    made = await sdk(base_url, user.key).responses.create(**REQUEST, store=False)
+    with pytest.raises(openai.NotFoundError):
+        await sdk(base_url, user.key).responses.retrieve(made.id)
