@@ -432,6 +432,7 @@ class WalletStore:
         out = await self._scripts.run(
             self.commands, "release", self._closing_keys(wallet_id, hold_id, spend),
             [hold_id, reason, self.closed_hold_ttl_seconds, *((spend.request_id,) if spend else ())],
+            before=dirty_commands(wallet_id),  # its entry is archived like any other
         )
         await self._unindex(wallet_id, hold_id)
         return self._settlement(wallet_id, hold_id, out)
