@@ -41,6 +41,7 @@ REQUIRED_ROLE: dict[str, Role] = {
     "GET /end-users/{id}": "viewer",
     "GET /end-users/{id}/keys": "viewer",
     "GET /wallets/{id}": "viewer",
+    "GET /wallets/{id}/holds/{hold_id}": "viewer",
     "GET /wallets/{id}/ledger": "viewer",
     "GET /ratecards": "viewer",
     "GET /end-users/{id}/auto-top-up": "viewer",
@@ -73,6 +74,10 @@ REQUIRED_ROLE: dict[str, Role] = {
     "POST /wallets/{id}/top-ups": "admin",
     "POST /wallets/{id}/refunds": "admin",
     "POST /wallets/{id}/adjustments": "admin",
+    "POST /wallets/{id}/holds": "admin",  # job holds (proxy/admin_jobs.py): reserve, capture, release
+    "POST /wallets/{id}/holds/{hold_id}/extend": "admin",
+    "POST /wallets/{id}/holds/{hold_id}/captures": "admin",
+    "POST /wallets/{id}/holds/{hold_id}/release": "admin",
     "POST /end-users/{id}/checkout-sessions": "admin",
     "PATCH /end-users/{id}/auto-top-up": "admin",
     "POST /end-users/{id}/card-refunds": "admin",

@@ -10,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from proxy import schemas
+from proxy import admin_jobs, schemas
 from proxy.ledger.audit import AuditPage
 from proxy.ledger.report_routes import CreateStatementLink, StatementLinkView
 
@@ -23,6 +23,8 @@ _MODELS: list[type[BaseModel]] = [
     schemas.CreateWebhookEndpoint, schemas.UpdateWebhookEndpoint, schemas.RotateWebhookSecret, schemas.WebhookEndpointView,
     schemas.WebhookEndpointList, schemas.EventPage, schemas.EventDetailView, schemas.Redeliver, schemas.BalanceAlerts,
     schemas.BalanceAlertsView, AuditPage, CreateStatementLink, StatementLinkView,
+    admin_jobs.OpenJobHold, admin_jobs.ExtendJobHold, admin_jobs.CaptureJobHold, admin_jobs.ReleaseJobHold,
+    admin_jobs.JobHoldView, admin_jobs.CaptureView, admin_jobs.ReleaseView,
 ]
 
 _ERROR_SCHEMA = {
@@ -81,7 +83,7 @@ _IDEMPOTENCY = {
 @lru_cache(maxsize=1)
 def document() -> dict[str, Any]:
     _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template="#/components/schemas/{model}")
-    uid, kid = _path_param("id"), _path_param("key_id")
+    uid, kid, hold = _path_param("id"), _path_param("key_id"), _path_param("hold_id")
     money = (400, 401, 404, 409)
     paths = {
         "/admin/end-users": {"post": _op("Create an end user and their wallet", 201, schemas.EndUserView, schemas.CreateEndUser, errors=(400, 401, 409))},
@@ -103,6 +105,18 @@ def document() -> dict[str, Any]:
         "/admin/wallets/{id}/top-ups": {"post": _op("Add funds", 201, schemas.ReceiptView, schemas.TopUp, [uid, _IDEMPOTENCY], money)},
         "/admin/wallets/{id}/refunds": {"post": _op("Refund (part of) a charge", 201, schemas.ReceiptView, schemas.Refund, [uid, _IDEMPOTENCY], money)},
         "/admin/wallets/{id}/adjustments": {"post": _op("Signed correction with a reason", 201, schemas.ReceiptView, schemas.Adjustment, [uid, _IDEMPOTENCY], (*money, 402))},
+        "/admin/wallets/{id}/holds": {"post": _op("Open a job hold: reserve a long job's budget for a TTL", 201, admin_jobs.JobHoldView,
+                                                  admin_jobs.OpenJobHold, [uid, _IDEMPOTENCY], (*money, 402))},
+        "/admin/wallets/{id}/holds/{hold_id}": {"get": _op("A job hold: held, captured, expiry", 200, admin_jobs.JobHoldView,
+                                                           params=[uid, hold])},
+        "/admin/wallets/{id}/holds/{hold_id}/extend": {"post": _op(
+            "Grow a job hold to a new amount and push its expiry back", 200, admin_jobs.JobHoldView, admin_jobs.ExtendJobHold,
+            [uid, hold], (*money, 402))},
+        "/admin/wallets/{id}/holds/{hold_id}/captures": {"post": _op(
+            "Capture part of a job hold for good (the rest stays held)", 201, admin_jobs.CaptureView, admin_jobs.CaptureJobHold,
+            [uid, hold, _IDEMPOTENCY], money)},
+        "/admin/wallets/{id}/holds/{hold_id}/release": {"post": _op(
+            "Release what a job hold has left", 200, admin_jobs.ReleaseView, admin_jobs.ReleaseJobHold, [uid, hold], money)},
         "/admin/wallets/{id}/ledger": {"get": _op("Ledger entries, newest first", 200, schemas.LedgerPage, params=[
             uid,
             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},

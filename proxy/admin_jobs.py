@@ -1,0 +1,148 @@
+"""The admin API's job holds: `/admin/wallets/{id}/holds…` (see proxy/store/jobs.py).
+
+An operator running a long job for an end user (an agent of many steps, a crawl)
+reserves its budget up front, captures what each step cost, and releases the rest;
+a job abandoned without a release expires with its TTL and the reaper releases
+what is left. Every capture is an idempotent `charge` in the ledger.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import BaseModel, Field, StrictInt, StrictStr
+
+from proxy import schemas
+from proxy.appstate import WALLETS
+from proxy.errors import ApiError, read_model
+from proxy.store import WalletState
+from proxy.store.jobs import JobHold, JobHolds
+
+routes = web.RouteTableDef()
+
+MAX_TTL_SECONDS = 30 * 86_400  # the longest a hold may live (hold.lua's bound)
+TtlSeconds = Annotated[StrictInt, Field(ge=1, le=MAX_TTL_SECONDS, description="seconds until the reaper expires it")]
+Description = Annotated[StrictStr, Field(max_length=500)]
+
+
+class _Body(BaseModel):
+    model_config = {"extra": "forbid"}
+
+
+class OpenJobHold(_Body):
+    amount_micros: schemas.Micros
+    ttl_seconds: TtlSeconds = 3600
+    description: Description = ""
+    metadata: dict[str, Any] = {}
+
+
+class ExtendJobHold(_Body):
+    amount_micros: schemas.Micros = Field(description="the hold's new amount: at least what it holds now (a retry changes nothing)")
+    ttl_seconds: TtlSeconds = 3600
+
+
+class CaptureJobHold(_Body):
+    amount_micros: schemas.Micros = Field(description="at most what the hold has left")
+    description: Description = ""
+    metadata: dict[str, Any] = {}
+
+
+class ReleaseJobHold(_Body):
+    reason: Annotated[StrictStr, Field(min_length=1, max_length=500)] = "job done"
+
+
+class JobHoldView(BaseModel):
+    id: str
+    object: str = "job_hold"
+    status: str
+    amount_micros: int = Field(description="held now")
+    captured_micros: int
+    expires_ms: int
+    created_ms: int
+    description: str
+    wallet: schemas.WalletView | None = None
+
+
+class CaptureView(BaseModel):
+    ledger_id: str
+    captured_micros: int
+    left_micros: int
+    wallet: schemas.WalletView
+
+
+class ReleaseView(BaseModel):
+    ledger_id: str
+    released_micros: int
+    wallet: schemas.WalletView
+
+
+def _jobs(request: web.Request) -> JobHolds:
+    return JobHolds(request.config_dict[WALLETS])
+
+
+def _idempotency_key(request: web.Request) -> str:
+    key = request.headers.get("Idempotency-Key", "").strip()
+    if not key or len(key) > 255:
+        raise ApiError(400, "an Idempotency-Key header (1-255 characters) is required on job holds and captures",
+                       code="idempotency_key_required", param="Idempotency-Key")
+    return key
+
+
+def _json(model: BaseModel, status: int = 200, replayed: bool = False) -> web.Response:
+    return web.Response(status=status, body=model.model_dump_json(), content_type="application/json",
+                        headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+
+def _view(hold: JobHold, wallet: WalletState | None = None) -> JobHoldView:
+    return JobHoldView(id=hold.hold_id, status=hold.status, amount_micros=hold.amount_micros,
+                       captured_micros=hold.captured_micros, expires_ms=hold.expires_at_ms, created_ms=hold.created_ms,
+                       description=hold.description, wallet=schemas.WalletView.of(wallet) if wallet else None)
+
+
+@routes.post("/wallets/{id}/holds")
+async def open_job_hold(request: web.Request) -> web.Response:
+    key = _idempotency_key(request)
+    body = await read_model(request, OpenJobHold)
+    wallet_id, jobs = request.match_info["id"], _jobs(request)
+    hold = await jobs.open(wallet_id, body.amount_micros, ttl_seconds=body.ttl_seconds, idempotency_key=key,
+                           description=body.description, meta=body.metadata or None)
+    return _json(_view(await jobs.get(wallet_id, hold.hold_id), hold.wallet), 201, hold.replayed)
+
+
+@routes.get("/wallets/{id}/holds/{hold_id}")
+async def get_job_hold(request: web.Request) -> web.Response:
+    return _json(_view(await _jobs(request).get(request.match_info["id"], request.match_info["hold_id"])))
+
+
+@routes.post("/wallets/{id}/holds/{hold_id}/extend")
+async def extend_job_hold(request: web.Request) -> web.Response:
+    body = await read_model(request, ExtendJobHold)
+    wallet_id, hold_id, jobs = request.match_info["id"], request.match_info["hold_id"], _jobs(request)
+    current = await jobs.get(wallet_id, hold_id)
+    if body.amount_micros < current.amount_micros:
+        raise ApiError(400, f"a hold only grows: it holds {current.amount_micros} micros; capture or release instead",
+                       code="invalid_amount", param="amount_micros")
+    grown = await jobs.extend(wallet_id, hold_id, to_amount_micros=body.amount_micros, ttl_seconds=body.ttl_seconds)
+    return _json(_view(await jobs.get(wallet_id, hold_id), grown.wallet))
+
+
+@routes.post("/wallets/{id}/holds/{hold_id}/captures")
+async def capture_job_hold(request: web.Request) -> web.Response:
+    key = _idempotency_key(request)
+    body = await read_model(request, CaptureJobHold)
+    wallet_id, hold_id, jobs = request.match_info["id"], request.match_info["hold_id"], _jobs(request)
+    await jobs.get(wallet_id, hold_id)  # a job hold, not a call's
+    meta = {"job": True, **({"description": body.description} if body.description else {}), **body.metadata}
+    capture = await jobs.capture(wallet_id, hold_id, body.amount_micros, idempotency_key=key, meta=meta)
+    return _json(CaptureView(ledger_id=capture.ledger_id, captured_micros=capture.captured_micros,
+                             left_micros=capture.left_micros, wallet=schemas.WalletView.of(capture.wallet)),
+                 201, capture.replayed)
+
+
+@routes.post("/wallets/{id}/holds/{hold_id}/release")
+async def release_job_hold(request: web.Request) -> web.Response:
+    body = await read_model(request, ReleaseJobHold)
+    settlement = await _jobs(request).release(request.match_info["id"], request.match_info["hold_id"], reason=body.reason)
+    return _json(ReleaseView(ledger_id=settlement.ledger_id, released_micros=settlement.released_micros,
+                             wallet=schemas.WalletView.of(settlement.wallet)))
