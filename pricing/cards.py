@@ -90,6 +90,8 @@ class MeterPrice:
     price: Decimal  # micros per unit
     cost: Decimal  # micros per unit (before `cost_divisor`)
     cost_divisor: Decimal = ONE
+    included_quantity: Decimal = ZERO  # free units per end user and `included_per` period
+    included_per: str | None = None  # "day" or "month" (UTC)
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,9 @@ def _build_card(
         issues += meter_issues
         cost_micros = _micros_per_unit(cost_usd) if divisor == ONE else _micros_per_unit(meter.price)
         meters[name] = MeterPrice(
-            name=name, unit=meter.unit, price=_micros_per_unit(meter.price), cost=cost_micros, cost_divisor=divisor
+            name=name, unit=meter.unit, price=_micros_per_unit(meter.price), cost=cost_micros, cost_divisor=divisor,
+            included_quantity=meter.included.quantity if meter.included else ZERO,
+            included_per=meter.included.per if meter.included else None,
         )
     if issues or spec is None:
         return None

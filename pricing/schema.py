@@ -156,12 +156,20 @@ class MeterMarkupSpec(_Strict):
     markup: Markup
 
 
+class IncludedSpec(_Strict):
+    """Units of a meter each end user gets free per calendar period (UTC) before it is charged."""
+
+    quantity: Money
+    per: Literal["day", "month"]
+
+
 class MeterSpec(_Strict):
     """A non-token meter (crawler hours, pages, GB...): USD per unit."""
 
     unit: Name
     price: Money
     cost: Any  # a number (USD per unit) or {markup: X}; checked in pricing.cards
+    included: IncludedSpec | None = None
     description: str | None = None
 
 

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel
 
-from proxy import admin_jobs, schemas
+from proxy import admin_jobs, admin_meters, schemas
 from proxy.admin_audit import audited
 from proxy.admin_roles import READ_METHODS, AdminKeyring, action_of, check_permission
 from proxy.appstate import ACCOUNTS, LEDGER_DB, RATECARDS, WALLETS
@@ -335,4 +335,5 @@ def create_admin_app(config: Config) -> web.Application:
     admin.add_routes(billing_routes.admin_routes)
     admin.add_routes(event_routes.routes)
     admin.add_routes(admin_jobs.routes)
+    admin.add_routes(admin_meters.routes)
     return admin

@@ -78,6 +78,7 @@ REQUIRED_ROLE: dict[str, Role] = {
     "POST /wallets/{id}/holds/{hold_id}/extend": "admin",
     "POST /wallets/{id}/holds/{hold_id}/captures": "admin",
     "POST /wallets/{id}/holds/{hold_id}/release": "admin",
+    "POST /wallets/{id}/meter-events": "admin",  # usage of the operator's own meters (proxy/admin_meters.py)
     "POST /end-users/{id}/checkout-sessions": "admin",
     "PATCH /end-users/{id}/auto-top-up": "admin",
     "POST /end-users/{id}/card-refunds": "admin",

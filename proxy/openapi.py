@@ -10,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from proxy import admin_jobs, schemas
+from proxy import admin_jobs, admin_meters, schemas
 from proxy.ledger.audit import AuditPage
 from proxy.ledger.report_routes import CreateStatementLink, StatementLinkView
 
@@ -24,7 +24,7 @@ _MODELS: list[type[BaseModel]] = [
     schemas.WebhookEndpointList, schemas.EventPage, schemas.EventDetailView, schemas.Redeliver, schemas.BalanceAlerts,
     schemas.BalanceAlertsView, AuditPage, CreateStatementLink, StatementLinkView,
     admin_jobs.OpenJobHold, admin_jobs.ExtendJobHold, admin_jobs.CaptureJobHold, admin_jobs.ReleaseJobHold,
-    admin_jobs.JobHoldView, admin_jobs.CaptureView, admin_jobs.ReleaseView,
+    admin_jobs.JobHoldView, admin_jobs.CaptureView, admin_jobs.ReleaseView, admin_meters.MeterEvent, admin_meters.MeterChargeView,
 ]
 
 _ERROR_SCHEMA = {
@@ -105,6 +105,9 @@ def document() -> dict[str, Any]:
         "/admin/wallets/{id}/top-ups": {"post": _op("Add funds", 201, schemas.ReceiptView, schemas.TopUp, [uid, _IDEMPOTENCY], money)},
         "/admin/wallets/{id}/refunds": {"post": _op("Refund (part of) a charge", 201, schemas.ReceiptView, schemas.Refund, [uid, _IDEMPOTENCY], money)},
         "/admin/wallets/{id}/adjustments": {"post": _op("Signed correction with a reason", 201, schemas.ReceiptView, schemas.Adjustment, [uid, _IDEMPOTENCY], (*money, 402))},
+        "/admin/wallets/{id}/meter-events": {"post": _op(
+            "Charge a usage event of one of your meters (the card's price, after its free units)", 201,
+            admin_meters.MeterChargeView, admin_meters.MeterEvent, [uid, _IDEMPOTENCY], (*money, 402))},
         "/admin/wallets/{id}/holds": {"post": _op("Open a job hold: reserve a long job's budget for a TTL", 201, admin_jobs.JobHoldView,
                                                   admin_jobs.OpenJobHold, [uid, _IDEMPOTENCY], (*money, 402))},
         "/admin/wallets/{id}/holds/{hold_id}": {"get": _op("A job hold: held, captured, expiry", 200, admin_jobs.JobHoldView,

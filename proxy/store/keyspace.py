@@ -63,6 +63,11 @@ def _limits_key(w: str, key_id: str) -> str:
     return f"{_tag(w)}:limits:{key_id}"
 
 
+def _meter_usage_key(w: str, meter: str, period: str) -> str:
+    """Units (micro-units) of one of the operator's meters this end user used in a period ("2026-12")."""
+    return f"{_tag(w)}:meter:{meter}:{period}"
+
+
 def _response_key(w: str, response_id: str) -> str:
     """Which upstream holds a Responses API response this end user created (GET /v1/responses/{id})."""
     return f"{_tag(w)}:response:{response_id}"

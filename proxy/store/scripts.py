@@ -117,7 +117,7 @@ class _Scripts:
         self.source: dict[str, str] = {}
         self.sha: dict[str, str] = {}
         for name in ("open", "top_up", "adjust", "refund", "hold", "extend", "settle", "release", "expire", "key_limits",
-                     "card_payment", "card_refund", "dispute", "auto_top_up_rule", "auto_top_up_failed", "note", "trim", "capture"):
+                     "card_payment", "card_refund", "dispute", "auto_top_up_rule", "auto_top_up_failed", "note", "trim", "capture", "meter"):
             body = prelude + "\n" + (lua / f"{name}.lua").read_text()
             self.source[name] = body
             self.sha[name] = hashlib.sha1(body.encode()).hexdigest()
