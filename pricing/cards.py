@@ -38,8 +38,8 @@ class ModelPrice:
     name: str
     upstream: str
     upstream_model: str
-    kind: Literal["chat", "completion", "embedding"]
-    max_output_tokens: int  # the card's output cap (0 for embeddings)
+    kind: Literal["chat", "completion", "embedding", "image"]
+    max_output_tokens: int  # the card's output cap (0 for embeddings and images)
     price: Rates  # micros, what the end user pays
     cost: Rates  # micros, what the provider charges us (before `cost_divisor`)
     cost_divisor: Decimal = ONE  # a markup: cost = cost rates / markup
@@ -48,6 +48,20 @@ class ModelPrice:
     inputs: InputsSpec = field(default_factory=InputsSpec)
     # `service_tier` -> multiplier of the token prices (both sides); "default" is 1 unless listed.
     service_tiers: Mapping[str, Decimal] = field(default_factory=dict)
+    # Image models: (size, quality) -> (price, cost) in micros per image, in the card's order.
+    image_prices: Mapping[tuple[str, str], tuple[Decimal, Decimal]] = field(default_factory=dict)
+
+    def for_image(self, size: str | None, quality: str | None) -> ModelPrice:
+        """This model priced per image at `size` and `quality` (None: the card's first size, and that
+        size's first quality); KeyError when the card does not price them."""
+        if not self.image_prices:
+            return self
+        sizes = list(dict.fromkeys(s for s, _ in self.image_prices))
+        size = size or sizes[0]
+        quality = quality or next((q for s, q in self.image_prices if s == size), "")
+        price, cost = self.image_prices[(size, quality)]
+        return replace(self, price=replace(self.price, per_image=price), cost=replace(self.cost, per_image=cost),
+                       image_prices={})
 
     def at_service_tier(self, tier: str) -> ModelPrice:
         """This model priced at `tier`; KeyError when the card does not price it.
@@ -228,7 +242,14 @@ def _rates(spec: PriceSpec | CostSpec, fallback_output: Decimal = ZERO) -> Rates
 def _check_model(path: Path, document: Any, name: str, spec: ModelSpec) -> list[SourceIssue]:
     issues: list[SourceIssue] = []
     at = ["models", name]
-    if spec.kind != "embedding":
+    if spec.kind == "image":
+        if not spec.price.images and not spec.price.per_image:
+            issues.append(_issue(path, document, at + ["price"], "an image model needs price.images (or per_image)"))
+        if spec.cost.markup is None and spec.price.images and spec.cost.images is None:
+            issues.append(_issue(path, document, at + ["cost"], "give cost.images (or a markup) for an image model's prices"))
+        if spec.cost.images is not None and set(_image_keys(spec.cost.images)) != set(_image_keys(spec.price.images)):
+            issues.append(_issue(path, document, at + ["cost", "images"], "must list the same sizes and qualities as price.images"))
+    elif spec.kind != "embedding":
         if spec.max_output_tokens is None:
             issues.append(_issue(path, document, at, f"max_output_tokens is required for {spec.kind} models"))
         if spec.price.output is None:
@@ -246,9 +267,20 @@ def _check_model(path: Path, document: Any, name: str, spec: ModelSpec) -> list[
     elif cost.markup is None:
         if cost.input is None:
             issues.append(_issue(path, document, at + ["cost"], "give markup, or explicit costs including input"))
-        if spec.kind != "embedding" and cost.output is None and cost.input is not None:
+        if spec.kind in ("chat", "completion") and cost.output is None and cost.input is not None:
             issues.append(_issue(path, document, at + ["cost"], f"cost.output is required for {spec.kind} models"))
     return issues
+
+
+def _image_keys(images: Mapping[str, Mapping[str, Decimal]]) -> list[tuple[str, str]]:
+    return [(size, quality) for size, qualities in images.items() for quality in qualities]
+
+
+def _image_prices(m: ModelSpec) -> dict[tuple[str, str], tuple[Decimal, Decimal]]:
+    """(size, quality) -> (price, cost) micros per image; a markup's cost is divided later, as for tokens."""
+    costs = m.cost.images or m.price.images
+    return {(size, quality): (_micros_per_unit(usd), _micros_per_unit(costs.get(size, {}).get(quality, usd)))
+            for size, qualities in m.price.images.items() for quality, usd in qualities.items()}
 
 
 def _check_names(
@@ -335,13 +367,14 @@ def _build_card(
             upstream=m.upstream,
             upstream_model=m.upstream_model or name,
             kind=m.kind,
-            max_output_tokens=0 if m.kind == "embedding" else (m.max_output_tokens or 0),
+            max_output_tokens=0 if m.kind in ("embedding", "image") else (m.max_output_tokens or 0),
             price=price,
             cost=cost,
             cost_divisor=divisor,
             aliases=tuple(m.aliases),
             inputs=m.inputs,
             service_tiers=dict(m.service_tiers),
+            image_prices=_image_prices(m),
         )
         for alias in m.aliases:
             aliases.setdefault(alias, name)

@@ -15,9 +15,9 @@ import datetime as dt
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
-Kind = Literal["chat", "completion", "embedding"]
+Kind = Literal["chat", "completion", "embedding", "image"]
 
 
 def _exact_decimal(value: Any) -> Any:
@@ -73,6 +73,9 @@ class PriceSpec(_Strict):
     per_audio_second: Money = Decimal(0)
     per_audio_minute: Money = Decimal(0)  # charged by the second: price x seconds / 60
     tools: dict[Name, Money] = {}  # tool name -> USD per call
+    # Image models: USD per image by size and quality, {"1024x1024": {standard: 0.04, hd: 0.08}};
+    # a request's size or quality not listed is refused; each size's first quality is its default.
+    images: dict[StrictStr, dict[StrictStr, Money]] = {}
 
 
 class CostSpec(_Strict):
@@ -88,6 +91,7 @@ class CostSpec(_Strict):
     per_audio_second: Money | None = None
     per_audio_minute: Money | None = None
     tools: dict[Name, Money] | None = None
+    images: dict[StrictStr, dict[StrictStr, Money]] | None = None
 
 
 PositiveInt = Annotated[StrictInt, Field(gt=0)]

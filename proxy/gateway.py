@@ -34,9 +34,11 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 # Each endpoint's model kind; the Responses API is served by chat models.
-_KIND = {"/chat/completions": "chat", "/completions": "completion", "/embeddings": "embedding", "/responses": "chat"}
+_KIND = {"/chat/completions": "chat", "/completions": "completion", "/embeddings": "embedding", "/responses": "chat",
+         "/images/generations": "image"}
 _REQUIRED = {"chat": "messages", "completion": "prompt", "embedding": "input"}
-_REQUIRED_BY_PATH = {"/chat/completions": "messages", "/completions": "prompt", "/embeddings": "input", "/responses": "input"}
+_REQUIRED_BY_PATH = {"/chat/completions": "messages", "/completions": "prompt", "/embeddings": "input", "/responses": "input",
+                     "/images/generations": "prompt"}
 
 
 # ----------------------------------------------------------------- preparing
@@ -168,6 +170,9 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
     kind = _KIND[path]
     body, caller, quote = await _prepare(request, kind, _REQUIRED_BY_PATH[path])
     app = request.config_dict
+    if kind == "image" and body.get("stream"):
+        raise ApiError(400, "streamed image generation is not supported here; leave `stream` out", code="invalid_request",
+                       param="stream")
     stream = bool(body.get("stream")) and kind != "embedding"
     call = UpstreamCall(app[HTTP][quote.model.upstream], app[CONFIG].upstreams[quote.model.upstream], path, body, stream)
     service = app[METERING]
@@ -221,6 +226,12 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, f"No response with id '{rid}' found.", code="response_not_found", param="response_id")
     return await fetch_stored(app[HTTP][upstream_name], app[CONFIG].upstreams[upstream_name], f"/responses/{rid}",
                               request.query_string)
+
+
+@routes.post("/v1/images/generations")
+async def image_generations(request: web.Request) -> web.StreamResponse:
+    """Images (the SDK's `images.generate`): held for `n` images at the card's price for the size and quality."""
+    return await _metered(request, "/images/generations")
 
 
 @routes.post("/v1/completions")

@@ -49,11 +49,38 @@ def quote(card: RateCard, model: ModelPrice, body: Mapping[str, Any]) -> Quote:
     except Unpriced as exc:
         raise ApiError(400, exc.message, code=exc.code, param=exc.param) from None
     priced = billed.model
+    if priced.kind == "image":
+        priced = image_priced(priced, body)
     worst_case = estimate_usage(body, priced)
+    if priced.kind == "image":
+        worst_case = replace(worst_case, images=images_asked(body))
     if billed.held_tool_calls:
         worst_case = replace(worst_case, tool_calls=billed.held_tool_calls)
     return Quote(card, priced, worst_case.prompt_tokens, worst_case.completion_tokens, price_usage(priced, worst_case),
                  billed.service_tier, billed, worst_case)
+
+
+MAX_IMAGES = 10  # OpenAI's most images per request
+
+
+def images_asked(body: Mapping[str, Any]) -> int:
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+
+
+def image_priced(model: ModelPrice, body: Mapping[str, Any]) -> ModelPrice:
+    """`model` at the request's image size and quality; a 400 for ones the card does not price."""
+    size, quality = body.get("size"), body.get("quality")
+    if size is not None and not isinstance(size, str) or quality is not None and not isinstance(quality, str):
+        raise ApiError(400, "`size` and `quality` must be strings", code="invalid_request", param="size")
+    if images_asked(body) > MAX_IMAGES:
+        raise ApiError(400, f"`n` must be at most {MAX_IMAGES}", code="invalid_request", param="n")
+    try:
+        return model.for_image(size, quality)
+    except KeyError:
+        offered = ", ".join(f"{s} {q}" for s, q in model.image_prices)
+        raise ApiError(400, f"`{model.name}` is not priced at size {size or 'default'} and quality {quality or 'default'}"
+                            f" (priced: {offered})", code="unsupported_image_option", param="size") from None
 
 
 def affordable_output(quote: Quote, budget_micros: int, choices: int) -> int:

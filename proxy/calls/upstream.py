@@ -200,7 +200,16 @@ async def forward_whole(call: UpstreamCall, lease: Lease) -> web.Response:
     finally:
         upstream.release()
     reported = data.get("usage")
-    if isinstance(reported, dict):
+    if lease.model.kind == "image":
+        # Billed per image returned (at the quote's size and quality), plus the prompt at the card's input price.
+        images = data.get("data")
+        shown = reported if isinstance(reported, dict) else {}
+        prompt = shown.get("input_tokens")
+        usage = Usage(prompt_tokens=prompt if isinstance(prompt, int) and prompt >= 0 else lease.quote.prompt_tokens,
+                      images=len(images) if isinstance(images, list) else 0)
+        source = "upstream"
+        reported = data["usage"] = {**shown, "images": usage.images}
+    elif isinstance(reported, dict):
         usage, source = metering.usage_from_openai(reported), "upstream"
     else:
         usage = Usage(prompt_tokens=lease.quote.prompt_tokens, completion_tokens=count_text_tokens(metering.text_of_choices(data)))

@@ -1,0 +1,48 @@
+"""The mock upstream's `POST /v1/images/generations`: `n` images (or `MockUpstream.images_returned`), as URLs or
+base64 as asked, with OpenAI's `created`/`data` shape; `image_usage` adds gpt-image-1's token usage object."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from tests.mock_upstream import MockUpstream
+
+_PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 32).decode()
+
+
+def make_images_handler(
+    state: MockUpstream,
+    read: Callable[[web.Request], Awaitable[tuple[Any, web.Response | None]]],
+    maybe_fail: Callable[[web.Request], Awaitable[web.StreamResponse | None]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    from tests.mock_upstream import _json_response, _sleep_watching
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        data, err = await read(request)
+        if err is not None:
+            return err
+        failed = await maybe_fail(request)
+        if failed is not None:
+            return failed
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+            return _json_response(400, {"error": {"message": "Missing required parameter: 'prompt'.",
+                                                  "type": "invalid_request_error", "param": "prompt", "code": None}})
+        if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
+            return web.Response(status=499)
+        count = state.images_returned if state.images_returned is not None else int(data.get("n") or 1)
+        as_b64 = data.get("response_format") == "b64_json"
+        images = [{"b64_json": _PNG} if as_b64 else {"url": f"https://images.example/{i}.png",
+                                                     "revised_prompt": data["prompt"]} for i in range(count)]
+        body: dict[str, Any] = {"created": int(time.time()), "data": images}
+        if state.image_usage is not None:
+            body["usage"] = state.image_usage
+        state.replies_completed += 1
+        return _json_response(200, body)
+
+    return generate
