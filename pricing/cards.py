@@ -38,8 +38,8 @@ class ModelPrice:
     name: str
     upstream: str
     upstream_model: str
-    kind: Literal["chat", "completion", "embedding", "image"]
-    max_output_tokens: int  # the card's output cap (0 for embeddings and images)
+    kind: Literal["chat", "completion", "embedding", "image", "speech"]
+    max_output_tokens: int  # the card's output cap (0 unless chat or completion)
     price: Rates  # micros, what the end user pays
     cost: Rates  # micros, what the provider charges us (before `cost_divisor`)
     cost_divisor: Decimal = ONE  # a markup: cost = cost rates / markup
@@ -249,7 +249,7 @@ def _check_model(path: Path, document: Any, name: str, spec: ModelSpec) -> list[
             issues.append(_issue(path, document, at + ["cost"], "give cost.images (or a markup) for an image model's prices"))
         if spec.cost.images is not None and set(_image_keys(spec.cost.images)) != set(_image_keys(spec.price.images)):
             issues.append(_issue(path, document, at + ["cost", "images"], "must list the same sizes and qualities as price.images"))
-    elif spec.kind != "embedding":
+    elif spec.kind in ("chat", "completion"):
         if spec.max_output_tokens is None:
             issues.append(_issue(path, document, at, f"max_output_tokens is required for {spec.kind} models"))
         if spec.price.output is None:
@@ -367,7 +367,7 @@ def _build_card(
             upstream=m.upstream,
             upstream_model=m.upstream_model or name,
             kind=m.kind,
-            max_output_tokens=0 if m.kind in ("embedding", "image") else (m.max_output_tokens or 0),
+            max_output_tokens=(m.max_output_tokens or 0) if m.kind in ("chat", "completion") else 0,
             price=price,
             cost=cost,
             cost_divisor=divisor,

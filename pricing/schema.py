@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
-Kind = Literal["chat", "completion", "embedding", "image"]
+Kind = Literal["chat", "completion", "embedding", "image", "speech"]
 
 
 def _exact_decimal(value: Any) -> Any:

@@ -367,9 +367,9 @@ def output_token_bound(body: Mapping[str, Any], model: ModelPrice) -> int:
 
     `max_completion_tokens`, else `max_tokens` (the Responses API's `max_output_tokens`), else the card's cap; never more
     than the cap; times the number of choices generated (`n`, or `best_of` for
-    completions, which bills every candidate). 0 for embeddings and images.
+    completions, which bills every candidate). 0 for other kinds (embeddings, images, speech).
     """
-    if model.kind in ("embedding", "image"):
+    if model.kind not in ("chat", "completion"):
         return 0
     cap = model.max_output_tokens
     if not isinstance(body, Mapping):

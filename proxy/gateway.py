@@ -23,6 +23,7 @@ from pricing.tokens import UnpriceableRequest, billed_choices
 from proxy import limits, metering, observability
 from proxy.appstate import ACCOUNTS, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, WALLETS
 from proxy.auth import Caller, authenticate, identify, operator_caller
+from proxy.calls.audio import forward_speech
 from proxy.calls.lease import Lease
 from proxy.calls.stream import forward_stream
 from proxy.calls.upstream import UpstreamCall, check_forwardable, fetch_stored, forward_whole
@@ -35,10 +36,10 @@ routes = web.RouteTableDef()
 
 # Each endpoint's model kind; the Responses API is served by chat models.
 _KIND = {"/chat/completions": "chat", "/completions": "completion", "/embeddings": "embedding", "/responses": "chat",
-         "/images/generations": "image"}
+         "/images/generations": "image", "/audio/speech": "speech"}
 _REQUIRED = {"chat": "messages", "completion": "prompt", "embedding": "input"}
 _REQUIRED_BY_PATH = {"/chat/completions": "messages", "/completions": "prompt", "/embeddings": "input", "/responses": "input",
-                     "/images/generations": "prompt"}
+                     "/images/generations": "prompt", "/audio/speech": "input"}
 
 
 # ----------------------------------------------------------------- preparing
@@ -147,6 +148,9 @@ async def _whole(call: UpstreamCall, lease: Lease, accounts: AccountStore) -> we
     return response
 
 
+MAX_SPEECH_CHARACTERS = 4096  # OpenAI's limit for one speech request
+
+
 # OpenAI keeps a stored response 30 days; so does the record of whose it is.
 RESPONSE_OWNER_TTL_SECONDS = 30 * 86_400
 _RESPONSE_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
@@ -173,7 +177,10 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
     if kind == "image" and body.get("stream"):
         raise ApiError(400, "streamed image generation is not supported here; leave `stream` out", code="invalid_request",
                        param="stream")
-    stream = bool(body.get("stream")) and kind != "embedding"
+    if kind == "speech" and (not isinstance(body["input"], str) or not 0 < len(body["input"]) <= MAX_SPEECH_CHARACTERS):
+        raise ApiError(400, f"`input` must be text of 1 to {MAX_SPEECH_CHARACTERS} characters", code="invalid_request",
+                       param="input")
+    stream = bool(body.get("stream")) and kind not in ("embedding", "speech")
     call = UpstreamCall(app[HTTP][quote.model.upstream], app[CONFIG].upstreams[quote.model.upstream], path, body, stream)
     service = app[METERING]
     lease = service.lease(
@@ -181,10 +188,10 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
         min_output_tokens=app[RATECARDS].current.min_output_tokens(caller.tier), choices=billed_choices(body),  # a clamp is per choice
     )
     observability.call_started(request, lease)
-    if stream:
+    if stream or kind == "speech":  # relayed as it comes, under the handler (a client gone cancels it)
         async with lease:
             try:
-                response = await forward_stream(request, call, lease)
+                response = await (forward_speech if kind == "speech" else forward_stream)(request, call, lease)
             except asyncio.CancelledError:
                 if app[LIFECYCLE].draining:  # cut by shutdown past its grace, not by its client
                     lease.outcome = "shutdown"
@@ -232,6 +239,12 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
 async def image_generations(request: web.Request) -> web.StreamResponse:
     """Images (the SDK's `images.generate`): held for `n` images at the card's price for the size and quality."""
     return await _metered(request, "/images/generations")
+
+
+@routes.post("/v1/audio/speech")
+async def speech(request: web.Request) -> web.StreamResponse:
+    """Speech (the SDK's `audio.speech.create`): billed per character of `input`; the audio relayed as it comes."""
+    return await _metered(request, "/audio/speech")
 
 
 @routes.post("/v1/completions")

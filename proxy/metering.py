@@ -54,6 +54,9 @@ def quote(card: RateCard, model: ModelPrice, body: Mapping[str, Any]) -> Quote:
     worst_case = estimate_usage(body, priced)
     if priced.kind == "image":
         worst_case = replace(worst_case, images=images_asked(body))
+    elif priced.kind == "speech":
+        # Speech is billed per character of its input: a speech model's `input` price is USD per 1M characters.
+        worst_case = Usage(prompt_tokens=len(body["input"]) if isinstance(body.get("input"), str) else 0)
     if billed.held_tool_calls:
         worst_case = replace(worst_case, tool_calls=billed.held_tool_calls)
     return Quote(card, priced, worst_case.prompt_tokens, worst_case.completion_tokens, price_usage(priced, worst_case),

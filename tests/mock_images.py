@@ -1,5 +1,6 @@
-"""The mock upstream's `POST /v1/images/generations`: `n` images (or `MockUpstream.images_returned`), as URLs or
-base64 as asked, with OpenAI's `created`/`data` shape; `image_usage` adds gpt-image-1's token usage object."""
+"""The mock upstream's media endpoints. `POST /v1/images/generations`: `n` images (or
+`MockUpstream.images_returned`), as URLs or base64 as asked, with OpenAI's `created`/`data` shape; `image_usage`
+adds gpt-image-1's token usage object. `POST /v1/audio/speech`: audio bytes in chunks."""
 
 from __future__ import annotations
 
@@ -46,3 +47,39 @@ def make_images_handler(
         return _json_response(200, body)
 
     return generate
+
+
+def make_speech_handler(
+    state: MockUpstream,
+    read: Callable[[web.Request], Awaitable[tuple[Any, web.Response | None]]],
+    maybe_fail: Callable[[web.Request], Awaitable[web.StreamResponse | None]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """POST /v1/audio/speech: `speech_chunks` chunks of audio bytes, `chunk_delay` apart; `cut_after_chunks` cuts it."""
+    from tests.mock_upstream import _abort, _json_response, _sleep_watching
+
+    async def speech(request: web.Request) -> web.StreamResponse:
+        data, err = await read(request)
+        if err is not None:
+            return err
+        failed = await maybe_fail(request)
+        if failed is not None:
+            return failed
+        if not isinstance(data, dict) or not isinstance(data.get("input"), str):
+            return _json_response(400, {"error": {"message": "Missing required parameter: 'input'.",
+                                                  "type": "invalid_request_error", "param": "input", "code": None}})
+        state.streams_started += 1
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "audio/mpeg"})
+        await resp.prepare(request)
+        for i in range(state.speech_chunks):
+            if state.cut_after_chunks is not None and i >= state.cut_after_chunks:
+                _abort(request)
+                return resp
+            if i and state.chunk_delay and not await _sleep_watching(request, state.chunk_delay):
+                state._note_disconnect()
+                return resp
+            await resp.write(bytes([i % 256]) * 1024)
+        await resp.write_eof()
+        state.streams_completed += 1
+        return resp
+
+    return speech
