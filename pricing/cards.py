@@ -38,7 +38,7 @@ class ModelPrice:
     name: str
     upstream: str
     upstream_model: str
-    kind: Literal["chat", "completion", "embedding", "image", "speech"]
+    kind: Literal["chat", "completion", "embedding", "image", "speech", "transcription"]
     max_output_tokens: int  # the card's output cap (0 unless chat or completion)
     price: Rates  # micros, what the end user pays
     cost: Rates  # micros, what the provider charges us (before `cost_divisor`)
@@ -48,6 +48,8 @@ class ModelPrice:
     inputs: InputsSpec = field(default_factory=InputsSpec)
     # `service_tier` -> multiplier of the token prices (both sides); "default" is 1 unless listed.
     service_tiers: Mapping[str, Decimal] = field(default_factory=dict)
+    # Transcription models: the least bytes per second of each accepted upload format.
+    audio_min_bytes_per_second: Mapping[str, int] = field(default_factory=dict)
     # Image models: (size, quality) -> (price, cost) in micros per image, in the card's order.
     image_prices: Mapping[tuple[str, str], tuple[Decimal, Decimal]] = field(default_factory=dict)
 
@@ -249,6 +251,11 @@ def _check_model(path: Path, document: Any, name: str, spec: ModelSpec) -> list[
             issues.append(_issue(path, document, at + ["cost"], "give cost.images (or a markup) for an image model's prices"))
         if spec.cost.images is not None and set(_image_keys(spec.cost.images)) != set(_image_keys(spec.price.images)):
             issues.append(_issue(path, document, at + ["cost", "images"], "must list the same sizes and qualities as price.images"))
+    elif spec.kind == "transcription":
+        if spec.audio_files is None:
+            issues.append(_issue(path, document, at, "a transcription model needs audio_files.min_bytes_per_second"))
+        if not spec.price.per_audio_minute and not spec.price.per_audio_second:
+            issues.append(_issue(path, document, at + ["price"], "a transcription model needs per_audio_minute (or per_audio_second)"))
     elif spec.kind in ("chat", "completion"):
         if spec.max_output_tokens is None:
             issues.append(_issue(path, document, at, f"max_output_tokens is required for {spec.kind} models"))
@@ -375,6 +382,7 @@ def _build_card(
             inputs=m.inputs,
             service_tiers=dict(m.service_tiers),
             image_prices=_image_prices(m),
+            audio_min_bytes_per_second=dict(m.audio_files.min_bytes_per_second) if m.audio_files else {},
         )
         for alias in m.aliases:
             aliases.setdefault(alias, name)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
-Kind = Literal["chat", "completion", "embedding", "image", "speech"]
+Kind = Literal["chat", "completion", "embedding", "image", "speech", "transcription"]
 
 
 def _exact_decimal(value: Any) -> Any:
@@ -132,6 +132,13 @@ class AudioInputSpec(_Strict):
     min_tokens: Tokens = 0
 
 
+class AudioFilesSpec(_Strict):
+    """Transcription models: an uploaded file's duration is bounded by its size over the least bytes
+    per second of its format (by file extension); a format not listed is refused."""
+
+    min_bytes_per_second: dict[Name, PositiveInt]
+
+
 class InputsSpec(_Strict):
     """How non-text content parts are held for, in prompt tokens. A part type
     with no entry here is refused, never let through unpriced."""
@@ -154,6 +161,7 @@ class ModelSpec(_Strict):
     # `default` is 1 unless given. A tier not listed is refused (400).
     service_tiers: dict[Name, Multiplier] = {}
     inputs: InputsSpec = InputsSpec()  # non-text content parts; none priced by default
+    audio_files: AudioFilesSpec | None = None  # transcription models: how long an upload can be
 
 
 class MeterMarkupSpec(_Strict):

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy import cors, enduser_jwt, gateway, observability, openapi
+from proxy import cors, enduser_jwt, gateway, observability, openapi, transcriptions
 from proxy.admin import ADMIN_PREFIX, create_admin_app
 from proxy.appstate import (
     ACCOUNTS,
@@ -277,6 +277,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/openapi.json", openapi.handler)
     app.router.add_get("/metrics", metrics)
     app.add_routes(gateway.routes)
+    app.add_routes(transcriptions.routes)
     app.add_routes(billing_routes.routes)
     app.add_routes(report_routes.public_routes)
     app.add_subapp(ADMIN_PREFIX, create_admin_app(config))

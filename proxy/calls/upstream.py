@@ -8,7 +8,7 @@ decides what the call costs.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,8 @@ class UpstreamCall:
     path: str  # e.g. "/chat/completions"
     body: Mapping[str, Any]
     stream: bool
+    # A multipart upload (transcriptions): builds the form to send instead of `body` as JSON.
+    form: Callable[[], aiohttp.FormData] | None = None
 
     @property
     def responses_api(self) -> bool:
@@ -94,6 +96,8 @@ class UpstreamCall:
 
 async def open_upstream(call: UpstreamCall, lease: Lease) -> aiohttp.ClientResponse:
     """POST to the model's upstream; a failure is reported to the lease and raised as the error to answer."""
+    if call.form is not None:
+        return await _post(call, lease, call.form(), {"Accept": "application/json"})
     payload = dict(call.body)
     payload["model"] = lease.model.upstream_model
     if call.stream and not call.responses_api:  # a Responses stream always ends with its usage
@@ -107,12 +111,15 @@ async def open_upstream(call: UpstreamCall, lease: Lease) -> aiohttp.ClientRespo
             for name in named or ["max_completion_tokens" if lease.model.kind == "chat" else "max_tokens"]:
                 payload[name] = lease.clamped_to
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if call.stream else "application/json"}
+    return await _post(call, lease, orjson.dumps(payload), headers)
+
+
+async def _post(call: UpstreamCall, lease: Lease, data: bytes | aiohttp.FormData, headers: dict[str, str]) -> aiohttp.ClientResponse:
     if call.upstream.api_key:
         headers["Authorization"] = f"Bearer {call.upstream.api_key}"
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=call.upstream.connect_timeout_seconds, sock_read=call.upstream.read_timeout_seconds,
     )
-    data = orjson.dumps(payload)
     lease.forwarded()
     started = time.perf_counter()
     try:

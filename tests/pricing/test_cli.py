@@ -22,7 +22,7 @@ def test_check_bundled_cards_succeeds_with_one_line_per_card() -> None:
     result = ratecard("check", "config/ratecards", "--config", "config/metergate.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == [
-        "ok default@1: 6 models, 2 meters, USD, effective 2026-01-01 (config/ratecards/default.yaml)",
+        "ok default@1: 7 models, 2 meters, USD, effective 2026-01-01 (config/ratecards/default.yaml)",
         "ok pro@1: 5 models, 1 meter, USD, effective 2026-01-01 (config/ratecards/pro.yaml)",
         "tiers: default -> default, pro -> pro",
     ]
