@@ -13,6 +13,7 @@ from pydantic.json_schema import models_json_schema
 from proxy import admin_jobs, admin_meters, schemas
 from proxy.ledger.audit import AuditPage
 from proxy.ledger.report_routes import CreateStatementLink, StatementLinkView
+from proxy.openapi_v1 import v1_paths
 
 _MODELS: list[type[BaseModel]] = [
     schemas.CreateEndUser, schemas.UpdateEndUser, schemas.CreateKey, schemas.TopUp, schemas.Refund, schemas.Adjustment,
@@ -208,6 +209,7 @@ def document() -> dict[str, Any]:
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
         "/readyz": {"get": {"summary": "Readiness (the store answers)", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+        **v1_paths(),
     }
     return {
         "openapi": "3.1.0",

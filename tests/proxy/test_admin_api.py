@@ -375,3 +375,14 @@ async def test_patch_of_an_unknown_end_user_is_404(client):
     resp = await client.patch("/admin/end-users/nobody", json={"tier": "pro"}, headers=ADMIN)
     assert resp.status == 404
     assert_openai_error(await resp.json(), "end_user_not_found")
+
+
+async def test_the_openapi_document_describes_every_route_the_service_serves(client):
+    doc = await (await client.get("/openapi.json")).json()
+    served = {(route.method.lower(), route.resource.canonical)
+              for route in client.server.app.router.routes() if route.method not in ("HEAD", "OPTIONS", "*")}
+    for admin in client.server.app._subapps:  # the /admin sub-application's own routes
+        served |= {(r.method.lower(), r.resource.canonical) for r in admin.router.routes()
+                   if r.method not in ("HEAD", "OPTIONS", "*")}
+    missing = sorted(f"{method.upper()} {path}" for method, path in served if method not in doc["paths"].get(path, {}))
+    assert missing == []
