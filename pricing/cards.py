@@ -111,6 +111,13 @@ class MeterPrice:
 
 
 @dataclass(frozen=True)
+class OutcomePrice:
+    name: str
+    price: Decimal  # micros per outcome
+    cost: Decimal  # micros per outcome
+
+
+@dataclass(frozen=True)
 class RateCard:
     id: str
     version: int
@@ -121,6 +128,7 @@ class RateCard:
     currency: str = "USD"
     description: str | None = None
     _aliases: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    outcomes: dict[str, OutcomePrice] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -408,6 +416,8 @@ def _build_card(
         currency=spec.currency,
         description=spec.description,
         _aliases=aliases,
+        outcomes={name: OutcomePrice(name, _micros_per_unit(o.price), _micros_per_unit(o.cost))
+                  for name, o in spec.outcomes.items()},
     )
 
 

@@ -185,6 +185,14 @@ class MeterSpec(_Strict):
     description: str | None = None
 
 
+class OutcomeSpec(_Strict):
+    """A price per outcome (a resolved conversation, a booked meeting), captured by name from a job hold."""
+
+    price: Money
+    cost: Money = Decimal(0)
+    description: str | None = None
+
+
 class CardSpec(_Strict):
     """A card's header. Each entry of `models` / `meters` is validated on its own
     (`ModelSpec`, `MeterSpec`), so one broken model does not hide the others' problems."""
@@ -196,6 +204,7 @@ class CardSpec(_Strict):
     description: str | None = None
     models: dict[Name, Any] = {}
     meters: dict[Name, Any] = {}
+    outcomes: dict[Name, OutcomeSpec] = {}  # USD per outcome
 
 
 class TiersSpec(_Strict):

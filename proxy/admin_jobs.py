@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
+from pricing.money import ceil_micros
 from proxy import schemas
 from proxy.appstate import WALLETS
 from proxy.errors import ApiError, read_model
@@ -43,7 +44,9 @@ class ExtendJobHold(_Body):
 
 
 class CaptureJobHold(_Body):
-    amount_micros: schemas.Micros = Field(description="at most what the hold has left")
+    amount_micros: schemas.Micros | None = Field(None, description="at most what the hold has left")
+    outcome: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="instead of an amount: an outcome priced on the end user's card (e.g. resolved_conversation)")
     description: Description = ""
     metadata: dict[str, Any] = {}
 
@@ -133,8 +136,23 @@ async def capture_job_hold(request: web.Request) -> web.Response:
     body = await read_model(request, CaptureJobHold)
     wallet_id, hold_id, jobs = request.match_info["id"], request.match_info["hold_id"], _jobs(request)
     await jobs.get(wallet_id, hold_id)  # a job hold, not a call's
-    meta = {"job": True, **({"description": body.description} if body.description else {}), **body.metadata}
-    capture = await jobs.capture(wallet_id, hold_id, body.amount_micros, idempotency_key=key, meta=meta)
+    if (body.amount_micros is None) == (body.outcome is None):
+        raise ApiError(400, "give either amount_micros or outcome", code="invalid_request", param="amount_micros")
+    meta: dict[str, Any] = {"job": True, "model": "job", **({"description": body.description} if body.description else {})}
+    amount = body.amount_micros
+    if body.outcome is not None:
+        from proxy.admin_meters import _card_of  # the end user's card, as for meter events
+
+        card = await _card_of(request, wallet_id)
+        outcome = card.outcomes.get(body.outcome)
+        if outcome is None:
+            raise ApiError(404, f"the rate card {card.ref} has no outcome {body.outcome!r}", code="outcome_not_found",
+                           param="outcome")
+        amount = ceil_micros(outcome.price)
+        meta |= {"model": f"outcome:{outcome.name}", "outcome": outcome.name, "ratecard": card.ref,
+                 "price_micros": amount, "cost_micros": ceil_micros(outcome.cost)}
+    assert amount is not None
+    capture = await jobs.capture(wallet_id, hold_id, amount, idempotency_key=key, meta={**meta, **body.metadata})
     return _json(CaptureView(ledger_id=capture.ledger_id, captured_micros=capture.captured_micros,
                              left_micros=capture.left_micros, wallet=schemas.WalletView.of(capture.wallet)),
                  201, capture.replayed)

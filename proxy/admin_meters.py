@@ -95,7 +95,7 @@ async def record_meter_event(request: web.Request) -> web.Response:
         free = min(quantity, max(included - used, 0))
         charge = price_meter(meter, Decimal(quantity - free) / UNITS)
         return charge.price_micros, {
-            "meter": meter.name, "unit": meter.unit, "quantity": str(body.quantity), "free_quantity": str(Decimal(free) / UNITS),
+            "model": f"meter:{meter.name}", "meter": meter.name, "unit": meter.unit, "quantity": str(body.quantity), "free_quantity": str(Decimal(free) / UNITS),
             "period": period, "ratecard": card.ref, "price_micros": charge.price_micros, "cost_micros": charge.cost_micros,
             "timestamp": at, **({"description": body.description} if body.description else {}), **body.metadata,
         }

@@ -147,3 +147,23 @@ async def test_a_malformed_job_hold_is_a_400_and_changes_nothing(client, funded,
 async def test_a_job_hold_needs_an_idempotency_key(client, funded, wallets):
     status, answer, _ = await post(client, "/holds", {"amount_micros": 5})
     assert status == 400 and answer["error"]["code"] == "idempotency_key_required"
+
+
+async def test_an_outcome_priced_on_the_card_is_captured_by_name(client, funded, wallets):
+    hold = await open_hold(client, 1_000_000)
+    status, captured, _ = await post(client, f"/holds/{hold['id']}/captures", {"outcome": "resolved_conversation"}, "o-1")
+    assert status == 201 and captured["captured_micros"] == 400_000  # the bundled card: 0.40 USD
+    [entry] = await wallets.ledger("u_job", limit=1)
+    d = entry.details
+    assert (entry.amount_micros, d["outcome"], d["model"], d["cost_micros"]) == (-400_000, "resolved_conversation",
+                                                                              "outcome:resolved_conversation", 50_000)
+    assert await wallet(wallets) == (FUNDS - 400_000, 600_000)
+
+
+@pytest.mark.parametrize("body, status", [({"outcome": "booked_meeting"}, 404),
+                                          ({"outcome": "resolved_conversation", "amount_micros": 5}, 400), ({}, 400)])
+async def test_a_capture_needs_exactly_one_known_amount_or_outcome(client, funded, wallets, body, status):
+    hold = await open_hold(client, 1_000_000)
+    got, answer, _ = await post(client, f"/holds/{hold['id']}/captures", body, "o-1")
+    assert got == status and answer["error"]["message"]
+    assert await wallet(wallets) == (FUNDS, 1_000_000)

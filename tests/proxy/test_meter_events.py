@@ -39,6 +39,7 @@ async def test_an_event_is_charged_the_cards_price_per_unit_with_its_ledger_entr
     assert entry.type == "charge" and entry.amount_micros == -1_250_000
     d = entry.details
     assert (d["meter"], d["quantity"], d["price_micros"], d["cost_micros"]) == ("crawler_hour", "2.5", 1_250_000, 750_000)
+    assert d["model"] == "meter:crawler_hour"  # how reports and statements group it
 
 
 async def test_included_units_are_free_then_the_rest_is_charged(client, wallets):
