@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import secrets
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
@@ -24,7 +25,7 @@ from proxy import limits, metering, observability
 from proxy.appstate import ACCOUNTS, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, WALLETS
 from proxy.auth import Caller, authenticate, identify, operator_caller
 from proxy.calls.audio import forward_speech
-from proxy.calls.lease import Lease
+from proxy.calls.lease import Lease, Metering
 from proxy.calls.stream import forward_stream
 from proxy.calls.upstream import UpstreamCall, check_forwardable, fetch_stored, forward_whole
 from proxy.errors import ApiError, read_json
@@ -168,9 +169,7 @@ async def _remember_response(accounts: AccountStore, call: UpstreamCall, lease: 
 
 
 async def _metered(request: web.Request, path: str) -> web.StreamResponse:
-    if request.config_dict[LIFECYCLE].draining:
-        raise ApiError(503, "metergate is shutting down; retry on another replica", type="api_error",
-                       code="shutting_down", headers={"Retry-After": "1"})
+    refuse_when_draining(request)
     kind = _KIND[path]
     body, caller, quote = await _prepare(request, kind, _REQUIRED_BY_PATH[path])
     app = request.config_dict
@@ -198,10 +197,13 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
                 raise
         await _remember_response(app[ACCOUNTS], call, lease)
         return response
-    # A whole answer is read and billed even if the client leaves while it is
-    # generated (the provider bills it either way), so it runs in a task the
-    # handler's cancellation does not reach.
-    task = service.background.spawn(_whole(call, lease, app[ACCOUNTS]))
+    return await answer_whole(service, lease, _whole(call, lease, app[ACCOUNTS]))
+
+
+async def answer_whole(service: Metering, lease: Lease, work: Coroutine[Any, Any, web.StreamResponse]) -> web.StreamResponse:
+    """A whole answer is read and billed even if the client leaves while it is generated (the
+    provider bills it either way), so `work` runs in a task the handler's cancellation does not reach."""
+    task = service.background.spawn(work)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -209,6 +211,13 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
         if lease.outcome == "completed":
             lease.outcome = "client_disconnected"
         raise
+
+
+def refuse_when_draining(request: web.Request) -> None:
+    """SIGTERM: no new call is admitted, so no hold is opened that shutdown could strand."""
+    if request.config_dict[LIFECYCLE].draining:
+        raise ApiError(503, "metergate is shutting down; retry on another replica", type="api_error",
+                       code="shutting_down", headers={"Retry-After": "1"})
 
 
 @routes.post("/v1/chat/completions")

@@ -17,13 +17,13 @@ import aiohttp
 from aiohttp import web
 
 from proxy import metering, observability
-from proxy.appstate import CONFIG, HTTP, LIFECYCLE, METERING
+from proxy.appstate import CONFIG, HTTP, METERING
 from proxy.auth import Caller, identify, operator_caller
 from proxy.calls.audio import forward_transcription
 from proxy.calls.lease import Lease
 from proxy.calls.upstream import UpstreamCall
 from proxy.errors import ApiError
-from proxy.gateway import _card, _model
+from proxy.gateway import _card, _model, answer_whole, refuse_when_draining
 
 routes = web.RouteTableDef()
 
@@ -38,9 +38,7 @@ async def _transcribed(call: UpstreamCall, lease: Lease) -> web.StreamResponse:
 @routes.post("/v1/audio/transcriptions")
 async def transcriptions(request: web.Request) -> web.StreamResponse:
     app = request.config_dict
-    if app[LIFECYCLE].draining:
-        raise ApiError(503, "metergate is shutting down; retry on another replica", type="api_error",
-                       code="shutting_down", headers={"Retry-After": "1"})
+    refuse_when_draining(request)
     credential = await identify(request)  # before the upload is read
     if not request.content_type.startswith("multipart/form-data"):
         raise ApiError(400, "send the audio as multipart/form-data with a `file` part", code="invalid_request", param="file")
@@ -74,11 +72,4 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     service = app[METERING]
     lease = service.lease(caller, quote, "req_" + secrets.token_hex(12))
     observability.call_started(request, lease)
-    task = service.background.spawn(_transcribed(call, lease))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        lease.client_left = True
-        if lease.outcome == "completed":
-            lease.outcome = "client_disconnected"
-        raise
+    return await answer_whole(service, lease, _transcribed(call, lease))

@@ -89,10 +89,11 @@ def make_transcription_handler(
     state: MockUpstream, maybe_fail: Callable[[web.Request], Awaitable[web.StreamResponse | None]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """POST /v1/audio/transcriptions (multipart): a transcript of `transcription_seconds` of audio, in the
-    format asked: `json` with `usage: {type: duration, seconds}`, `verbose_json` with `duration`, or plain text."""
+    format asked: `json` with `usage: {type: duration, seconds}`, `verbose_json` with `duration`, or plain text;
+    after `first_byte_delay`."""
     from multidict import CIMultiDict
 
-    from tests.mock_upstream import RecordedRequest, _json_response
+    from tests.mock_upstream import RecordedRequest, _json_response, _sleep_watching
 
     async def transcribe(request: web.Request) -> web.StreamResponse:
         state.request_count += 1
@@ -111,6 +112,8 @@ def make_transcription_handler(
         if not isinstance(upload, web.FileField):
             return _json_response(400, {"error": {"message": "Missing required parameter: 'file'.",
                                                   "type": "invalid_request_error", "param": "file", "code": None}})
+        if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
+            return web.Response(status=499)
         text, seconds = "hello from the mock", state.transcription_seconds
         response_format = form.get("response_format") or "json"
         if response_format == "verbose_json":
