@@ -61,7 +61,9 @@ def _ttl(seconds: int) -> str:
         return "none"
     if seconds < 0:
         return "-"
-    return f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds} s"
+    if seconds >= 86_400 - 3_600:  # a day's TTL read a moment after it was set
+        return f"{seconds / 86_400:.1f} d"
+    return f"{seconds / 3_600:.1f} h" if seconds >= 3_600 else f"{seconds} s"
 
 
 def report(families: list[Family], calls: int, used_before: int, used_after: int, top: int = 12) -> list[str]:
