@@ -114,12 +114,20 @@ async def open_upstream(call: UpstreamCall, lease: Lease) -> aiohttp.ClientRespo
     return await _post(call, lease, orjson.dumps(payload), headers)
 
 
+def _signed(upstream: UpstreamConfig, headers: dict[str, str]) -> dict[str, str]:
+    """`headers` with the upstream's API key (which never leaves the server)."""
+    if upstream.api_key:
+        headers["Authorization"] = f"Bearer {upstream.api_key}"
+    return headers
+
+
+def _timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds,
+                                 sock_read=upstream.read_timeout_seconds)
+
+
 async def _post(call: UpstreamCall, lease: Lease, data: bytes | aiohttp.FormData, headers: dict[str, str]) -> aiohttp.ClientResponse:
-    if call.upstream.api_key:
-        headers["Authorization"] = f"Bearer {call.upstream.api_key}"
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=call.upstream.connect_timeout_seconds, sock_read=call.upstream.read_timeout_seconds,
-    )
+    headers, timeout = _signed(call.upstream, headers), _timeout(call.upstream)
     lease.forwarded()
     started = time.perf_counter()
     try:
@@ -235,14 +243,9 @@ async def forward_whole(call: UpstreamCall, lease: Lease) -> web.Response:
 
 async def fetch_stored(http: aiohttp.ClientSession, upstream: UpstreamConfig, path: str, query: str = "") -> web.Response:
     """GET something the upstream stores (a Responses API response): no money moves; its answer is passed on."""
-    headers = {"Accept": "application/json"}
-    if upstream.api_key:
-        headers["Authorization"] = f"Bearer {upstream.api_key}"
     url = upstream.base_url.rstrip("/") + path + (f"?{query}" if query else "")
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds,
-                                    sock_read=upstream.read_timeout_seconds)
     try:
-        async with http.get(url, headers=headers, timeout=timeout) as response:
+        async with http.get(url, headers=_signed(upstream, {"Accept": "application/json"}), timeout=_timeout(upstream)) as response:
             raw = await response.read()
             if response.status >= 400:
                 raise upstream_error(response, raw, path)
