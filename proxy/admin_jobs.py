@@ -126,13 +126,13 @@ async def extend_job_hold(request: web.Request) -> web.Response:
     if body.amount_micros < current.amount_micros:
         raise ApiError(400, f"a hold only grows: it holds {current.amount_micros} micros; capture or release instead",
                        code="invalid_amount", param="amount_micros")
-    grown = await jobs.extend(wallet_id, hold_id, to_amount_micros=body.amount_micros, ttl_seconds=body.ttl_seconds)
-    return _json(_view(await jobs.get(wallet_id, hold_id), grown.wallet))
+    grown = await jobs.extend(current, wallet_id, to_amount_micros=body.amount_micros, ttl_seconds=body.ttl_seconds)
+    return json_model(_view(await jobs.get(wallet_id, hold_id), grown.wallet))
 
 
 @routes.post("/wallets/{id}/holds/{hold_id}/captures")
 async def capture_job_hold(request: web.Request) -> web.Response:
-    key = _idempotency_key(request)
+    key = idempotency_key(request, "job holds and captures")
     body = await read_model(request, CaptureJobHold)
     wallet_id, hold_id, jobs = request.match_info["id"], request.match_info["hold_id"], _jobs(request)
     await jobs.get(wallet_id, hold_id)  # a job hold, not a call's

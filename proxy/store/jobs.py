@@ -72,11 +72,12 @@ class JobHolds:
                        captured_micros=int(fields.get("captured", 0)), expires_at_ms=int(fields.get("expires_ms", 0)),
                        created_ms=int(fields.get("created_ms", 0)), description=fields.get("description", ""))
 
-    async def extend(self, wallet_id: str, hold_id: str, *, to_amount_micros: int, ttl_seconds: int) -> HoldExtension:
-        """Grow the hold to `to_amount_micros` (never shrink it) and expire it `ttl_seconds` from now.
-        Naming the new total, not an increment, makes a retry harmless."""
-        current = (await self.get(wallet_id, hold_id)).amount_micros
-        return await self.wallets.extend(wallet_id, hold_id, max(to_amount_micros - current, 0), current_micros=current,
+    async def extend(self, hold: JobHold, wallet_id: str, *, to_amount_micros: int, ttl_seconds: int) -> HoldExtension:
+        """Grow `hold` (as just read) to `to_amount_micros` (never shrink it) and expire it `ttl_seconds` from now.
+        Naming the new total, not an increment, makes a retry harmless; a hold that moved since it
+        was read is not grown twice (extend.lua replays when its amount is not the one read)."""
+        current = hold.amount_micros
+        return await self.wallets.extend(wallet_id, hold.hold_id, max(to_amount_micros - current, 0), current_micros=current,
                                          ttl_ms=ttl_seconds * 1000)
 
     async def capture(self, wallet_id: str, hold_id: str, amount_micros: int, *, idempotency_key: str,
