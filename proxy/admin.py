@@ -12,7 +12,6 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from proxy import admin_jobs, admin_meters, schemas
 from proxy.admin_audit import audited
@@ -22,7 +21,7 @@ from proxy.auth import presented_bearer
 from proxy.billing import routes as billing_routes
 from proxy.config import Config
 from proxy.enduser_jwt import TOKENS
-from proxy.errors import ApiError, answer, error_middleware, read_model
+from proxy.errors import REPLAYED, ApiError, answer, error_middleware, idempotency_key, json_model, read_model
 from proxy.events import routes as event_routes
 from proxy.ledger import audit, report_routes
 from proxy.ledger.history import archived_charge_micros
@@ -30,12 +29,6 @@ from proxy.ratecards import RateCardRegistry
 from proxy.store import ApiKey, ChargeNotFound, LedgerEntry, LimitStore, Receipt, now_ms
 
 routes = web.RouteTableDef()
-
-
-def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, body=model.model_dump_json(), content_type="application/json", headers=headers
-    )
 
 
 ADMIN_PREFIX = "/admin"
@@ -76,19 +69,9 @@ def _key_not_found() -> ApiError:
     return ApiError(404, "no such key for this end user", code="key_not_found", param="key_id")
 
 
-def _idempotency_key(request: web.Request) -> str:
-    key = request.headers.get("Idempotency-Key", "").strip()
-    if not key or len(key) > 255:
-        raise ApiError(
-            400, "an Idempotency-Key header (1-255 characters) is required on money movements",
-            code="idempotency_key_required", param="Idempotency-Key",
-        )
-    return key
-
-
 def _receipt(receipt: Receipt) -> web.Response:
-    headers = {"Idempotent-Replayed": "true"} if receipt.replayed else None
-    return _json(schemas.ReceiptView(ledger_id=receipt.ledger_id, wallet=schemas.WalletView.of(receipt.wallet)), 201, headers)
+    headers = REPLAYED if receipt.replayed else None
+    return json_model(schemas.ReceiptView(ledger_id=receipt.ledger_id, wallet=schemas.WalletView.of(receipt.wallet)), 201, headers)
 
 
 async def _wallet_or_404(request: web.Request, wallet_id: str) -> schemas.WalletView:
@@ -126,7 +109,7 @@ async def create_end_user(request: web.Request) -> web.Response:
     _check_pricing(request, body.tier, body.ratecard)
     profile = {"tier": body.tier, "metadata": body.metadata, "ratecard": body.ratecard}
     await request.config_dict[WALLETS].open(body.id, credit_limit_micros=body.credit_limit_micros, profile=profile)
-    return _json(await _end_user_view(request, body.id), 201)
+    return json_model(await _end_user_view(request, body.id), 201)
 
 
 @routes.patch("/end-users/{id}")
@@ -140,12 +123,12 @@ async def update_end_user(request: web.Request) -> web.Response:
     current = await _end_user_view(request, end_user_id)
     _check_pricing(request, changes.get("tier", current.tier), changes.get("ratecard", current.ratecard))
     await request.config_dict[WALLETS].update_profile(end_user_id, changes)
-    return _json(await _end_user_view(request, end_user_id))
+    return json_model(await _end_user_view(request, end_user_id))
 
 
 @routes.get("/end-users/{id}")
 async def get_end_user(request: web.Request) -> web.Response:
-    return _json(await _end_user_view(request, request.match_info["id"]))
+    return json_model(await _end_user_view(request, request.match_info["id"]))
 
 
 async def _key_view(request: web.Request, key: ApiKey) -> schemas.KeyView:
@@ -167,7 +150,7 @@ async def create_key(request: web.Request) -> web.Response:
     body = await read_model(request, schemas.CreateKey)
     await _end_user_view(request, end_user_id)
     key, plaintext = await request.config_dict[ACCOUNTS].create_key(end_user_id, name=body.name, scopes=body.scopes())
-    return _json(schemas.CreatedKeyView(**(await _key_view(request, key)).model_dump(), key=plaintext), 201)
+    return json_model(schemas.CreatedKeyView(**(await _key_view(request, key)).model_dump(), key=plaintext), 201)
 
 
 @routes.get("/end-users/{id}/keys")
@@ -175,7 +158,7 @@ async def list_keys(request: web.Request) -> web.Response:
     end_user_id = request.match_info["id"]
     await _end_user_view(request, end_user_id)
     keys = await request.config_dict[ACCOUNTS].list_keys(end_user_id)
-    return _json(schemas.KeyList(data=[await _key_view(request, k) for k in keys]))
+    return json_model(schemas.KeyList(data=[await _key_view(request, k) for k in keys]))
 
 
 @routes.patch("/end-users/{id}/keys/{key_id}")
@@ -193,7 +176,7 @@ async def update_key(request: web.Request) -> web.Response:
     key = await accounts.update_key(end_user_id, key_id, **changes)
     if key is None:
         raise _key_not_found()
-    return _json(await _key_view(request, key))
+    return json_model(await _key_view(request, key))
 
 
 @routes.delete("/end-users/{id}/keys/{key_id}")
@@ -201,7 +184,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     key = await request.config_dict[ACCOUNTS].revoke_key(request.match_info["id"], request.match_info["key_id"])
     if key is None:
         raise _key_not_found()
-    return _json(await _key_view(request, key))
+    return json_model(await _key_view(request, key))
 
 
 @routes.post("/end-users/{id}/tokens")
@@ -214,7 +197,7 @@ async def mint_token(request: web.Request) -> web.Response:
     if body.ttl_seconds > authority.cfg.max_ttl_seconds:
         raise ApiError(400, f"ttl_seconds may be at most {authority.cfg.max_ttl_seconds}", code="invalid_request", param="ttl_seconds")
     minted = authority.mint(end_user_id, body.ttl_seconds, body.scopes())
-    return _json(schemas.TokenView(
+    return json_model(schemas.TokenView(
         token=minted.token, end_user_id=end_user_id, jti=minted.jti, algorithm=minted.algorithm,
         expires_at=minted.expires_at, expires_in=minted.expires_in,
     ), 201)
@@ -225,12 +208,12 @@ async def mint_token(request: web.Request) -> web.Response:
 
 @routes.get("/wallets/{id}")
 async def get_wallet(request: web.Request) -> web.Response:
-    return _json(await _wallet_or_404(request, request.match_info["id"]))
+    return json_model(await _wallet_or_404(request, request.match_info["id"]))
 
 
 @routes.post("/wallets/{id}/top-ups")
 async def top_up(request: web.Request) -> web.Response:
-    key = _idempotency_key(request)
+    key = idempotency_key(request)
     body = await read_model(request, schemas.TopUp)
     receipt = await request.config_dict[WALLETS].top_up(
         request.match_info["id"], body.amount_micros, idempotency_key=key, reference=body.reference,
@@ -241,7 +224,7 @@ async def top_up(request: web.Request) -> web.Response:
 
 @routes.post("/wallets/{id}/refunds")
 async def refund(request: web.Request) -> web.Response:
-    key = _idempotency_key(request)
+    key = idempotency_key(request)
     body = await read_model(request, schemas.Refund)
     wallet_id, wallets = request.match_info["id"], request.config_dict[WALLETS]
     try:
@@ -259,7 +242,7 @@ async def refund(request: web.Request) -> web.Response:
 
 @routes.post("/wallets/{id}/adjustments")
 async def adjust(request: web.Request) -> web.Response:
-    key = _idempotency_key(request)
+    key = idempotency_key(request)
     body = await read_model(request, schemas.Adjustment)
     receipt = await request.config_dict[WALLETS].adjust(
         request.match_info["id"], body.amount_micros, reason=body.reason, idempotency_key=key,
@@ -291,7 +274,7 @@ async def ledger(request: web.Request) -> web.Response:
         raise ApiError(400, "starting_after must be a ledger entry id", code="invalid_request", param="starting_after")
     entries = await request.config_dict[WALLETS].ledger(wallet_id, before=cursor, limit=limit + 1)
     page, has_more = entries[:limit], len(entries) > limit
-    return _json(schemas.LedgerPage(
+    return json_model(schemas.LedgerPage(
         data=[_entry_view(e) for e in page], has_more=has_more, next_cursor=page[-1].id if has_more else None,
     ))
 
@@ -314,7 +297,7 @@ def _ratecards_view(registry: RateCardRegistry) -> schemas.RateCardsView:
 
 @routes.get("/ratecards")
 async def list_ratecards(request: web.Request) -> web.Response:
-    return _json(_ratecards_view(request.config_dict[RATECARDS]))
+    return json_model(_ratecards_view(request.config_dict[RATECARDS]))
 
 
 @routes.post("/ratecards/reload")
@@ -322,7 +305,7 @@ async def reload_ratecards(request: web.Request) -> web.Response:
     registry = request.config_dict[RATECARDS]
     if not await registry.reload():
         raise ApiError(422, "rate cards refused; the running cards stay in force: " + str(registry.last_error), code="invalid_ratecard")
-    return _json(_ratecards_view(registry))
+    return json_model(_ratecards_view(registry))
 
 
 def create_admin_app(config: Config) -> web.Application:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, StrictInt, StrictStr
 from pricing.money import ceil_micros
 from proxy import schemas
 from proxy.appstate import WALLETS
-from proxy.errors import ApiError, read_model
+from proxy.errors import REPLAYED, ApiError, idempotency_key, json_model, read_model
 from proxy.store import WalletState
 from proxy.store.jobs import JobHold, JobHolds
 
@@ -84,19 +84,6 @@ def _jobs(request: web.Request) -> JobHolds:
     return JobHolds(request.config_dict[WALLETS])
 
 
-def _idempotency_key(request: web.Request) -> str:
-    key = request.headers.get("Idempotency-Key", "").strip()
-    if not key or len(key) > 255:
-        raise ApiError(400, "an Idempotency-Key header (1-255 characters) is required on job holds and captures",
-                       code="idempotency_key_required", param="Idempotency-Key")
-    return key
-
-
-def _json(model: BaseModel, status: int = 200, replayed: bool = False) -> web.Response:
-    return web.Response(status=status, body=model.model_dump_json(), content_type="application/json",
-                        headers={"Idempotent-Replayed": "true"} if replayed else None)
-
-
 def _view(hold: JobHold, wallet: WalletState | None = None) -> JobHoldView:
     return JobHoldView(id=hold.hold_id, status=hold.status, amount_micros=hold.amount_micros,
                        captured_micros=hold.captured_micros, expires_ms=hold.expires_at_ms, created_ms=hold.created_ms,
@@ -105,17 +92,17 @@ def _view(hold: JobHold, wallet: WalletState | None = None) -> JobHoldView:
 
 @routes.post("/wallets/{id}/holds")
 async def open_job_hold(request: web.Request) -> web.Response:
-    key = _idempotency_key(request)
+    key = idempotency_key(request, "job holds and captures")
     body = await read_model(request, OpenJobHold)
     wallet_id, jobs = request.match_info["id"], _jobs(request)
     hold = await jobs.open(wallet_id, body.amount_micros, ttl_seconds=body.ttl_seconds, idempotency_key=key,
                            description=body.description, meta=body.metadata or None)
-    return _json(_view(await jobs.get(wallet_id, hold.hold_id), hold.wallet), 201, hold.replayed)
+    return json_model(_view(await jobs.get(wallet_id, hold.hold_id), hold.wallet), 201, REPLAYED if hold.replayed else None)
 
 
 @routes.get("/wallets/{id}/holds/{hold_id}")
 async def get_job_hold(request: web.Request) -> web.Response:
-    return _json(_view(await _jobs(request).get(request.match_info["id"], request.match_info["hold_id"])))
+    return json_model(_view(await _jobs(request).get(request.match_info["id"], request.match_info["hold_id"])))
 
 
 @routes.post("/wallets/{id}/holds/{hold_id}/extend")
@@ -141,9 +128,9 @@ async def capture_job_hold(request: web.Request) -> web.Response:
     meta: dict[str, Any] = {"job": True, "model": "job", **({"description": body.description} if body.description else {})}
     amount = body.amount_micros
     if body.outcome is not None:
-        from proxy.admin_meters import _card_of  # the end user's card, as for meter events
+        from proxy.admin_meters import end_user_card  # the end user's card, as for meter events
 
-        card = await _card_of(request, wallet_id)
+        card = await end_user_card(request, wallet_id)
         outcome = card.outcomes.get(body.outcome)
         if outcome is None:
             raise ApiError(404, f"the rate card {card.ref} has no outcome {body.outcome!r}", code="outcome_not_found",
@@ -153,14 +140,14 @@ async def capture_job_hold(request: web.Request) -> web.Response:
                  "price_micros": amount, "cost_micros": ceil_micros(outcome.cost)}
     assert amount is not None
     capture = await jobs.capture(wallet_id, hold_id, amount, idempotency_key=key, meta={**meta, **body.metadata})
-    return _json(CaptureView(ledger_id=capture.ledger_id, captured_micros=capture.captured_micros,
+    return json_model(CaptureView(ledger_id=capture.ledger_id, captured_micros=capture.captured_micros,
                              left_micros=capture.left_micros, wallet=schemas.WalletView.of(capture.wallet)),
-                 201, capture.replayed)
+                 201, REPLAYED if capture.replayed else None)
 
 
 @routes.post("/wallets/{id}/holds/{hold_id}/release")
 async def release_job_hold(request: web.Request) -> web.Response:
     body = await read_model(request, ReleaseJobHold)
     settlement = await _jobs(request).release(request.match_info["id"], request.match_info["hold_id"], reason=body.reason)
-    return _json(ReleaseView(ledger_id=settlement.ledger_id, released_micros=settlement.released_micros,
+    return json_model(ReleaseView(ledger_id=settlement.ledger_id, released_micros=settlement.released_micros,
                              wallet=schemas.WalletView.of(settlement.wallet)))

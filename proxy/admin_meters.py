@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field, StrictInt, StrictStr, field_validator
 
 from pricing import RateCard, price_meter
 from proxy import schemas
-from proxy.admin_jobs import _idempotency_key
-from proxy.appstate import RATECARDS, WALLETS
-from proxy.errors import ApiError, read_model
+from proxy.appstate import WALLETS
+from proxy.errors import REPLAYED, ApiError, idempotency_key, json_model, read_model
+from proxy.gateway import rate_card
 from proxy.store.meters import UNITS, MeterStore, period_of
 
 routes = web.RouteTableDef()
@@ -63,23 +63,20 @@ class MeterChargeView(BaseModel):
     wallet: schemas.WalletView
 
 
-async def _card_of(request: web.Request, wallet_id: str) -> RateCard:
+async def end_user_card(request: web.Request, wallet_id: str) -> RateCard:
+    """The card of an end user named in an admin route (its tier or pin, as their calls are priced); 404 if none."""
     profile = await request.config_dict[WALLETS].profile(wallet_id)
     if profile is None:
         raise ApiError(404, f"no end user {wallet_id!r}", code="wallet_not_found", param="id")
-    try:
-        return request.config_dict[RATECARDS].current.card_for(str(profile.get("tier") or "default"), profile.get("ratecard"))
-    except KeyError:
-        raise ApiError(500, "no rate card applies to this end user; the operator must fix its tiers",
-                       type="server_error", code="ratecard_missing") from None
+    return rate_card(request, wallet_id, str(profile.get("tier") or "default"), profile.get("ratecard"))
 
 
 @routes.post("/wallets/{id}/meter-events")
 async def record_meter_event(request: web.Request) -> web.Response:
-    key = _idempotency_key(request)
+    key = idempotency_key(request, "meter events")
     body = await read_model(request, MeterEvent)
     wallet_id = request.match_info["id"]
-    card = await _card_of(request, wallet_id)
+    card = await end_user_card(request, wallet_id)
     meter = card.meters.get(body.meter)
     if meter is None:
         raise ApiError(404, f"the rate card {card.ref} has no meter {body.meter!r}", code="meter_not_found", param="meter")
@@ -108,5 +105,4 @@ async def record_meter_event(request: web.Request) -> web.Response:
     view = MeterChargeView(ledger_id=charged.ledger_id, meter=meter.name, period=period, charged_micros=charged.charged_micros,
                            used_in_period=str(Decimal(charged.used_micro_units) / UNITS),
                            wallet=schemas.WalletView.of(charged.wallet))
-    return web.Response(status=201, body=view.model_dump_json(), content_type="application/json",
-                        headers={"Idempotent-Replayed": "true"} if charged.replayed else None)
+    return json_model(view, 201, REPLAYED if charged.replayed else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import orjson
@@ -186,3 +187,21 @@ def validate_model(model: type[M], data: Any) -> M:
 
 async def read_model(request: web.Request, model: type[M]) -> M:
     return validate_model(model, await read_json(request))
+
+
+def idempotency_key(request: web.Request, required_on: str = "money movements") -> str:
+    """The request's Idempotency-Key header, or a 400 saying what requires one."""
+    key = request.headers.get("Idempotency-Key", "").strip()
+    if not key or len(key) > 255:
+        raise ApiError(400, f"an Idempotency-Key header (1-255 characters) is required on {required_on}",
+                       code="idempotency_key_required", param="Idempotency-Key")
+    return key
+
+
+def json_model(model: BaseModel, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A pydantic model as the JSON response."""
+    return web.Response(status=status, body=model.model_dump_json(), content_type="application/json", headers=headers)
+
+
+# The header of an answer replayed for its Idempotency-Key.
+REPLAYED: Mapping[str, str] = MappingProxyType({"Idempotent-Replayed": "true"})

@@ -65,15 +65,20 @@ def _validate_body(body: Any, field_name: str) -> dict[str, Any]:
     return body
 
 
-def _card(request: web.Request, caller: Caller) -> RateCard:
+def rate_card(request: web.Request, end_user_id: str, tier: str, pin: str | None) -> RateCard:
+    """The card an end user on `tier` (or pinned to `pin`) pays by; a 500 when the operator's tiers name none."""
     try:
-        return request.config_dict[RATECARDS].current.card_for(caller.tier, caller.ratecard_pin)
+        return request.config_dict[RATECARDS].current.card_for(tier, pin)
     except KeyError as exc:
-        log.error("no rate card for end user %s: %s", caller.end_user_id, exc)
+        log.error("no rate card for end user %s: %s", end_user_id, exc)
         raise ApiError(500, "no rate card applies to this end user; the operator must fix its tiers", type="server_error", code="ratecard_missing") from None
 
 
-def _model(card: RateCard, caller: Caller, name: str, kind: str | None) -> ModelPrice:
+def caller_card(request: web.Request, caller: Caller) -> RateCard:
+    return rate_card(request, caller.end_user_id, caller.tier, caller.ratecard_pin)
+
+
+def caller_model(card: RateCard, caller: Caller, name: str, kind: str | None) -> ModelPrice:
     model = card.model(name)
     allowed = caller.scopes.get("models")
     if model is None or (allowed and model.name not in allowed and name not in allowed):
@@ -99,8 +104,8 @@ async def _prepare(request: web.Request, kind: str | None, required: str | None 
     body = await read_json(request)
     body = _validate_body(body, required or _REQUIRED[kind or _kind_of_estimate(body)])
     caller = credential if isinstance(credential, Caller) else await operator_caller(request, body.get("user"))
-    card = _card(request, caller)
-    model = _model(card, caller, body["model"], kind)
+    card = caller_card(request, caller)
+    model = caller_model(card, caller, body["model"], kind)
     check_forwardable(body)  # over-deep JSON is a 400 before anything is counted
     large = len(await request.read()) > QUOTE_OFF_LOOP_BYTES  # aiohttp kept the bytes: no second read
     try:
@@ -269,7 +274,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
     caller = await authenticate(request, None)
-    card = _card(request, caller)
+    card = caller_card(request, caller)
     allowed = caller.scopes.get("models")
     data = [
         {"id": m.name, "object": "model", "created": 0, "owned_by": m.upstream}
@@ -283,7 +288,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
     """One model (the SDK's `models.retrieve`): what the caller may call under that name, else a 404."""
     caller = await authenticate(request, None)
     name = request.match_info["model"]
-    found = _model(_card(request, caller), caller, name, None)
+    found = caller_model(caller_card(request, caller), caller, name, None)
     return web.Response(content_type="application/json", body=orjson.dumps(
         {"id": name, "object": "model", "created": 0, "owned_by": found.upstream}))
 

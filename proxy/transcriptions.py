@@ -23,7 +23,7 @@ from proxy.calls.audio import forward_transcription
 from proxy.calls.lease import Lease
 from proxy.calls.upstream import UpstreamCall
 from proxy.errors import ApiError
-from proxy.gateway import _card, _model, answer_whole, refuse_when_draining
+from proxy.gateway import answer_whole, caller_card, caller_model, refuse_when_draining
 
 routes = web.RouteTableDef()
 
@@ -53,8 +53,8 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "you must provide a model parameter", code="missing_model", param="model")
     user = form.get("user")
     caller = credential if isinstance(credential, Caller) else await operator_caller(request, user if isinstance(user, str) else None)
-    card = _card(request, caller)
-    model = _model(card, caller, model_name, "transcription")
+    card = caller_card(request, caller)
+    model = caller_model(card, caller, model_name, "transcription")
     content = upload.file.read()
     quote = metering.transcription_quote(card, model, len(content), upload.filename)
     fields = [(k, v) for k, v in form.items() if isinstance(v, str) and k not in ("file", "model", "user")]

@@ -13,7 +13,6 @@ Without a `stripe:` block every one of them answers 501.
 from __future__ import annotations
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from proxy import observability, schemas
 from proxy.appstate import BILLING, STRIPE_EVENTS
@@ -21,7 +20,7 @@ from proxy.auth import authenticate
 from proxy.billing.service import Billing, BillingError, CheckoutStarted
 from proxy.billing.webhook import BadSignature
 from proxy.config import StripeConfig
-from proxy.errors import ApiError, read_json, read_model, validate_model
+from proxy.errors import REPLAYED, ApiError, idempotency_key, json_model, read_json, read_model, validate_model
 from proxy.store.payments import AutoTopUpRule
 
 routes = web.RouteTableDef()
@@ -40,12 +39,8 @@ def _refused(exc: BillingError) -> ApiError:
     return ApiError(exc.status, exc.message, code=exc.code, param=exc.param)
 
 
-def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=model.model_dump_json(), content_type="application/json", headers=headers)
-
-
 def _rule_view(rule: AutoTopUpRule) -> web.Response:
-    return _json(schemas.AutoTopUpView(
+    return json_model(schemas.AutoTopUpView(
         end_user=rule.wallet_id, enabled=rule.enabled, threshold_micros=rule.threshold_micros,
         amount_micros=rule.amount_micros, card=rule.card, payment_method=rule.payment_method, customer=rule.customer,
         consecutive_failures=rule.consecutive_failures, last_error=rule.last_error, disabled_reason=rule.disabled_reason,
@@ -54,7 +49,7 @@ def _rule_view(rule: AutoTopUpRule) -> web.Response:
 
 
 def _session_view(started: CheckoutStarted) -> web.Response:
-    return _json(schemas.CheckoutSessionView(
+    return json_model(schemas.CheckoutSessionView(
         id=started.id, url=started.url, amount_micros=started.amount_micros, currency=started.currency), 201)
 
 
@@ -165,7 +160,7 @@ async def card_payments(request: web.Request) -> web.Response:
     billing = _billing(request)
     wallet_id = await _existing_wallet(request, billing)
     found = await billing.payments.card_payments(wallet_id)
-    return _json(schemas.CardPaymentList(data=[
+    return json_model(schemas.CardPaymentList(data=[
         schemas.CardPaymentView(payment_intent=p.payment_intent, credited_micros=p.credited_micros,
                                 refunded_micros=p.refunded_micros, refundable_micros=p.refundable_micros)
         for p in found
@@ -175,18 +170,15 @@ async def card_payments(request: web.Request) -> web.Response:
 @admin_routes.post("/end-users/{id}/card-refunds")
 async def card_refund(request: web.Request) -> web.Response:
     billing = _billing(request)
-    key = request.headers.get("Idempotency-Key", "").strip()
-    if not key or len(key) > 255:
-        raise ApiError(400, "an Idempotency-Key header (1-255 characters) is required on money movements",
-                       code="idempotency_key_required", param="Idempotency-Key")
+    key = idempotency_key(request)
     wallet_id = await _existing_wallet(request, billing)
     body = await read_model(request, schemas.StartCardRefund)
     try:
         refund = await billing.refund_to_card(wallet_id, body.payment_intent, body.amount_micros, request_key=key)
     except BillingError as exc:
         raise _refused(exc) from None
-    headers = {"Idempotent-Replayed": "true"} if refund.receipt.replayed else None
-    return _json(schemas.CardRefundView(
+    headers = REPLAYED if refund.receipt.replayed else None
+    return json_model(schemas.CardRefundView(
         refund=refund.refund_id, status=refund.status, payment_intent=refund.payment_intent,
         amount_micros=refund.amount_micros, ledger_id=refund.receipt.ledger_id,
         wallet=schemas.WalletView.of(refund.receipt.wallet),

@@ -14,21 +14,16 @@ import secrets
 import time
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from proxy import schemas
 from proxy.appstate import CONFIG, EVENTS, WALLETS
 from proxy.config import LowBalanceAlerts
-from proxy.errors import ApiError, read_model
+from proxy.errors import ApiError, json_model, read_model
 from proxy.events.derive import WalletEventState
 from proxy.events.model import EVENT_TYPES
 from proxy.store.events import DeliveryState, Endpoint, EventStore, StoredEvent
 
 routes = web.RouteTableDef()
-
-
-def _json(model: BaseModel, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=model.model_dump_json(), content_type="application/json")
 
 
 def _check_types(types: list[str]) -> tuple[str, ...]:
@@ -73,19 +68,19 @@ async def create_endpoint(request: web.Request) -> web.Response:
     await store.save_delivery_state(endpoint.id, DeliveryState(cursor=await store.end_position(), attempts=0,
                                                                next_attempt_ms=0, failing_since_ms=0))
     await store.save_endpoint(endpoint)
-    return _json(await _view(store, endpoint, show_secret=True), 201)
+    return json_model(await _view(store, endpoint, show_secret=True), 201)
 
 
 @routes.get("/webhook-endpoints")
 async def list_endpoints(request: web.Request) -> web.Response:
     store = request.config_dict[EVENTS]
-    return _json(schemas.WebhookEndpointList(data=[await _view(store, e) for e in await store.endpoints()]))
+    return json_model(schemas.WebhookEndpointList(data=[await _view(store, e) for e in await store.endpoints()]))
 
 
 @routes.get("/webhook-endpoints/{id}")
 async def get_endpoint(request: web.Request) -> web.Response:
     store = request.config_dict[EVENTS]
-    return _json(await _view(store, await _endpoint_or_404(store, request.match_info["id"])))
+    return json_model(await _view(store, await _endpoint_or_404(store, request.match_info["id"])))
 
 
 @routes.patch("/webhook-endpoints/{id}")
@@ -111,7 +106,7 @@ async def update_endpoint(request: web.Request) -> web.Response:
                     cursor=state.cursor, attempts=0, next_attempt_ms=0, failing_since_ms=0))
     updated = Endpoint(**{**endpoint.__dict__, **changes})
     await store.save_endpoint(updated)
-    return _json(await _view(store, updated))
+    return json_model(await _view(store, updated))
 
 
 @routes.post("/webhook-endpoints/{id}/rotate-secret")
@@ -122,7 +117,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
     rotated = Endpoint(**{**endpoint.__dict__, "secret": _secret(), "previous_secret": endpoint.secret,
                           "previous_secret_expires": int(time.time()) + body.grace_seconds})
     await store.save_endpoint(rotated)
-    return _json(await _view(store, rotated, show_secret=True))
+    return json_model(await _view(store, rotated, show_secret=True))
 
 
 @routes.delete("/webhook-endpoints/{id}")
@@ -174,7 +169,7 @@ async def list_events(request: web.Request) -> web.Response:
         next_cursor = found[-1].position
     else:
         next_cursor = None if exhausted else cursor
-    return _json(schemas.EventPage(data=[_event_view(s) for s in found], next_cursor=next_cursor))
+    return json_model(schemas.EventPage(data=[_event_view(s) for s in found], next_cursor=next_cursor))
 
 
 async def _event_or_404(store: EventStore, event_id: str) -> StoredEvent:
@@ -191,7 +186,7 @@ async def get_event(request: web.Request) -> web.Response:
     deliveries = [schemas.DeliveryAttemptView(endpoint=e.id, attempts=await store.attempts(e.id, stored.event.id))
                   for e in await store.endpoints()]
     view = _event_view(stored)
-    return _json(schemas.EventDetailView(**view.model_dump(), deliveries=[d for d in deliveries if d.attempts]))
+    return json_model(schemas.EventDetailView(**view.model_dump(), deliveries=[d for d in deliveries if d.attempts]))
 
 
 @routes.post("/events/{id}/redeliver")
@@ -214,7 +209,7 @@ async def redeliver(request: web.Request) -> web.Response:
 
 @routes.get("/end-users/{id}/balance-alerts")
 async def get_balance_alerts(request: web.Request) -> web.Response:
-    return _json(await _alerts_view(request, request.match_info["id"]))
+    return json_model(await _alerts_view(request, request.match_info["id"]))
 
 
 @routes.put("/end-users/{id}/balance-alerts")
@@ -224,7 +219,7 @@ async def put_balance_alerts(request: web.Request) -> web.Response:
     body = await read_model(request, schemas.BalanceAlerts)
     alerts = LowBalanceAlerts(absolute_micros=body.absolute_micros, percent_of_last_top_up=body.percent_of_last_top_up)
     await request.config_dict[EVENTS].save_wallet_state(wallet_id, {"alerts": alerts.model_dump_json()})
-    return _json(await _alerts_view(request, wallet_id))
+    return json_model(await _alerts_view(request, wallet_id))
 
 
 async def _alerts_view(request: web.Request, wallet_id: str) -> schemas.BalanceAlertsView:
