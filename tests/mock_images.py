@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from tests.mock_responses import Failer, Reader, accept, missing_parameter
+
 if TYPE_CHECKING:
     from tests.mock_upstream import MockUpstream
 
@@ -18,22 +20,14 @@ _PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 32).decode()
 
 
 def make_images_handler(
-    state: MockUpstream,
-    read: Callable[[web.Request], Awaitable[tuple[Any, web.Response | None]]],
-    maybe_fail: Callable[[web.Request], Awaitable[web.StreamResponse | None]],
+    state: MockUpstream, read: Reader, maybe_fail: Failer,
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     from tests.mock_upstream import _json_response, _sleep_watching
 
     async def generate(request: web.Request) -> web.StreamResponse:
-        data, err = await read(request)
-        if err is not None:
-            return err
-        failed = await maybe_fail(request)
-        if failed is not None:
-            return failed
-        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
-            return _json_response(400, {"error": {"message": "Missing required parameter: 'prompt'.",
-                                                  "type": "invalid_request_error", "param": "prompt", "code": None}})
+        data, answer = await accept(request, read, maybe_fail, "prompt", text=True)
+        if data is None:
+            return answer
         if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
             return web.Response(status=499)
         count = state.images_returned if state.images_returned is not None else int(data.get("n") or 1)
@@ -50,23 +44,15 @@ def make_images_handler(
 
 
 def make_speech_handler(
-    state: MockUpstream,
-    read: Callable[[web.Request], Awaitable[tuple[Any, web.Response | None]]],
-    maybe_fail: Callable[[web.Request], Awaitable[web.StreamResponse | None]],
+    state: MockUpstream, read: Reader, maybe_fail: Failer,
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """POST /v1/audio/speech: `speech_chunks` chunks of audio bytes, `chunk_delay` apart; `cut_after_chunks` cuts it."""
-    from tests.mock_upstream import _abort, _json_response, _sleep_watching
+    from tests.mock_upstream import _abort, _sleep_watching
 
     async def speech(request: web.Request) -> web.StreamResponse:
-        data, err = await read(request)
-        if err is not None:
-            return err
-        failed = await maybe_fail(request)
-        if failed is not None:
-            return failed
-        if not isinstance(data, dict) or not isinstance(data.get("input"), str):
-            return _json_response(400, {"error": {"message": "Missing required parameter: 'input'.",
-                                                  "type": "invalid_request_error", "param": "input", "code": None}})
+        data, answer = await accept(request, read, maybe_fail, "input", text=True)
+        if data is None:
+            return answer
         state.streams_started += 1
         resp = web.StreamResponse(status=200, headers={"Content-Type": "audio/mpeg"})
         await resp.prepare(request)
@@ -86,7 +72,7 @@ def make_speech_handler(
 
 
 def make_transcription_handler(
-    state: MockUpstream, maybe_fail: Callable[[web.Request], Awaitable[web.StreamResponse | None]],
+    state: MockUpstream, maybe_fail: Failer,
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """POST /v1/audio/transcriptions (multipart): a transcript of `transcription_seconds` of audio, in the
     format asked: `json` with `usage: {type: duration, seconds}`, `verbose_json` with `duration`, or plain text;
@@ -110,8 +96,7 @@ def make_transcription_handler(
         if failed is not None:
             return failed
         if not isinstance(upload, web.FileField):
-            return _json_response(400, {"error": {"message": "Missing required parameter: 'file'.",
-                                                  "type": "invalid_request_error", "param": "file", "code": None}})
+            return _json_response(400, missing_parameter("file"))
         if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
             return web.Response(status=499)
         text, seconds = "hello from the mock", state.transcription_seconds

@@ -42,23 +42,42 @@ def _input_text(value: Any) -> str:
     return orjson.dumps(value).decode() if value is not None else ""
 
 
+Reader = Callable[[web.Request], Awaitable[tuple[Any, web.Response | None]]]
+Failer = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def missing_parameter(name: str) -> dict:
+    """OpenAI's error body for a request without `name`."""
+    return {"error": {"message": f"Missing required parameter: '{name}'.", "type": "invalid_request_error",
+                      "param": name, "code": None}}
+
+
+async def accept(request: web.Request, read: Reader, maybe_fail: Failer, required: str, *,
+                 text: bool = False) -> tuple[dict, None] | tuple[None, web.StreamResponse]:
+    """The JSON body of a call to a mock endpoint, or what to answer instead: its parse error, the failure
+    the mock was told to give, or a 400 when `required` is missing (or, with `text`, is not a string)."""
+    from tests.mock_upstream import _json_response
+
+    data, err = await read(request)
+    if err is not None:
+        return None, err
+    failed = await maybe_fail(request)
+    if failed is not None:
+        return None, failed
+    if not isinstance(data, dict) or required not in data or (text and not isinstance(data[required], str)):
+        return None, _json_response(400, missing_parameter(required))
+    return data, None
+
+
 def make_responses_handler(
-    state: MockUpstream,
-    read: Callable[[web.Request], Awaitable[tuple[Any, web.Response | None]]],
-    maybe_fail: Callable[[web.Request], Awaitable[web.StreamResponse | None]],
+    state: MockUpstream, read: Reader, maybe_fail: Failer,
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     from tests.mock_upstream import SSE_HEADERS, _abort, _json_response, _reply, _sleep_watching, count_tokens, make_usage
 
     async def responses(request: web.Request) -> web.StreamResponse:
-        data, err = await read(request)
-        if err is not None:
-            return err
-        failed = await maybe_fail(request)
-        if failed is not None:
-            return failed
-        if not isinstance(data, dict) or "input" not in data:
-            return _json_response(400, {"error": {"message": "Missing required parameter: 'input'.",
-                                                  "type": "invalid_request_error", "param": "input", "code": None}})
+        data, answer = await accept(request, read, maybe_fail, "input")
+        if data is None:
+            return answer
         model = state.response_model or data.get("model") or "gpt-4o-mini"
         text, pieces = _reply(state.reply_words, state.words_per_chunk)
         rid, mid = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex
