@@ -83,10 +83,11 @@ async def cluster_client(cluster: RedisCluster) -> AsyncIterator[RedisClusterCli
 
 
 async def assert_ledger_invariants(store: WalletStore) -> None:
-    """balance == Σ ledger amounts and held == Σ active holds, for every wallet in the store."""
+    """balance == Σ ledger amounts == Σ grants and held == Σ active holds, for every wallet in the store."""
     for wallet_id in await store.wallet_ids():
         audit = await store.audit(wallet_id)
         assert audit.wallet.balance_micros == audit.ledger_sum_micros, f"{wallet_id}: balance != Σ ledger"
+        assert audit.wallet.balance_micros == audit.grants_sum_micros, f"{wallet_id}: balance != Σ grants"
         assert audit.wallet.held_micros == audit.active_holds_sum_micros, f"{wallet_id}: held != Σ holds"
         assert audit.wallet.balance_micros >= -audit.wallet.credit_limit_micros, f"{wallet_id}: below -credit_limit"
 

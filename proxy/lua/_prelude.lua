@@ -78,8 +78,13 @@ local function remember_result(idem_key, fingerprint, ttl_seconds, result)
 end
 
 -- XADD with optional fields: pairs whose value is nil or '' are left out.
+-- Every entry of a sandbox wallet (KEYS[1], the wallet hash, in every script
+-- that appends: see open.lua) says `is_simulated`, so no report can take it for money.
 local function append_ledger(ledger_key, pairs_list)
   local args = {}
+  if redis.call('HGET', KEYS[1], 'simulated') == '1' then
+    args[1], args[2] = 'is_simulated', 'true'
+  end
   for i = 1, #pairs_list, 2 do
     local v = pairs_list[i + 1]
     if v ~= nil and v ~= '' then
@@ -88,6 +93,318 @@ local function append_ledger(ledger_key, pairs_list)
     end
   end
   return redis.call('XADD', ledger_key, '*', unpack(args))
+end
+
+-- Grants. A wallet's balance is the sum of its grants: money with a kind
+-- ('purchased', 'promotional' or the operator's own), a priority (0 is spent
+-- first, as in Stripe's credit grants), an optional expiry and an age. Each is
+-- a field of the wallet hash, 'grant:<id>' = 'remaining|priority|expires_ms|seq|kind|state'
+-- (expires_ms 0: never; state 'live' or 'expired'). Top-ups and positive
+-- adjustments go to the one grant 'purchased' (priority 50, no expiry); the
+-- overdraft of a postpaid wallet is the grant 'debt' (remaining <= 0), never
+-- drawn from and repaid first by purchased money.
+-- Draw order: expired remainders first, then priority, then soonest expiry
+-- (none: last), then oldest. An expired grant keeps only what live holds had
+-- reserved of it (held is covered by the grants in draw order), so money a
+-- call was admitted on is never taken from under it, and no new hold can use
+-- it (it is inside `held`). `grants_due` on the wallet hash is when a sweep is
+-- next needed (0 while expired remainders wait for their holds; absent: never).
+local GRANT_PURCHASED = 'purchased'
+
+local function grant_before(a, b)
+  local ax, bx = a.state == 'expired', b.state == 'expired'
+  if ax ~= bx then
+    return ax
+  end
+  if a.priority ~= b.priority then
+    return a.priority < b.priority
+  end
+  local ae = a.expires == 0 and math.huge or a.expires
+  local be = b.expires == 0 and math.huge or b.expires
+  if ae ~= be then
+    return ae < be
+  end
+  return a.seq < b.seq
+end
+
+local function grant_text(g)
+  return fmt(g.remaining) .. '|' .. fmt(g.priority) .. '|' .. fmt(g.expires) .. '|' .. fmt(g.seq) .. '|' .. g.kind .. '|' .. g.state
+end
+
+-- The wallet's grants, in draw order, as {list, debt, by_id, dirty}. A wallet
+-- from before grants existed (no grants_v) gets its balance as the purchased
+-- grant, or as its debt, the first time a script loads it.
+local function grants_load(wallet_key)
+  local flat = redis.call('HGETALL', wallet_key)
+  local G = {key = wallet_key, list = {}, debt = nil, by_id = {}, dirty = {}}
+  local versioned, balance = false, 0
+  for i = 1, #flat, 2 do
+    local f = flat[i]
+    if string.sub(f, 1, 6) == 'grant:' then
+      local r, p, e, s, k, st = string.match(flat[i + 1], '^(%-?%d+)|(%d+)|(%d+)|(%d+)|([^|]*)|(%a+)$')
+      local g = {id = string.sub(f, 7), remaining = tonumber(r), priority = tonumber(p), expires = tonumber(e),
+        seq = tonumber(s), kind = k, state = st}
+      G.by_id[g.id] = g
+      if g.id == 'debt' then
+        G.debt = g
+      else
+        G.list[#G.list + 1] = g
+      end
+    elseif f == 'grants_v' then
+      versioned = true
+    elseif f == 'balance' then
+      balance = tonumber(flat[i + 1])
+    end
+  end
+  if not versioned then
+    redis.call('HSET', wallet_key, 'grants_v', '1')
+    if balance ~= 0 then
+      local g = {id = balance > 0 and GRANT_PURCHASED or 'debt', remaining = balance, priority = 50, expires = 0,
+        seq = 0, kind = balance > 0 and 'purchased' or 'debt', state = 'live'}
+      G.by_id[g.id] = g
+      G.dirty[g.id] = g
+      if balance > 0 then
+        G.list[1] = g
+      else
+        G.debt = g
+      end
+    end
+  end
+  table.sort(G.list, grant_before)
+  return G
+end
+
+local function grants_save(G)
+  local set = {}
+  for id, g in pairs(G.dirty) do
+    if g.remaining == 0 and (g.state == 'expired' or id == 'debt') then
+      redis.call('HDEL', G.key, 'grant:' .. id)  -- spent to the end: nothing can return to it
+    else
+      set[#set + 1] = 'grant:' .. id
+      set[#set + 1] = grant_text(g)
+    end
+  end
+  if #set > 0 then
+    redis.call('HSET', G.key, unpack(set))
+  end
+  G.dirty = {}
+end
+
+-- The grant `id`, created (live, empty) with these terms when it does not exist.
+local function grant_open(G, id, kind, priority, expires)
+  local g = G.by_id[id]
+  if g == nil then
+    g = {id = id, remaining = 0, priority = priority, expires = expires,
+      seq = redis.call('HINCRBY', G.key, 'grant_seq', 1), kind = kind, state = 'live'}
+    G.by_id[id] = g
+    if id == 'debt' then
+      G.debt = g
+    else
+      G.list[#G.list + 1] = g
+      table.sort(G.list, grant_before)
+    end
+  end
+  return g
+end
+
+-- Take `amount` (>= 0) from the grants in draw order (the grant `prefer`
+-- first, when given); what they cannot cover deepens the debt. Expired
+-- remainders are taken only by a hold's capture (`from_held`): they are
+-- reserved for holds. Returns the draws, 'id:amount,...' ('' for none).
+local function grants_debit(G, amount, from_held, prefer)
+  local draws, left = {}, amount
+  local function take(g)
+    local t = math.min(left, g.remaining)
+    if t > 0 then
+      g.remaining = g.remaining - t
+      left = left - t
+      G.dirty[g.id] = g
+      draws[#draws + 1] = g.id .. ':' .. fmt(t)
+    end
+  end
+  if prefer and G.by_id[prefer] and G.by_id[prefer].state == 'live' and prefer ~= 'debt' then
+    take(G.by_id[prefer])
+  end
+  for _, g in ipairs(G.list) do
+    if left == 0 then
+      break
+    end
+    if from_held or g.state ~= 'expired' then
+      take(g)
+    end
+  end
+  if left > 0 then
+    local d = grant_open(G, 'debt', 'debt', 100, 0)
+    d.remaining = d.remaining - left
+    G.dirty.debt = d
+    draws[#draws + 1] = 'debt:' .. fmt(left)
+  end
+  return table.concat(draws, ',')
+end
+
+-- Add `amount` (>= 0) to the grant `id` (created with these terms if new);
+-- purchased money repays the debt first. Returns the credits, 'id:amount,...'.
+local function grants_credit(G, amount, id, kind, priority, expires)
+  local parts, left = {}, amount
+  local d = G.debt
+  if id == GRANT_PURCHASED and d ~= nil and d.remaining < 0 and left > 0 then
+    local r = math.min(left, -d.remaining)
+    d.remaining = d.remaining + r
+    left = left - r
+    G.dirty.debt = d
+    parts[#parts + 1] = 'debt:' .. fmt(r)
+  end
+  if left > 0 then
+    local g = grant_open(G, id, kind, priority, expires)
+    g.remaining = g.remaining + left
+    G.dirty[id] = g
+    parts[#parts + 1] = id .. ':' .. fmt(left)
+  end
+  return table.concat(parts, ',')
+end
+
+-- Give `amount` back to the grants a charge drew from (`draws`, as grants_debit
+-- wrote them; `returned(id)` says how much of each earlier refunds gave back),
+-- last drawn first. A part whose grant has expired (or is gone) is not given
+-- back to it: it lapses, and is returned as `lapsed` for a grant_expired entry.
+-- Returns the credits ('id:amount,...'), what lapsed, and per grant what
+-- this refund returned (for the caller to count). A charge that recorded no
+-- draws (made before grants) is refunded as purchased money.
+local function grants_refund(G, amount, draws, returned)
+  local drawn = {}
+  for id, a in string.gmatch(draws or '', '([^:,]+):(%d+)') do
+    drawn[#drawn + 1] = {id = id, amount = tonumber(a)}
+  end
+  if #drawn == 0 then
+    return grants_credit(G, amount, GRANT_PURCHASED, 'purchased', 50, 0), 0, {}
+  end
+  local parts, lapsed, per, left = {}, 0, {}, amount
+  for i = #drawn, 1, -1 do
+    if left == 0 then
+      break
+    end
+    local d = drawn[i]
+    local r = math.min(left, math.max(d.amount - returned(d.id) - (per[d.id] or 0), 0))
+    if r > 0 then
+      left = left - r
+      per[d.id] = (per[d.id] or 0) + r
+      local g = G.by_id[d.id]
+      if d.id == 'debt' then
+        g = grant_open(G, 'debt', 'debt', 100, 0)
+        g.remaining = g.remaining + r
+        G.dirty.debt = g
+        parts[#parts + 1] = 'debt:' .. fmt(r)
+      elseif g ~= nil and g.state == 'live' then
+        g.remaining = g.remaining + r
+        G.dirty[g.id] = g
+        parts[#parts + 1] = g.id .. ':' .. fmt(r)
+      else
+        lapsed = lapsed + r
+      end
+    end
+  end
+  if left > 0 then  -- cannot happen when the refund is within the charge; kept whole rather than lost
+    parts[#parts + 1] = grants_credit(G, left, GRANT_PURCHASED, 'purchased', 50, 0)
+  end
+  return table.concat(parts, ','), lapsed, per
+end
+
+-- Expire what is left of every grant past its expiry, except what live holds
+-- reserved of it (see above), with one 'grant_expired' entry each; then write
+-- the grants and when the next sweep is due. Returns the balance after.
+local function grants_sweep(G, ledger_key, held, balance)
+  local now = now_ms()
+  local covered, due = 0, nil
+  for _, g in ipairs(G.list) do
+    local reserved = math.max(0, math.min(g.remaining, held - covered))
+    if g.expires > 0 and g.expires <= now then
+      if g.remaining > reserved then
+        local lapse = g.remaining - reserved
+        g.remaining = reserved
+        balance = redis.call('HINCRBY', G.key, 'balance', 0 - lapse)
+        append_ledger(ledger_key, {'type', 'grant_expired', 'amount', fmt(0 - lapse), 'balance', fmt(balance),
+          'held', fmt(held), 'grant_id', g.id, 'kind', g.kind, 'reserved', fmt(reserved)})
+        G.dirty[g.id] = g
+      end
+      if g.state ~= 'expired' then
+        g.state = 'expired'
+        G.dirty[g.id] = g
+      end
+      if g.remaining > 0 then
+        due = 0
+      end
+    elseif g.expires > 0 and (due == nil or g.expires < due) then
+      due = g.expires
+    end
+    covered = covered + g.remaining
+  end
+  grants_save(G)
+  table.sort(G.list, grant_before)
+  if due == nil then
+    redis.call('HDEL', G.key, 'grants_due')
+  else
+    redis.call('HSET', G.key, 'grants_due', fmt(due))
+  end
+  return balance
+end
+
+-- Whether the wallet has a grant to expire now (one HGET: the common answer is no).
+local function grants_due(wallet_key)
+  local due = redis.call('HGET', wallet_key, 'grants_due')
+  return due ~= false and tonumber(due) <= now_ms()
+end
+
+-- Sweep the wallet's grants if one is due; returns the balance after (and the
+-- grants, loaded, or nil when nothing was due).
+local function grants_sweep_if_due(wallet_key, ledger_key, held, balance)
+  if not grants_due(wallet_key) then
+    return balance, nil
+  end
+  local G = grants_load(wallet_key)
+  return grants_sweep(G, ledger_key, held, balance), G
+end
+
+-- Budgets: an end user's spend cap per calendar period, which the proxy names
+-- ('2026-12', '2026-12-03': proxy/budgets.py). The wallet hash keeps
+-- `bud_period`, `bud_spent` (captured in it) and `bud_held` (what live holds
+-- admitted in it reserved); a hold admitted under a budget keeps `bud_limit`,
+-- `bud_period` and `bud_reserved`. A new period starts both counts at 0: a
+-- hold from the period before then counts its capture (not its reservation)
+-- in the new one.
+local function budget_state()
+  local f = redis.call('HMGET', KEYS[1], 'bud_period', 'bud_spent', 'bud_held')
+  return f[1] or '', tonumber(f[2]) or 0, tonumber(f[3]) or 0
+end
+
+-- The wallet's budget counts in `period`, starting it when it is new.
+local function budget_roll(period)
+  local current, spent, held = budget_state()
+  if current ~= period then
+    redis.call('HSET', KEYS[1], 'bud_period', period, 'bud_spent', '0', 'bud_held', '0')
+    return 0, 0
+  end
+  return spent, held
+end
+
+-- A hold's budget terms (KEYS[3]): limit (nil: none), period, reserved.
+local function budget_of_hold()
+  local f = redis.call('HMGET', KEYS[3], 'bud_limit', 'bud_period', 'bud_reserved')
+  return tonumber(f[1]), f[2] or '', tonumber(f[3]) or 0
+end
+
+-- What the closing hold may capture under its budget (nil: no budget), and
+-- the function that counts the capture once made.
+local function budget_close()
+  local limit, hold_period, reserved = budget_of_hold()
+  if limit == nil then
+    return nil, function(_) end
+  end
+  local period, spent, held = budget_state()
+  local own = (hold_period == period) and reserved or 0
+  local room = math.max(limit - spent - (held - own), 0)
+  return room, function(captured)
+    redis.call('HSET', KEYS[1], 'bud_spent', fmt(spent + captured), 'bud_held', fmt(math.max(held - own, 0)))
+  end
 end
 
 -- Per-credential limits: a credential's limits hash (see key_limits.lua) as a
@@ -207,7 +524,8 @@ end
 -- signed amount under an idempotency key. KEYS[1] wallet hash, KEYS[2] ledger
 -- stream, KEYS[3] idempotency record; ARGV[2] fingerprint, ARGV[3] its TTL.
 -- Start: an early answer (the first result replayed, or an error), else the
--- wallet's balance, held and credit_limit. Nothing is written.
+-- wallet's balance, held and credit_limit, after expiring any grant that is
+-- due (a complete step of its own: nothing else is written).
 local function balance_op_start()
   local replay = idempotent_replay(KEYS[3], ARGV[2])
   if replay then
@@ -217,25 +535,46 @@ local function balance_op_start()
   if balance == nil then
     return fail('WALLET_NOT_FOUND', 'no such wallet')
   end
+  balance = grants_sweep_if_due(KEYS[1], KEYS[2], held, balance)
   return nil, balance, held, credit_limit
 end
 
 -- Finish: refuse a balance beyond MAX_BALANCE (before any write), then move
--- the balance, append the ledger entry (its type, amount, the balance and held
--- after, and `fields`) and remember the result under the idempotency key.
-local function balance_op_finish(entry_type, amount, balance, held, credit_limit, fields)
+-- the balance and its grants, append the ledger entry (its type, amount, the
+-- balance and held after, the grants moved, and `fields`) and remember the
+-- result under the idempotency key. `grants_fn(G, amount)`, when given, moves
+-- the grants and returns what it wrote and what lapsed at once (a refund to an
+-- expired grant); by default a credit goes to the purchased grant and a debit
+-- is drawn in order (from the grant `prefer` first, when given).
+local function balance_op_finish(entry_type, amount, balance, held, credit_limit, fields, grants_fn, prefer)
   if balance + amount > MAX_BALANCE then
     return nil, fail('BALANCE_LIMIT', 'the balance would exceed ' .. fmt(MAX_BALANCE) .. ' micros')
+  end
+  local G = grants_load(KEYS[1])
+  local moved, lapsed = '', 0
+  if grants_fn then
+    moved, lapsed = grants_fn(G, amount)
+  elseif amount > 0 then
+    moved = grants_credit(G, amount, GRANT_PURCHASED, 'purchased', 50, 0)
+  elseif amount < 0 then
+    moved = grants_debit(G, 0 - amount, false, prefer)
   end
   balance = redis.call('HINCRBY', KEYS[1], 'balance', amount)
   if amount > 0 then
     redis.call('HDEL', KEYS[1], 'note:depleted')  -- funds came in: the next refusal is news again (see note.lua)
   end
-  local entry = {'type', entry_type, 'amount', fmt(amount), 'balance', fmt(balance), 'held', fmt(held)}
+  local entry = {'type', entry_type, 'amount', fmt(amount), 'balance', fmt(balance), 'held', fmt(held), 'grants', moved}
   for i = 1, #fields do
     entry[#entry + 1] = fields[i]
   end
-  local result = {'ok', append_ledger(KEYS[2], entry), fmt(balance), fmt(held), fmt(credit_limit)}
+  local id = append_ledger(KEYS[2], entry)
+  if lapsed > 0 then
+    balance = redis.call('HINCRBY', KEYS[1], 'balance', 0 - lapsed)
+    append_ledger(KEYS[2], {'type', 'grant_expired', 'amount', fmt(0 - lapsed), 'balance', fmt(balance),
+      'held', fmt(held), 'reason', 'refunded to a grant that has expired', 'refund_id', id})
+  end
+  grants_save(G)
+  local result = {'ok', id, fmt(balance), fmt(held), fmt(credit_limit)}
   remember_result(KEYS[3], ARGV[2], ARGV[3], result)
   return result
 end
@@ -267,26 +606,38 @@ end
 -- hold's record, KEYS[4] ledger stream. More than the hold is captured only as
 -- far as the wallet allows (down to -credit_limit once this hold is released)
 -- and, when `cap_room` is given, as far as the credential's spend caps allow
--- (see limits_room); the rest is the shortfall. Appends the 'charge' entry (with `meta`) and
+-- (see limits_room) and its budget (see budget_close); the rest is the shortfall. Appends the 'charge' entry (with `meta`) and
 -- returns {'ok', ledger_id, captured, released, shortfall, balance, held,
 -- credit_limit, auto_top_up_attempt} and the captured amount (the attempt is
 -- '0' unless this capture claimed one: see claim_auto_top_up). The caller
 -- marks the record closed.
 local function capture_hold(hold_id, hold_amount, amount, meta, cap_room)
   local balance, held, credit_limit = wallet_state(KEYS[1])
+  local G = grants_load(KEYS[1])
+  if grants_due(KEYS[1]) then
+    balance = grants_sweep(G, KEYS[4], held, balance)
+  end
   local allowed = balance - (held - hold_amount) + credit_limit
   if cap_room ~= nil then
     allowed = math.min(allowed, cap_room)
   end
+  local budget_room, budget_count = budget_close()
+  if budget_room ~= nil then
+    allowed = math.min(allowed, budget_room)
+  end
   local captured = math.min(amount, math.max(allowed, 0))
   local shortfall = amount - captured
   local released = math.max(hold_amount - captured, 0)
+  local draws = grants_debit(G, captured, true)
+  budget_count(captured)
   balance = redis.call('HINCRBY', KEYS[1], 'balance', 0 - captured)  -- never -0: Redis 7.0 refuses it as an integer
   held = redis.call('HINCRBY', KEYS[1], 'held', 0 - hold_amount)
   redis.call('HDEL', KEYS[2], hold_id)
   local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(0 - captured), 'held_delta', fmt(0 - hold_amount),
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'requested', fmt(amount),
-    'shortfall', fmt(shortfall), 'meta', meta})
+    'shortfall', fmt(shortfall), 'grants', draws, 'meta', meta})
+  grants_save(G)
+  balance = grants_sweep_if_due(KEYS[1], KEYS[4], held, balance)  -- what this hold had reserved of an expired grant lapses
   local attempt = claim_auto_top_up(balance - held + credit_limit)
   return {'ok', id, fmt(captured), fmt(released), fmt(shortfall), fmt(balance), fmt(held), fmt(credit_limit), attempt}, captured
 end
@@ -295,9 +646,12 @@ end
 -- keys as for capture_hold; `entry_type` is 'release' or 'expire'.
 local function release_hold(hold_id, hold_amount, entry_type, reason)
   local balance, held, credit_limit = wallet_state(KEYS[1])
+  local _, budget_count = budget_close()
+  budget_count(0)
   held = redis.call('HINCRBY', KEYS[1], 'held', 0 - hold_amount)  -- never -0 (see capture_hold)
   redis.call('HDEL', KEYS[2], hold_id)
   local id = append_ledger(KEYS[4], {'type', entry_type, 'amount', '0', 'held_delta', fmt(0 - hold_amount),
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'reason', reason})
+  balance = grants_sweep_if_due(KEYS[1], KEYS[4], held, balance)  -- see capture_hold
   return {'ok', id, '0', fmt(hold_amount), '0', fmt(balance), fmt(held), fmt(credit_limit)}
 end

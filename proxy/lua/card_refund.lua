@@ -19,7 +19,8 @@
 --              what it debited comes back, and it no longer counts as refunded
 --              (ARGV[1] is ignored beyond validation).
 -- Returns {'ok'|'replay', ledger_id, balance, held, credit_limit}.
--- Keeps: balance == sum of ledger amounts; the refunds of one payment never
+-- Money leaves the purchased grant first (the card paid for it), then the rest in draw order.
+-- Keeps: balance == sum of ledger amounts == sum of grants; the refunds of one payment never
 -- exceed what it credited; balance never below -credit_limit.
 local amount = int_arg(ARGV[1], 1, MAX_AMOUNT)
 if amount == nil then
@@ -92,7 +93,7 @@ if delta == 0 then
   result = {'ok', id, fmt(balance), fmt(held), fmt(credit_limit)}
   remember_result(KEYS[3], ARGV[2], ARGV[3], result)
 else
-  result, err = balance_op_finish(entry_type, delta, balance, held, credit_limit, fields)
+  result, err = balance_op_finish(entry_type, delta, balance, held, credit_limit, fields, nil, GRANT_PURCHASED)
   if err then
     return err
   end

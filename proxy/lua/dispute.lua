@@ -8,7 +8,8 @@
 -- shortfall) or 'won' (the operator won it: what 'opened' debited comes back)
 -- ARGV[8] the dispute's id (du_...)
 -- Returns {'ok'|'replay', ledger_id, balance, held, credit_limit}.
--- Keeps: balance == sum of ledger amounts; balance never below -credit_limit;
+-- Money leaves the purchased grant first (the card paid for it), then the rest in draw order.
+-- Keeps: balance == sum of ledger amounts == sum of grants; balance never below -credit_limit;
 -- a won dispute gives back exactly what its opening took, once, in whichever
 -- order the two arrive.
 local amount = int_arg(ARGV[1], 1, MAX_AMOUNT)
@@ -46,7 +47,7 @@ if delta == 0 then
   result = {'ok', id, fmt(balance), fmt(held), fmt(credit_limit)}
   remember_result(KEYS[3], ARGV[2], ARGV[3], result)
 else
-  result, err = balance_op_finish(entry_type, delta, balance, held, credit_limit, fields)
+  result, err = balance_op_finish(entry_type, delta, balance, held, credit_limit, fields, nil, GRANT_PURCHASED)
   if err then
     return err
   end

@@ -15,12 +15,15 @@
 -- Optional: KEYS[5] the limits hash of the credential recorded on the hold: a
 -- growth is then also reserved against its spend caps (see hold.lua), in the
 -- same step, so concurrent streams can never take it past a cap.
+-- ARGV[8] (optional) the name of the budget period now: a hold admitted under a
+-- budget (hold.lua) grows only as far as that budget leaves (BUDGET_EXCEEDED).
 -- Returns {'ok'|'replay', hold amount, expires_ms, balance, held, credit_limit}.
 -- Errors: INSUFFICIENT_FUNDS when the addition does not fit the wallet,
 -- SPEND_LIMIT when it does not fit the credential's caps (the caller cuts the
 -- call either way), HOLD_NOT_FOUND, HOLD_CLOSED.
 -- Keeps: available never goes below 0; held == sum of active holds; a
--- credential's spent (captures + reservations) never exceeds its caps.
+-- credential's spent (captures + reservations) never exceeds its caps, nor a
+-- budget's spent + held its limit.
 local amount = int_arg(ARGV[2], 0, MAX_AMOUNT)
 if amount == nil then
   return fail('INVALID_AMOUNT', 'the extension must be an integer between 0 and ' .. fmt(MAX_AMOUNT))
@@ -50,6 +53,9 @@ local hold_amount = tonumber(rec[2])
 if amount > 0 and hold_amount ~= seen then
   return {'replay', fmt(hold_amount), rec[3], fmt(balance), fmt(held), fmt(credit_limit)}
 end
+if amount > 0 then
+  balance = grants_sweep_if_due(KEYS[1], KEYS[4], held, balance)  -- growth is never funded by an expired grant
+end
 local available = balance - held + credit_limit
 if amount > available then
   return fail('INSUFFICIENT_FUNDS', 'extending the hold needs ' .. fmt(amount) .. ' micros and ' .. fmt(available) .. ' are available')
@@ -67,7 +73,26 @@ if KEYS[5] and amount > 0 then
     end
   end
 end
+local budget_limit, budget_period, budget_reserved = nil, nil, 0
+if amount > 0 then
+  budget_limit, budget_period, budget_reserved = budget_of_hold()
+end
+local budget_spent, budget_held, period_now = 0, 0, nil
+if budget_limit ~= nil then
+  period_now = (ARGV[8] and ARGV[8] ~= '') and ARGV[8] or budget_period
+  budget_spent, budget_held = budget_roll(period_now)
+  if budget_spent + budget_held + amount > budget_limit then
+    return fail('BUDGET_EXCEEDED', 'extending the hold needs ' .. fmt(amount) .. ' micros and the budget for ' ..
+      period_now .. ' leaves ' .. fmt(math.max(budget_limit - budget_spent - budget_held, 0)))
+  end
+end
 local expires = now_ms() + ttl
+if budget_limit ~= nil then
+  -- A hold from the period before counts only its growth in this one.
+  local reserved = (budget_period == period_now) and budget_reserved + amount or amount
+  redis.call('HSET', KEYS[1], 'bud_held', fmt(budget_held + amount))
+  redis.call('HSET', KEYS[3], 'bud_period', period_now, 'bud_reserved', fmt(reserved))
+end
 if L ~= nil then
   limits_reserve_more(L, request_id, amount)
 end

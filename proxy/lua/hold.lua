@@ -7,12 +7,18 @@
 -- spend reservation; ARGV[7], ARGV[8] (optional) its lifetime and daily spend
 -- caps (-1: none), kept on the hold so that extending, settling and expiring it
 -- never take the credential past them.
+-- ARGV[9], ARGV[10] (optional) the end user's budget for the period and the
+-- period's name (see "Budgets" in _prelude.lua): the hold is refused with
+-- BUDGET_EXCEEDED when it does not fit what the budget leaves, else reserved
+-- against it, and its growth and close count there too.
 -- Returns {'ok'|'replay', hold_id, amount, expires_ms, balance, held, credit_limit, ledger_id}.
 -- The hold id is the idempotency key: the same id and amount (as first asked
 -- for, however the hold grew since) replays the first result; the same id
 -- with another amount is an IDEMPOTENCY_CONFLICT.
 -- Keeps: a hold is granted only if amount <= available (balance - held +
--- credit_limit), so available never goes below 0; held == sum of active holds.
+-- credit_limit), so available never goes below 0; held == sum of active holds;
+-- a grant past its expiry is expired first (see grants_sweep), so it funds no new hold;
+-- a budget's spent + held never exceeds its limit.
 local amount = int_arg(ARGV[2], 0, MAX_AMOUNT)
 if amount == nil then
   return fail('INVALID_AMOUNT', 'the hold amount must be an integer between 0 and ' .. fmt(MAX_AMOUNT))
@@ -20,6 +26,13 @@ end
 local ttl = int_arg(ARGV[3], 1, 30 * 24 * 3600 * 1000)
 if ttl == nil then
   return fail('INVALID_REQUEST', 'ttl must be a positive number of milliseconds')
+end
+local budget_limit = nil
+if ARGV[9] and ARGV[9] ~= '' then
+  budget_limit = int_arg(ARGV[9], 0, MAX_AMOUNT)
+  if budget_limit == nil or not ARGV[10] or not string.match(ARGV[10], '^[%w:-]+$') then
+    return fail('INVALID_REQUEST', 'a budget needs a limit in micros and a period name')
+  end
 end
 local existing = redis.call('HMGET', KEYS[3], 'requested', 'expires_ms', 'ledger_id', 'amount')
 if existing[4] ~= false then
@@ -35,9 +48,18 @@ local balance, held, credit_limit = wallet_state(KEYS[1])
 if balance == nil then
   return fail('WALLET_NOT_FOUND', 'no such wallet')
 end
+balance = grants_sweep_if_due(KEYS[1], KEYS[4], held, balance)  -- an expired grant is spent by no new call
 local available = balance - held + credit_limit
 if amount > available then
   return fail('INSUFFICIENT_FUNDS', 'this call needs ' .. fmt(amount) .. ' micros and ' .. fmt(available) .. ' are available')
+end
+if budget_limit ~= nil then
+  local spent, budget_held = budget_roll(ARGV[10])
+  if spent + budget_held + amount > budget_limit then
+    return fail('BUDGET_EXCEEDED', 'this call needs ' .. fmt(amount) .. ' micros and the budget for ' .. ARGV[10] ..
+      ' leaves ' .. fmt(math.max(budget_limit - spent - budget_held, 0)))
+  end
+  redis.call('HSET', KEYS[1], 'bud_held', fmt(budget_held + amount))
 end
 local now = now_ms()
 local expires = now + ttl
@@ -47,6 +69,9 @@ local id = append_ledger(KEYS[4], {'type', 'hold', 'amount', '0', 'held_delta', 
   'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1], 'meta', ARGV[4]})
 redis.call('HSET', KEYS[3], 'status', 'active', 'amount', amount, 'requested', amount, 'created_ms', now,
   'expires_ms', expires, 'ledger_id', id)
+if budget_limit ~= nil then
+  redis.call('HSET', KEYS[3], 'bud_limit', fmt(budget_limit), 'bud_period', ARGV[10], 'bud_reserved', fmt(amount))
+end
 if ARGV[5] and ARGV[5] ~= '' then
   redis.call('HSET', KEYS[3], 'credential', ARGV[5], 'request_id', ARGV[6],
     'cap', ARGV[7] or '-1', 'daily_cap', ARGV[8] or '-1')

@@ -12,7 +12,7 @@
 -- prices the event again on the new count: free units are never granted twice).
 -- Errors: INSUFFICIENT_FUNDS (nothing is counted or debited), INVALID_AMOUNT,
 -- IDEMPOTENCY_CONFLICT.
--- Keeps: balance == sum of ledger amounts; available never goes below 0 (a
+-- Keeps: balance == sum of ledger amounts == sum of grants; available never goes below 0 (a
 -- meter event only spends what is available, never a hold's funds).
 local replay = idempotent_replay(KEYS[3], ARGV[2])
 if replay then
@@ -33,15 +33,19 @@ local balance, held, credit_limit = wallet_state(KEYS[1])
 if balance == nil then
   return fail('WALLET_NOT_FOUND', 'no such wallet')
 end
+balance = grants_sweep_if_due(KEYS[1], KEYS[2], held, balance)
 local available = balance - held + credit_limit
 if amount > available then
   return fail('INSUFFICIENT_FUNDS', 'this event costs ' .. fmt(amount) .. ' micros and ' .. fmt(available) .. ' are available')
 end
 used = redis.call('INCRBY', KEYS[4], quantity)
 redis.call('EXPIRE', KEYS[4], ttl)
+local G = grants_load(KEYS[1])
+local draws = grants_debit(G, amount, false)
 balance = redis.call('HINCRBY', KEYS[1], 'balance', 0 - amount)
 local id = append_ledger(KEYS[2], {'type', 'charge', 'amount', fmt(0 - amount), 'balance', fmt(balance),
-  'held', fmt(held), 'meta', ARGV[7]})
+  'held', fmt(held), 'grants', draws, 'meta', ARGV[7]})
+grants_save(G)
 local result = {'ok', id, fmt(balance), fmt(held), fmt(credit_limit), fmt(used), fmt(amount)}
 remember_result(KEYS[3], ARGV[2], ARGV[3], result)
 return result

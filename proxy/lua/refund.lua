@@ -8,8 +8,15 @@
 -- of record holds it; taken only if the charge id is at or before `trimmed_to`
 -- (so it was archived, and cannot be in the stream any more).
 -- Returns {'ok'|'replay', ledger_id, balance, held, credit_limit}.
--- Keeps: the refunds of one charge never add up to more than it captured;
--- balance == sum of ledger amounts.
+-- The refund goes back to the grants the charge drew from (its `grants`
+-- field), last drawn first; what would return to a grant that has expired
+-- lapses at once, with a grant_expired entry after the refund (see grants_refund).
+-- A charge trimmed from the stream, or made before grants, is refunded as
+-- purchased money. The refunded hash also counts per charge and grant
+-- ('<charge id>|<grant id>').
+-- Keeps: the refunds of one charge never add up to more than it captured, nor
+-- return more to a grant than the charge drew from it;
+-- balance == sum of ledger amounts == sum of grants.
 local amount = int_arg(ARGV[1], 1, MAX_AMOUNT)
 if amount == nil then
   return fail('INVALID_AMOUNT', 'amount_micros must be an integer between 1 and ' .. fmt(MAX_AMOUNT))
@@ -22,7 +29,7 @@ if early then
   return early
 end
 local entries = redis.call('XRANGE', KEYS[2], ARGV[4], ARGV[4])
-local charged = nil
+local charged, draws = nil, nil
 if #entries == 1 then
   local f = entries[1][2]
   local fields = {}
@@ -31,6 +38,7 @@ if #entries == 1 then
   end
   if fields['type'] == 'charge' then
     charged = -tonumber(fields['amount'])
+    draws = fields['grants']
   end
 end
 if charged == nil and #entries == 0 and KEYS[5] and ARGV[8] and ARGV[8] ~= '' then
@@ -52,9 +60,20 @@ if already + amount > charged then
   return fail('REFUND_EXCEEDS_CHARGE', 'charge ' .. ARGV[4] .. ' captured ' .. fmt(charged) ..
     ' micros and ' .. fmt(already) .. ' are already refunded')
 end
+local per_grant = {}
+local function to_grants(G, a)
+  local moved, lapsed, per = grants_refund(G, a, draws, function(grant_id)
+    return tonumber(redis.call('HGET', KEYS[4], ARGV[4] .. '|' .. grant_id) or '0')
+  end)
+  per_grant = per
+  return moved, lapsed
+end
 local result, err = balance_op_finish('refund', amount, balance, held, credit_limit,
-  {'charge_id', ARGV[4], 'reason', ARGV[5], 'idempotency_key', ARGV[7], 'meta', ARGV[6]})
+  {'charge_id', ARGV[4], 'reason', ARGV[5], 'idempotency_key', ARGV[7], 'meta', ARGV[6]}, to_grants)
 if result then
   redis.call('HINCRBY', KEYS[4], ARGV[4], amount)
+  for grant_id, returned in pairs(per_grant) do
+    redis.call('HINCRBY', KEYS[4], ARGV[4] .. '|' .. grant_id, returned)
+  end
 end
 return result or err

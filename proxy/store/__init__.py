@@ -15,7 +15,9 @@ Handlers never build a key themselves.
 from proxy.store.accounts import API_KEY_PREFIX, AccountStore, ApiKey, hash_api_key
 from proxy.store.errors import (
     BalanceLimit,
+    BudgetExceeded,
     ChargeNotFound,
+    CreditLimitInUse,
     HoldClosed,
     HoldNotFound,
     IdempotencyConflict,
@@ -49,7 +51,7 @@ from proxy.store.wallets import (
 )
 
 __all__ = [
-    "API_KEY_PREFIX", "AccountStore", "ApiKey", "Audit", "BalanceLimit", "Checkpoint", "ChargeNotFound", "Commands", "CredentialSpend",
+    "API_KEY_PREFIX", "AccountStore", "ApiKey", "Audit", "BalanceLimit", "BudgetExceeded", "Checkpoint", "ChargeNotFound", "CreditLimitInUse", "Commands", "CredentialSpend",
     "HOLD_INDEX_KEY", "Hold", "HoldClosed", "HoldExtension", "HoldNotFound", "IdempotencyConflict", "InsufficientFunds",
     "InvalidAmount", "InvalidWalletRequest", "NoPaymentMethod", "PaymentNotFound", "RefundExceedsPayment", "KeySpend", "LedgerEntry", "LimitStore", "Limited", "MAX_AMOUNT_MICROS",
     "PREFIX", "Receipt", "RedisPyCommands", "RefundExceedsCharge", "Settlement", "SpendLimitReached", "WALLET_ID_RE", "WalletError",

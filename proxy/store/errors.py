@@ -81,12 +81,24 @@ class NoPaymentMethod(WalletError):
     code = "NO_PAYMENT_METHOD"
 
 
+class CreditLimitInUse(WalletError):
+    """The credit limit cannot go below what the wallet already uses of it."""
+
+    code = "CREDIT_LIMIT_IN_USE"
+
+
+class BudgetExceeded(WalletError):
+    """The call (or its growth) does not fit what the end user's budget leaves this period."""
+
+    code = "BUDGET_EXCEEDED"
+
+
 _ERRORS: dict[str, type[WalletError]] = {
     cls.code: cls
     for cls in (
         WalletNotFound, WalletExists, InsufficientFunds, SpendLimitReached, IdempotencyConflict, HoldNotFound, HoldClosed,
         ChargeNotFound, RefundExceedsCharge, InvalidAmount, BalanceLimit, InvalidWalletRequest,
-        PaymentNotFound, RefundExceedsPayment, NoPaymentMethod,
+        PaymentNotFound, RefundExceedsPayment, NoPaymentMethod, CreditLimitInUse, BudgetExceeded,
     )
 }
 

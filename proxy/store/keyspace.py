@@ -2,6 +2,7 @@
 
 All keys of one wallet share the hash tag `{w:<wallet_id>}`, so every script
 touches a single Redis Cluster slot. Outside a wallet's slot: the hold index
+and the grant-expiry index
 (read by the reaper), API keys by hash, and the Stripe lookups (which wallet a
 payment paid, which events were applied), none of them written by a script.
 """
@@ -15,6 +16,9 @@ from proxy.store.errors import InvalidWalletRequest
 
 PREFIX = "mg"
 HOLD_INDEX_KEY = f"{PREFIX}:hold-index"
+# Wallets with a grant due to expire, scored by when (the reaper's; written beside
+# grant.lua, never inside a script, like the hold index).
+GRANT_DUE_KEY = f"{PREFIX}:grant-due"
 # Wallets with ledger entries not yet archived (scored by when), and wallets whose
 # archived entries come due for trimming (scored by when): see proxy/ledger/archiver.py.
 ARCHIVE_DIRTY_KEY = f"{PREFIX}:archive:dirty"

@@ -117,7 +117,8 @@ class _Scripts:
         self.source: dict[str, str] = {}
         self.sha: dict[str, str] = {}
         for name in ("open", "top_up", "adjust", "refund", "hold", "extend", "settle", "release", "expire", "key_limits",
-                     "card_payment", "card_refund", "dispute", "auto_top_up_rule", "auto_top_up_failed", "note", "trim", "capture", "meter"):
+                     "card_payment", "card_refund", "dispute", "auto_top_up_rule", "auto_top_up_failed", "note", "trim", "capture", "meter",
+                     "grant", "expire_grants", "set_credit_limit"):
             body = prelude + "\n" + (lua / f"{name}.lua").read_text()
             self.source[name] = body
             self.sha[name] = hashlib.sha1(body.encode()).hexdigest()

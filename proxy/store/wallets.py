@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError, WatchError
 
+from proxy.store.budgets import CallBudget
 from proxy.store.errors import HoldNotFound, IdempotencyConflict, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
 from proxy.store.events import dirty_commands
 from proxy.store.keyspace import (
@@ -138,16 +139,17 @@ class LedgerEntry:
 
 @dataclass(frozen=True)
 class Audit:
-    """The two invariants, computed the slow way from the raw data."""
+    """The invariants, computed the slow way from the raw data: balance == Σ ledger == Σ grants, held == Σ holds."""
 
     wallet: WalletState
     ledger_sum_micros: int
     active_holds_sum_micros: int
+    grants_sum_micros: int
 
     @property
     def holds(self) -> bool:
         return (
-            self.wallet.balance_micros == self.ledger_sum_micros
+            self.wallet.balance_micros == self.ledger_sum_micros == self.grants_sum_micros
             and self.wallet.held_micros == self.active_holds_sum_micros
         )
 
@@ -192,12 +194,15 @@ class WalletStore:
 
     # -- wallets
 
-    async def open(self, wallet_id: str, *, credit_limit_micros: int = 0, profile: Mapping[str, Any]) -> WalletState:
+    async def open(
+        self, wallet_id: str, *, credit_limit_micros: int = 0, profile: Mapping[str, Any], simulated: bool = False,
+    ) -> WalletState:
+        """Create a wallet; a `simulated` (sandbox) one marks every ledger entry it ever gets `is_simulated`."""
         _check_wallet_id(wallet_id)
         out = await self._run(
             "open",
             [_wallet_key(wallet_id), _ledger_key(wallet_id), _profile_key(wallet_id)],
-            [credit_limit_micros, orjson.dumps(profile).decode(), wallet_id],
+            [credit_limit_micros, orjson.dumps(profile).decode(), wallet_id, "1" if simulated else ""],
         )
         return _state(wallet_id, *out[2:5])
 
@@ -325,12 +330,14 @@ class WalletStore:
 
     async def hold(
         self, wallet_id: str, amount_micros: int, *, hold_id: str | None = None, ttl_ms: int | None = None,
-        meta: Mapping[str, Any] | None = None, spend: CredentialSpend | None = None,
+        meta: Mapping[str, Any] | None = None, spend: CredentialSpend | None = None, budget: CallBudget | None = None,
     ) -> Hold:
         """Reserve `amount_micros`; raises `InsufficientFunds` when it does not fit.
 
         `spend` names the credential whose limits reserved this call, so that
         the reaper can give that reservation back if the call never settles.
+        `budget`: the end user's budget this period; `BudgetExceeded` when the
+        hold does not fit what it leaves.
         """
         _check_wallet_id(wallet_id)
         hold_id = hold_id or self.new_hold_id()
@@ -342,7 +349,9 @@ class WalletStore:
         try:
             out = await self._scripts.run(
                 self.commands, "hold", self._hold_keys(wallet_id, hold_id),
-                [hold_id, amount_micros, ttl_ms, _meta(meta), *((spend.credential_id, spend.request_id, *spend.caps()) if spend else ())],
+                [hold_id, amount_micros, ttl_ms, _meta(meta),
+                 *((spend.credential_id, spend.request_id, *spend.caps()) if spend else ("",) * 4 if budget else ()),
+                 *((budget.limit_micros, budget.period) if budget else ())],
                 before=[("ZADD", HOLD_INDEX_KEY, now_ms() + ttl_ms, member)],
             )
         except IdempotencyConflict:
@@ -357,7 +366,7 @@ class WalletStore:
 
     async def extend(
         self, wallet_id: str, hold_id: str, amount_micros: int, *, current_micros: int, ttl_ms: int | None = None,
-        checkpoint: Checkpoint | None = None, spend: CredentialSpend | None = None,
+        checkpoint: Checkpoint | None = None, spend: CredentialSpend | None = None, budget_period: str | None = None,
     ) -> HoldExtension:
         """Grow an active hold by `amount_micros`, push back its expiry, and record `checkpoint`;
         `InsufficientFunds` if the growth does not fit.
@@ -366,12 +375,16 @@ class WalletStore:
         after the hold already grew from that amount replays instead of
         growing it twice. An amount of 0 only refreshes the expiry and the checkpoint.
         With `spend`, the growth is reserved against the credential's caps too
-        (`SpendLimitReached` when they cannot take it).
+        (`SpendLimitReached` when they cannot take it); a hold admitted under a
+        budget grows only as far as it leaves in `budget_period` (the period now;
+        None: the hold's own), else `BudgetExceeded`.
         """
         ttl_ms = ttl_ms or self.hold_ttl_ms
         args: list[Any] = [hold_id, amount_micros, ttl_ms, current_micros]
         if checkpoint is not None:
             args += [checkpoint.price_micros, checkpoint.tokens, _meta(checkpoint.meta)]
+        if budget_period is not None:
+            args += [""] * (7 - len(args)) + [budget_period]
         out = await self._scripts.run(
             self.commands, "extend", self._closing_keys(wallet_id, hold_id, spend), args,
             before=[("ZADD", HOLD_INDEX_KEY, now_ms() + ttl_ms, _index_member(wallet_id, hold_id))],
@@ -505,7 +518,12 @@ class WalletStore:
             if (await self.redis.hget(_archive_key(wallet_id), "trimmed_to")) == trimmed_to:
                 break
         holds = await self.active_holds(wallet_id)
-        return Audit(wallet=wallet, ledger_sum_micros=total, active_holds_sum_micros=sum(holds.values()))
+        from proxy.store.grants import parse_grants  # grants.py builds on this module
+
+        fields: dict[bytes, bytes] = await self.redis.hgetall(_wallet_key(wallet_id))  # type: ignore[assignment]
+        grants_sum = sum(g.remaining_micros for g in parse_grants(fields))
+        return Audit(wallet=wallet, ledger_sum_micros=total, active_holds_sum_micros=sum(holds.values()),
+                     grants_sum_micros=grants_sum)
 
     async def _iter_ledger(self, wallet_id: str) -> AsyncIterator[LedgerEntry]:
         start = "-"
@@ -534,6 +552,8 @@ def _ledger_entry(entry_id: bytes, fields: Mapping[bytes, bytes]) -> LedgerEntry
             continue
         if k == "meta":
             details.update(orjson.loads(v))
+        elif k == "is_simulated":
+            details[k] = v == "true"
         elif k in ("held_delta", "requested", "shortfall", "credit_limit"):
             details[k + "_micros"] = int(v)
         else:

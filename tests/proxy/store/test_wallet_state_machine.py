@@ -476,6 +476,7 @@ class WalletMachine(RuleBasedStateMachine):
             assert state == m.state(wallet_id), f"{wallet_id}: store {state} != model {m.state(wallet_id)}"
             audit = seen["audit"]
             assert audit.ledger_sum_micros == state.balance_micros, f"{wallet_id}: balance != Σ ledger"
+            assert audit.grants_sum_micros == state.balance_micros, f"{wallet_id}: balance != Σ grants"
             assert audit.active_holds_sum_micros == state.held_micros, f"{wallet_id}: held != Σ active holds"
             active = {hid: h.amount for hid, h in m.holds.items() if h.status == "active"}
             assert seen["holds"] == active, f"{wallet_id}: active holds {seen['holds']} != {active}"
