@@ -13,12 +13,13 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy import admin_jobs, admin_meters, schemas
+from proxy import admin_grants, admin_jobs, admin_meters, schemas
 from proxy.admin_audit import audited
 from proxy.admin_roles import READ_METHODS, AdminKeyring, action_of, check_permission
-from proxy.appstate import ACCOUNTS, LEDGER_DB, RATECARDS, WALLETS
+from proxy.appstate import ACCOUNTS, LEDGER_DB, METERING, RATECARDS, WALLETS
 from proxy.auth import presented_bearer
 from proxy.billing import routes as billing_routes
+from proxy.budgets import budget_view
 from proxy.config import Config
 from proxy.enduser_jwt import TOKENS
 from proxy.errors import REPLAYED, ApiError, answer, error_middleware, idempotency_key, json_model, read_model
@@ -27,6 +28,7 @@ from proxy.ledger import audit, report_routes
 from proxy.ledger.history import archived_charge_micros
 from proxy.ratecards import RateCardRegistry
 from proxy.store import ApiKey, ChargeNotFound, LedgerEntry, LimitStore, Receipt, now_ms
+from proxy.store.budgets import BudgetStore
 
 routes = web.RouteTableDef()
 
@@ -85,9 +87,12 @@ async def _end_user_view(request: web.Request, end_user_id: str) -> schemas.EndU
     profile = await request.config_dict[WALLETS].profile(end_user_id)
     if profile is None:
         raise ApiError(404, f"no end user {end_user_id!r}", code="end_user_not_found", param="id")
+    wallets = request.config_dict[WALLETS]
+    budget = await budget_view(request.config_dict[METERING].budgets, BudgetStore(wallets.commands), end_user_id,
+                               profile["tier"], profile.get("budget"))
     return schemas.EndUserView(
         id=end_user_id, tier=profile["tier"], ratecard=profile.get("ratecard"), metadata=profile["metadata"],
-        created_ms=profile["created_ms"], wallet=await _wallet_or_404(request, end_user_id),
+        created_ms=profile["created_ms"], wallet=await _wallet_or_404(request, end_user_id), budget=budget,
     )
 
 
@@ -107,7 +112,8 @@ def _check_pricing(request: web.Request, tier: str, pin: str | None) -> None:
 async def create_end_user(request: web.Request) -> web.Response:
     body = await read_model(request, schemas.CreateEndUser)
     _check_pricing(request, body.tier, body.ratecard)
-    profile = {"tier": body.tier, "metadata": body.metadata, "ratecard": body.ratecard}
+    profile = {"tier": body.tier, "metadata": body.metadata, "ratecard": body.ratecard,
+               "budget": body.budget.model_dump() if body.budget is not None else None}
     await request.config_dict[WALLETS].open(body.id, credit_limit_micros=body.credit_limit_micros, profile=profile)
     return json_model(await _end_user_view(request, body.id), 201)
 
@@ -319,4 +325,5 @@ def create_admin_app(config: Config) -> web.Application:
     admin.add_routes(event_routes.routes)
     admin.add_routes(admin_jobs.routes)
     admin.add_routes(admin_meters.routes)
+    admin.add_routes(admin_grants.routes)
     return admin

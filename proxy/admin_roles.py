@@ -79,6 +79,8 @@ REQUIRED_ROLE: dict[str, Role] = {
     "POST /wallets/{id}/holds/{hold_id}/captures": "admin",
     "POST /wallets/{id}/holds/{hold_id}/release": "admin",
     "POST /wallets/{id}/meter-events": "admin",  # usage of the operator's own meters (proxy/admin_meters.py)
+    "POST /wallets/{id}/grants": "admin",  # credit with a kind, priority and expiry (proxy/admin_grants.py)
+    "PATCH /wallets/{id}": "admin",  # the credit limit: lets a wallet spend money it does not have
     "POST /end-users/{id}/checkout-sessions": "admin",
     "PATCH /end-users/{id}/auto-top-up": "admin",
     "POST /end-users/{id}/card-refunds": "admin",

@@ -33,6 +33,7 @@ from proxy.appstate import (
 )
 from proxy.billing import AutoTopUps, Billing, StripeApi, StripeEvents, StripeNotConfigured
 from proxy.billing import routes as billing_routes
+from proxy.budgets import BudgetPolicy
 from proxy.calls.lease import Background, Metering
 from proxy.calls.upstream import UpstreamSessions
 from proxy.config import Config
@@ -48,6 +49,7 @@ from proxy.store import AccountStore, LimitStore, RedisPyCommands, WalletStore
 from proxy.store.archive import ArchiveStore
 from proxy.store.cluster import StoreClients, connect_store
 from proxy.store.events import EventStore
+from proxy.store.grants import GrantStore
 from proxy.store.payments import PaymentStore
 
 log = logging.getLogger("metergate")
@@ -83,7 +85,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ACCOUNTS] = AccountStore(client, commands)
     app[METERING] = Metering(
         app[WALLETS], LimitStore(client, commands), app[BACKGROUND],
-        checkpoint_interval_seconds=config.checkpoint_interval_seconds,
+        checkpoint_interval_seconds=config.checkpoint_interval_seconds, budgets=BudgetPolicy(config.budgets),
     )
     yield
     await clients.aclose()
@@ -203,6 +205,7 @@ async def run_reaper(wallets: WalletStore, interval: float) -> None:
     task, so it is checked after every pass.
     """
     task = asyncio.current_task()
+    grants = GrantStore(wallets.redis, wallets.commands)
     while True:
         more = False
         try:
@@ -211,7 +214,9 @@ async def run_reaper(wallets: WalletStore, interval: float) -> None:
                 log.info("expired hold %s: charged its checkpoint of %d micros, released %d",
                          s.hold_id, s.captured_micros, s.released_micros)
             observability.holds_expired(len(expired))
-            more = len(expired) == 500
+            # Grants past their expiry in wallets no call has touched since.
+            swept = await grants.expire_due(limit=500)
+            more = len(expired) == 500 or swept == 500
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -25,6 +25,8 @@ class Caller:
     tier: str
     ratecard_pin: str | None
     scopes: Mapping[str, Any] = field(default_factory=dict)
+    # The end user's own budget terms (proxy/budgets.py), when the operator set one.
+    budget: Mapping[str, Any] | None = None
 
 
 def presented_bearer(request: web.Request) -> str:
@@ -52,7 +54,8 @@ async def _profile_caller(request: web.Request, end_user_id: str, key_id: str, s
     profile = await request.config_dict[WALLETS].profile(end_user_id, max_age_seconds=max_age)
     if profile is None:
         return None
-    return Caller(end_user_id, key_id, profile.get("tier") or "default", profile.get("ratecard"), scopes)
+    return Caller(end_user_id, key_id, profile.get("tier") or "default", profile.get("ratecard"), scopes,
+                  budget=profile.get("budget"))
 
 
 @dataclass(frozen=True)

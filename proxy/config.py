@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from pricing.yaml_source import SourceError, SourceIssue, issues_from_validation, read_yaml, to_plain
+from proxy.budgets import BudgetTerms
 
 # `proxy/defaults` is a link to the repository's `config/`, so a checkout serves
 # (and edits) config/ while a wheel carries the same files as package data.
@@ -298,6 +299,9 @@ class Config(_Strict):
     # Unset: no Stripe; its endpoints answer 501.
     stripe: StripeConfig | None = None
     events: EventsConfig = EventsConfig()
+    # Spend budgets per calendar period, by tier (an end user's own budget, set
+    # through the admin API, wins): {tier: {limit_micros, period: day|month, timezone}}.
+    budgets: dict[str, BudgetTerms] = {}
     # The ledger of record (SQLAlchemy URL: postgresql+asyncpg://… or sqlite+aiosqlite:///…).
     # Unset: a SQLite file, metergate-ledger.sqlite3, in the working directory.
     database_url: str | None = None

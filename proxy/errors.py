@@ -57,6 +57,8 @@ _WALLET_STATUS: dict[type[store.WalletError], tuple[int, str, str]] = {
     store.WalletExists: (409, "invalid_request_error", "already_exists"),
     store.InsufficientFunds: (402, "insufficient_quota", "insufficient_quota"),
     store.SpendLimitReached: (402, "insufficient_quota", "spend_limit_exceeded"),
+    store.BudgetExceeded: (402, "insufficient_quota", "budget_exceeded"),
+    store.CreditLimitInUse: (409, "invalid_request_error", "credit_limit_in_use"),
     store.IdempotencyConflict: (409, "invalid_request_error", "idempotency_conflict"),
     store.HoldNotFound: (404, "invalid_request_error", "hold_not_found"),
     store.HoldClosed: (409, "invalid_request_error", "hold_closed"),

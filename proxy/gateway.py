@@ -24,6 +24,7 @@ from pricing.tokens import UnpriceableRequest, billed_choices
 from proxy import limits, metering, observability
 from proxy.appstate import ACCOUNTS, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, WALLETS
 from proxy.auth import Caller, authenticate, identify, operator_caller
+from proxy.budgets import budget_view
 from proxy.calls.audio import forward_speech
 from proxy.calls.lease import Lease, Metering
 from proxy.calls.stream import forward_stream
@@ -31,6 +32,7 @@ from proxy.calls.upstream import UpstreamCall, check_forwardable, fetch_stored, 
 from proxy.errors import ApiError, read_json
 from proxy.schemas import WalletView, usd
 from proxy.store import AccountStore
+from proxy.store.budgets import BudgetStore
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -321,6 +323,9 @@ async def wallet(request: web.Request) -> web.Response:
         raise ApiError(404, "no wallet for this end user", code="wallet_not_found")
     recent = await wallets.ledger(caller.end_user_id, limit=10)
     view = WalletView.of(state).model_dump()
+    budget = await budget_view(request.config_dict[METERING].budgets, BudgetStore(wallets.commands), caller.end_user_id,
+                               caller.tier, caller.budget)
+    view["budget"] = budget.model_dump() if budget is not None else None
     view["recent"] = [
         {"id": e.id, "type": e.type, "amount_micros": e.amount_micros, "amount": usd(e.amount_micros),
          "model": e.details.get("model"), "request_id": e.details.get("request_id")}

@@ -87,7 +87,8 @@ _HOLD_RELEASED = HOLDS.labels("released")
 _HOLD_EXPIRED = HOLDS.labels("expired")
 
 # Outcomes of a stream that metergate ended before the upstream finished it.
-CUT_OUTCOMES = frozenset({"upstream_cut", "wallet_exhausted", "spend_limit_reached", "store_unavailable", "internal_error"})
+CUT_OUTCOMES = frozenset({"upstream_cut", "wallet_exhausted", "spend_limit_reached", "budget_reached", "store_unavailable",
+                          "internal_error"})
 _CLIENT_CLOSED = 499  # nginx's status for a client that went away before its answer
 
 STARTED = web.RequestKey("metergate_started", float)

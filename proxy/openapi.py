@@ -10,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from proxy import admin_jobs, admin_meters, schemas
+from proxy import admin_grants, admin_jobs, admin_meters, schemas
 from proxy.ledger.audit import AuditPage
 from proxy.ledger.report_routes import CreateStatementLink, StatementLinkView
 from proxy.openapi_v1 import v1_paths
@@ -26,6 +26,7 @@ _MODELS: list[type[BaseModel]] = [
     schemas.BalanceAlertsView, AuditPage, CreateStatementLink, StatementLinkView,
     admin_jobs.OpenJobHold, admin_jobs.ExtendJobHold, admin_jobs.CaptureJobHold, admin_jobs.ReleaseJobHold,
     admin_jobs.JobHoldView, admin_jobs.CaptureView, admin_jobs.ReleaseView, admin_meters.MeterEvent, admin_meters.MeterChargeView,
+    admin_grants.CreateGrant, admin_grants.GrantView, admin_grants.GrantList, admin_grants.CreatedGrantView, admin_grants.UpdateWallet,
 ]
 
 _ERROR_SCHEMA = {
@@ -102,7 +103,16 @@ def document() -> dict[str, Any]:
             "delete": _op("Revoke a key", 200, schemas.KeyView, params=[uid, kid]),
             "patch": _op("Change a key's name or limits (null removes a limit)", 200, schemas.KeyView, schemas.UpdateKey, params=[uid, kid]),
         },
-        "/admin/wallets/{id}": {"get": _op("Balance, held, available and credit limit", 200, schemas.WalletView, params=[uid])},
+        "/admin/wallets/{id}": {
+            "get": _op("Balance, held, available and credit limit", 200, schemas.WalletView, params=[uid]),
+            "patch": _op("Change the credit limit (postpay), with a reason", 200, schemas.ReceiptView, admin_grants.UpdateWallet,
+                         [uid], (*money,)),
+        },
+        "/admin/wallets/{id}/grants": {
+            "post": _op("Grant credit of a kind, with a priority and an optional expiry", 201, admin_grants.CreatedGrantView,
+                        admin_grants.CreateGrant, [uid, _IDEMPOTENCY], money),
+            "get": _op("The wallet's grants in the order calls spend them", 200, admin_grants.GrantList, params=[uid]),
+        },
         "/admin/wallets/{id}/top-ups": {"post": _op("Add funds", 201, schemas.ReceiptView, schemas.TopUp, [uid, _IDEMPOTENCY], money)},
         "/admin/wallets/{id}/refunds": {"post": _op("Refund (part of) a charge", 201, schemas.ReceiptView, schemas.Refund, [uid, _IDEMPOTENCY], money)},
         "/admin/wallets/{id}/adjustments": {"post": _op("Signed correction with a reason", 201, schemas.ReceiptView, schemas.Adjustment, [uid, _IDEMPOTENCY], (*money, 402))},

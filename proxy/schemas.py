@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from proxy.budgets import BudgetTerms, BudgetView
 from proxy.store import MAX_AMOUNT_MICROS, WalletState
 
 Micros = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT_MICROS, description="integer micros (1 USD = 1,000,000)")]
@@ -28,6 +29,7 @@ class CreateEndUser(_Body):
     metadata: dict[str, Any] = {}
     credit_limit_micros: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT_MICROS)] = 0
     ratecard: StrictStr | None = Field(None, description="pin to a card: 'card_id' or 'card_id@version'")
+    budget: BudgetTerms | None = Field(None, description="spend cap per calendar period; default: the tier's (config `budgets`)")
 
 
 class UpdateEndUser(_Body):
@@ -36,6 +38,7 @@ class UpdateEndUser(_Body):
     tier: StrictStr | None = None
     metadata: dict[str, Any] | None = None
     ratecard: StrictStr | None = Field(None, description="'card_id' or 'card_id@version' (grandfathered); null unpins")
+    budget: BudgetTerms | None = Field(None, description="spend cap per calendar period; null: back to the tier's")
 
 
 Count = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT_MICROS)]
@@ -159,6 +162,7 @@ class EndUserView(BaseModel):
     metadata: dict[str, Any]
     created_ms: int
     wallet: WalletView
+    budget: BudgetView | None = None
 
 
 class KeyView(BaseModel):

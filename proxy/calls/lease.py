@@ -37,9 +37,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from pricing import ModelPrice, Usage, price_usage
 from proxy import limits, metering, observability
 from proxy.auth import Caller
+from proxy.budgets import BudgetPolicy
 from proxy.errors import ApiError
 from proxy.events.notices import Notices
 from proxy.store import (
+    BudgetExceeded,
     Checkpoint,
     Hold,
     InsufficientFunds,
@@ -49,6 +51,7 @@ from proxy.store import (
     WalletError,
     WalletStore,
 )
+from proxy.store.budgets import BudgetStore, CallBudget
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,13 @@ class FundsRefusal(ApiError):
 
     def __init__(self, message: str):
         super().__init__(402, message, type="insufficient_quota", code="insufficient_quota")
+
+
+class BudgetRefusal(ApiError):
+    """A 402: the call does not fit what the end user's budget leaves this period."""
+
+    def __init__(self, message: str):
+        super().__init__(402, message, type="insufficient_quota", code="budget_exceeded")
 
 
 class Background:
@@ -105,6 +115,8 @@ class Metering:
     checkpoint_interval_seconds: float = 2.0
     # Ledger notes for refusals and cuts (they become the operator's events).
     notices: Notices | None = None
+    # End users' budgets per period (proxy/budgets.py): which one a call counts against.
+    budgets: BudgetPolicy = field(default_factory=lambda: BudgetPolicy({}))
 
     def lease(self, caller: Caller, quote: metering.Quote, request_id: str, *, min_output_tokens: int = 0,
               choices: int = 1) -> Lease:
@@ -125,6 +137,7 @@ class Lease:
     min_output_tokens: int = 0
     choices: int = 1
     clamped_to: int | None = None
+    budget: CallBudget | None = None  # the end user's budget this call is held under, if any
     hold: Hold | None = None
     held_micros: int = 0  # the hold's amount now (it grows while a stream outruns it)
     covered_output_tokens: int = 0  # output tokens the hold pays for
@@ -214,6 +227,9 @@ class Lease:
         wallet = await self.service.wallets.get(caller.end_user_id)
         budget = wallet.available_micros if wallet is not None else 0
         budget = min(budget, await limits.spend_room(self.service.limits, caller))
+        if self.budget is not None:
+            used = await BudgetStore(self.service.wallets.commands).usage(caller.end_user_id, self.budget.period)
+            budget = min(budget, self.budget.limit_micros - used.spent_micros - used.held_micros)
         per_choice = metering.affordable_output(self.quote, budget, self.choices)
         if per_choice < self.min_output_tokens or per_choice * self.choices >= self.quote.max_output_tokens:
             return None
@@ -234,15 +250,18 @@ class Lease:
     async def _admit_and_hold(self) -> None:
         service = self.service
         hold_id = service.wallets.new_hold_id()
+        self.budget = service.budgets.claim(self.caller.tier, self.caller.budget)
         async with limits.admission(service.limits, self.caller, self.quote, self.request_id):
             try:
                 self.hold = await service.wallets.hold(
                     self.caller.end_user_id, self.quote.hold.price_micros, hold_id=hold_id,
                     meta={"request_id": self.request_id, "model": self.quote.model.name, "key_id": self.caller.key_id},
-                    spend=limits.credential_spend(self.caller, self.request_id, 0),
+                    spend=limits.credential_spend(self.caller, self.request_id, 0), budget=self.budget,
                 )
             except InsufficientFunds as exc:
                 raise FundsRefusal(f"You exceeded your current quota: {exc.message}. Top up the wallet to continue.") from None
+            except BudgetExceeded as exc:
+                raise BudgetRefusal(f"You reached your spending budget: {exc.message}.") from None
             except (WalletError, ApiError):
                 raise
             except BaseException:
@@ -306,6 +325,9 @@ class Lease:
         except SpendLimitReached:
             self.outcome = "spend_limit_reached"
             await self._tell_cap_cut()
+            return False
+        except BudgetExceeded:
+            self.outcome = "budget_reached"
             return False
         except (*STORE_UNREACHABLE, WalletError) as exc:
             log.warning("request %s: could not extend its hold: %r", self.request_id, exc)
@@ -375,11 +397,19 @@ class Lease:
             grown = await self.service.wallets.extend(
                 self.caller.end_user_id, self.hold.hold_id, amount_micros, current_micros=self.held_micros,
                 checkpoint=checkpoint, spend=limits.credential_spend(self.caller, self.request_id, 0) if amount_micros else None,
+                budget_period=self._budget_period_now() if amount_micros else None,
             )
             self.held_micros = grown.amount_micros
             if checkpoint is not None:
                 self._checkpointed = checkpoint.price_micros
             self._refresh_at = asyncio.get_running_loop().time() + self.service.wallets.hold_ttl_ms / 2000
+
+    def _budget_period_now(self) -> str | None:
+        """The budget period a growth counts in: a stream can outlive the period it began in."""
+        if self.budget is None:
+            return None
+        claim = self.service.budgets.claim(self.caller.tier, self.caller.budget)
+        return claim.period if claim is not None else self.budget.period
 
     # ------------------------------------------------------------- closing
 

@@ -34,6 +34,8 @@ END_EVENTS = {
          "you were charged for the tokens received", "insufficient_quota", "insufficient_quota"),
         ("spend_limit_reached", "this key reached its spend limit during this stream; it was stopped and "
          "you were charged for the tokens received", "insufficient_quota", "spend_limit_exceeded"),
+        ("budget_reached", "the spending budget for this period was reached during this stream; it was stopped "
+         "and you were charged for the tokens received", "insufficient_quota", "budget_exceeded"),
         ("store_unavailable", "the wallet store became unreachable during this stream; it was stopped, and "
          "the tokens received will be charged when the store is back", "api_error", "store_unavailable"),
         ("internal_error", "this stream failed inside metergate; it was stopped and you were charged "

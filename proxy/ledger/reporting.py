@@ -26,7 +26,8 @@ GROUP_COLUMNS: dict[str, sa.ColumnElement[str]] = {
     "month": le.c.month,
 }
 # Entries that move money other than charges, as the money report lists them.
-MONEY_TYPES = ("top_up", "refund", "adjustment", "card_refund", "card_refund_reversed", "dispute", "dispute_won")
+MONEY_TYPES = ("top_up", "refund", "adjustment", "card_refund", "card_refund_reversed", "dispute", "dispute_won", "grant",
+               "grant_expired")
 
 
 @dataclass(frozen=True)
