@@ -43,6 +43,7 @@ REQUIRED_ROLE: dict[str, Role] = {
     "GET /wallets/{id}": "viewer",
     "GET /wallets/{id}/holds/{hold_id}": "viewer",
     "GET /wallets/{id}/ledger": "viewer",
+    "GET /wallets/{id}/grants": "viewer",
     "GET /ratecards": "viewer",
     "GET /end-users/{id}/auto-top-up": "viewer",
     "GET /end-users/{id}/card-payments": "viewer",

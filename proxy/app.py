@@ -193,9 +193,10 @@ async def _ratecards_ctx(app: web.Application) -> AsyncIterator[None]:
         await watcher
 
 
-async def run_reaper(wallets: WalletStore, interval: float) -> None:
+async def run_reaper(wallets: WalletStore, interval: float, grants: GrantStore | None = None) -> None:
     """Close holds whose TTL passed (their proxy died mid-request): charge each one's
-    checkpoint of what it relayed, or release it when it has none.
+    checkpoint of what it relayed, or release it when it has none; and expire the grants
+    (`grants`) of wallets no call has touched since they came due.
 
     Ends when cancelled, even when a library swallowed the CancelledError:
     on Python 3.11 `asyncio.wait_for` returns the result instead when the
@@ -205,7 +206,6 @@ async def run_reaper(wallets: WalletStore, interval: float) -> None:
     task, so it is checked after every pass.
     """
     task = asyncio.current_task()
-    grants = GrantStore(wallets.redis, wallets.commands)
     while True:
         more = False
         try:
@@ -215,7 +215,7 @@ async def run_reaper(wallets: WalletStore, interval: float) -> None:
                          s.hold_id, s.captured_micros, s.released_micros)
             observability.holds_expired(len(expired))
             # Grants past their expiry in wallets no call has touched since.
-            swept = await grants.expire_due(limit=500)
+            swept = await grants.expire_due(limit=500) if grants is not None else 0
             more = len(expired) == 500 or swept == 500
         except asyncio.CancelledError:
             raise
@@ -228,7 +228,9 @@ async def run_reaper(wallets: WalletStore, interval: float) -> None:
 
 
 async def _reaper_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(run_reaper(app[WALLETS], app[CONFIG].reaper_interval_seconds))
+    wallets = app[WALLETS]
+    grants = GrantStore(wallets.redis, wallets.commands, idempotency_ttl_seconds=wallets.idempotency_ttl_seconds)
+    task = asyncio.create_task(run_reaper(wallets, app[CONFIG].reaper_interval_seconds, grants))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
