@@ -131,6 +131,11 @@ class RateCard:
     outcomes: dict[str, OutcomePrice] = field(default_factory=dict)
 
     @property
+    def asset(self) -> str:
+        """What the card's prices are micros of, and so the asset of the wallets it serves."""
+        return self.currency
+
+    @property
     def ref(self) -> str:
         """`id@version`: what a grandfathered user is pinned to."""
         return f"{self.id}@{self.version}"
@@ -480,13 +485,21 @@ def load_rate_card_files(
     tiers_paths: Iterable[Path] = (),
     *,
     upstreams: Collection[str] | None = None,
+    assets: Collection[str] | None = None,
     issues: Iterable[SourceIssue] = (),
 ) -> RateCardSet:
-    """Load cards and tiers files together, checking everything; raise RateCardError with every issue."""
+    """Load cards and tiers files together, checking everything; raise RateCardError with every issue.
+
+    `assets`: the assets the service defines (None: not checked). A card must
+    price in one of them, every version of a card in the same one, and, with a
+    tiers file, in one that some tier's card uses: a wallet's asset comes from its
+    tier's card, so no wallet could pay by a card in an asset no tier has.
+    """
     issues = list(issues)
     by_key: dict[tuple[str, int], tuple[RateCard, int]] = {}
     cards: dict[str, list[RateCard]] = {}
     attempted_ids: set[str] = set()
+    asset_at: dict[tuple[str, int], SourceIssue] = {}  # where each card names its asset, for the checks below
     for path in card_paths:
         card, document, file_issues = _load_card_file(Path(path), upstreams)
         issues += file_issues
@@ -494,6 +507,12 @@ def load_rate_card_files(
             attempted_ids.add(document["id"])
         if card is None:
             continue
+        field_name = "asset" if isinstance(document, dict) and "asset" in document else "currency"
+        asset_at[(card.id, card.version)] = _issue(Path(path), document, [field_name], "")
+        if assets is not None and card.currency not in assets:
+            known = ", ".join(sorted(assets))
+            issues.append(_issue(Path(path), document, [field_name],
+                                 f"asset {card.currency!r} is not defined in the config's `assets` (defined: {known})"))
         key = (card.id, card.version)
         if key in by_key:
             first, first_line = by_key[key]
@@ -536,6 +555,7 @@ def load_rate_card_files(
                 issues.append(_issue(Path(path), document, ["clamp_min_output_tokens", tier], f"tier {tier!r} is not in `tiers`"))
             else:
                 clamp[tier] = tokens
+    issues += _asset_issues(cards, tiers if tiers_paths else None, asset_at)
     if issues:
         raise RateCardError(sorted(issues, key=lambda i: (i.file, i.line)))
     if not tiers_paths:
@@ -544,7 +564,32 @@ def load_rate_card_files(
     return RateCardSet(cards=ordered, tiers=tiers, clamp_min_output_tokens=clamp)
 
 
-def load_rate_cards(directory: Path, *, upstreams: Collection[str] | None = None) -> RateCardSet:
+def _asset_issues(cards: dict[str, list[RateCard]], tiers: dict[str, str] | None,
+                  asset_at: dict[tuple[str, int], SourceIssue]) -> list[SourceIssue]:
+    """Every version of a card in one asset; with tiers, no card in an asset no tier's card uses."""
+    def at(card: RateCard, message: str) -> SourceIssue:
+        where = asset_at[(card.id, card.version)]
+        return SourceIssue(where.file, where.line, where.field, message)
+
+    issues = []
+    for versions in cards.values():
+        first = min(versions, key=lambda c: c.version)
+        issues += [at(c, f"card {c.id!r} version {c.version} prices in {c.currency!r} but version {first.version} in "
+                         f"{first.currency!r}: wallets on it would change asset") for c in versions if c.currency != first.currency]
+    if tiers is not None:
+        tier_assets = {c.currency for card_id in tiers.values() for c in cards.get(card_id, ())}
+        for card_id, versions in cards.items():
+            if card_id in tiers.values():
+                continue
+            for card in versions:
+                if card.currency not in tier_assets:
+                    issues.append(at(card, f"card {card.id!r} prices in {card.currency!r}, which no tier's card uses: "
+                                           "no wallet could pay by it (a wallet's asset comes from its tier's card)"))
+    return issues
+
+
+def load_rate_cards(directory: Path, *, upstreams: Collection[str] | None = None,
+                    assets: Collection[str] | None = None) -> RateCardSet:
     """Every card (*.yaml) in `directory` plus its `tiers.yaml`.
 
     Without a tiers file each card id is also a tier of the same name.
@@ -554,7 +599,7 @@ def load_rate_cards(directory: Path, *, upstreams: Collection[str] | None = None
     card_paths, tiers_paths, issues = expand_paths([Path(directory)])
     if Path(directory).exists() and not Path(directory).is_dir():
         issues.append(SourceIssue(str(directory), 0, "-", "not a directory"))
-    return load_rate_card_files(card_paths, tiers_paths, upstreams=upstreams, issues=issues)
+    return load_rate_card_files(card_paths, tiers_paths, upstreams=upstreams, assets=assets, issues=issues)
 
 
 def load_rate_card(path: Path, *, upstreams: Collection[str] | None = None) -> RateCard:

@@ -60,14 +60,24 @@ def _upstreams(args: argparse.Namespace) -> set[str] | None:
     return None
 
 
+def _assets(args: argparse.Namespace) -> set[str] | None:
+    """The assets the config defines (USD always), when a config is given."""
+    if not args.config:
+        return None
+    document = read_yaml(Path(args.config))
+    section = document.get("assets") if isinstance(document, dict) else None
+    return {"USD", *(section if isinstance(section, dict) else ())}
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
         upstreams = _upstreams(args)
+        assets = _assets(args)
     except SourceError as exc:
         return _print_issues(exc.issues)
     card_paths, tiers_paths, issues = expand_paths(Path(p) for p in args.paths)
     try:
-        cards = load_rate_card_files(card_paths, tiers_paths, upstreams=upstreams, issues=issues)
+        cards = load_rate_card_files(card_paths, tiers_paths, upstreams=upstreams, assets=assets, issues=issues)
     except RateCardError as exc:
         return _print_issues(exc.issues)
     for card in sorted(cards.all_cards(), key=lambda c: (c.id, c.version)):
@@ -82,6 +92,8 @@ def _check(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     if upstreams is None:
         print("note: upstream names not checked (pass --config metergate.yaml or --upstreams)", file=sys.stderr)
+    if assets is None:
+        print("note: assets not checked against the config's `assets` (pass --config metergate.yaml)", file=sys.stderr)
     return 0
 
 
@@ -253,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate rate card files or directories")
     check.add_argument("paths", nargs="+", metavar="PATH", help="card files, tiers.yaml, or directories of them")
-    check.add_argument("--config", help="metergate.yaml whose upstream names the cards must use")
+    check.add_argument("--config", help="metergate.yaml whose upstream names and assets the cards must use")
     check.add_argument("--upstreams", help="comma-separated upstream names the cards must use")
     check.set_defaults(run=_check)
 

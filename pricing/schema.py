@@ -15,7 +15,7 @@ import datetime as dt
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
 Kind = Literal["chat", "completion", "embedding", "image", "speech", "transcription"]
 
@@ -200,7 +200,10 @@ class CardSpec(_Strict):
     id: CardId
     version: Annotated[StrictInt, Field(ge=1)]
     effective_from: IsoDate
-    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
+    # The asset the card prices in: an ISO currency (USD) or an asset the
+    # service's config defines (lower case, e.g. credits). `asset:` is the same field.
+    currency: Annotated[str, Field(pattern=r"^(?:[A-Z]{3}|[a-z][a-z0-9_]{0,31})$",
+                                   validation_alias=AliasChoices("currency", "asset"))] = "USD"
     description: str | None = None
     models: dict[Name, Any] = {}
     meters: dict[Name, Any] = {}

@@ -76,11 +76,16 @@ def _receipt(receipt: Receipt) -> web.Response:
     return json_model(schemas.ReceiptView(ledger_id=receipt.ledger_id, wallet=schemas.WalletView.of(receipt.wallet)), 201, headers)
 
 
-async def _wallet_or_404(request: web.Request, wallet_id: str) -> schemas.WalletView:
-    state = await request.config_dict[WALLETS].get(wallet_id)
+async def _wallet_or_404(request: web.Request, wallet_id: str, asset: str | None = None) -> schemas.WalletView:
+    """The wallet; its asset read from the end user's profile unless given."""
+    wallets = request.config_dict[WALLETS]
+    state = await wallets.get(wallet_id)
     if state is None:
         raise ApiError(404, f"no wallet {wallet_id!r}", code="wallet_not_found", param="id")
-    return schemas.WalletView.of(state)
+    if asset is None:
+        profile = await wallets.profile(wallet_id)
+        asset = (profile or {}).get("asset") or "USD"
+    return schemas.WalletView.of(state, asset)
 
 
 async def _end_user_view(request: web.Request, end_user_id: str) -> schemas.EndUserView:
@@ -90,31 +95,39 @@ async def _end_user_view(request: web.Request, end_user_id: str) -> schemas.EndU
     wallets = request.config_dict[WALLETS]
     budget = await budget_view(request.config_dict[METERING].budgets, BudgetStore(wallets.commands), end_user_id,
                                profile["tier"], profile.get("budget"))
+    asset = profile.get("asset") or "USD"
     return schemas.EndUserView(
         id=end_user_id, tier=profile["tier"], ratecard=profile.get("ratecard"), metadata=profile["metadata"],
-        created_ms=profile["created_ms"], wallet=await _wallet_or_404(request, end_user_id), budget=budget,
+        created_ms=profile["created_ms"], wallet=await _wallet_or_404(request, end_user_id, asset), budget=budget,
+        asset=asset,
     )
 
 
 # ---------------------------------------------------------------- end users
 
 
-def _check_pricing(request: web.Request, tier: str, pin: str | None) -> None:
-    """A tier and pin must name a card in force now, or calls would fail later with a 500."""
+def _check_pricing(request: web.Request, tier: str, pin: str | None, asset: str | None = None) -> str:
+    """A tier and pin must name a card in force now, or calls would fail later with a 500; and,
+    for an existing wallet (`asset`), one that prices in what the wallet holds. The card's asset."""
+    param = "ratecard" if pin else "tier"
     try:
-        request.config_dict[RATECARDS].current.card_for(tier, pin)
+        card = request.config_dict[RATECARDS].current.card_for(tier, pin)
     except KeyError as exc:
-        param = "ratecard" if pin else "tier"
         raise ApiError(400, f"no rate card for this end user: {exc.args[0]}", code="invalid_ratecard", param=param) from None
+    if asset is not None and card.asset != asset:
+        raise ApiError(400, f"the wallet holds {asset} and card {card.ref} prices in {card.asset}: a wallet's asset "
+                       "never changes", code="asset_mismatch", param=param)
+    return card.asset
 
 
 @routes.post("/end-users")
 async def create_end_user(request: web.Request) -> web.Response:
     body = await read_model(request, schemas.CreateEndUser)
-    _check_pricing(request, body.tier, body.ratecard)
-    profile = {"tier": body.tier, "metadata": body.metadata, "ratecard": body.ratecard,
+    asset = _check_pricing(request, body.tier, body.ratecard, body.asset)
+    profile = {"tier": body.tier, "metadata": body.metadata, "ratecard": body.ratecard, "asset": asset,
                "budget": body.budget.model_dump() if body.budget is not None else None}
-    await request.config_dict[WALLETS].open(body.id, credit_limit_micros=body.credit_limit_micros, profile=profile)
+    await request.config_dict[WALLETS].open(body.id, credit_limit_micros=body.credit_limit_micros, profile=profile,
+                                            asset=asset)
     return json_model(await _end_user_view(request, body.id), 201)
 
 
@@ -127,7 +140,7 @@ async def update_end_user(request: web.Request) -> web.Response:
         if name in changes and changes[name] is None:
             raise ApiError(400, f"{name} cannot be null", code="invalid_request", param=name)
     current = await _end_user_view(request, end_user_id)
-    _check_pricing(request, changes.get("tier", current.tier), changes.get("ratecard", current.ratecard))
+    _check_pricing(request, changes.get("tier", current.tier), changes.get("ratecard", current.ratecard), current.asset)
     await request.config_dict[WALLETS].update_profile(end_user_id, changes)
     return json_model(await _end_user_view(request, end_user_id))
 

@@ -68,7 +68,8 @@ async def end_user_card(request: web.Request, wallet_id: str) -> RateCard:
     profile = await request.config_dict[WALLETS].profile(wallet_id)
     if profile is None:
         raise ApiError(404, f"no end user {wallet_id!r}", code="wallet_not_found", param="id")
-    return rate_card(request, wallet_id, str(profile.get("tier") or "default"), profile.get("ratecard"))
+    return rate_card(request, wallet_id, str(profile.get("tier") or "default"), profile.get("ratecard"),
+                     profile.get("asset") or "USD")
 
 
 @routes.post("/wallets/{id}/meter-events")

@@ -271,7 +271,7 @@ def create_app(config: Config) -> web.Application:
     app.on_shutdown.append(_start_draining)
     enduser_jwt.setup(app, config)
     cors.setup(app)
-    app[RATECARDS] = RateCardRegistry(config.resolve(config.ratecards_dir), set(config.upstreams))
+    app[RATECARDS] = RateCardRegistry(config.resolve(config.ratecards_dir), set(config.upstreams), config.asset_names())
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_events_ctx)
     app.cleanup_ctx.append(_ledger_ctx)

@@ -27,6 +27,7 @@ class Caller:
     scopes: Mapping[str, Any] = field(default_factory=dict)
     # The end user's own budget terms (proxy/budgets.py), when the operator set one.
     budget: Mapping[str, Any] | None = None
+    asset: str = "USD"  # what the wallet holds (its card must price in it)
 
 
 def presented_bearer(request: web.Request) -> str:
@@ -55,7 +56,7 @@ async def _profile_caller(request: web.Request, end_user_id: str, key_id: str, s
     if profile is None:
         return None
     return Caller(end_user_id, key_id, profile.get("tier") or "default", profile.get("ratecard"), scopes,
-                  budget=profile.get("budget"))
+                  budget=profile.get("budget"), asset=profile.get("asset") or "USD")
 
 
 @dataclass(frozen=True)

@@ -258,6 +258,16 @@ class StatementsConfig(_Strict):
         return os.environ.get(self.secret_env) or None
 
 
+class AssetConfig(_Strict):
+    """A unit wallets can hold instead of USD (e.g. `credits`): cards that price in it
+    and wallets that hold it use its micros; `usd_per_unit` is its value, for margin reports."""
+
+    usd_per_unit: Annotated[Decimal, Field(gt=0)]
+
+
+AssetName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+
+
 class Config(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
@@ -302,6 +312,8 @@ class Config(_Strict):
     # Spend budgets per calendar period, by tier (an end user's own budget, set
     # through the admin API, wins): {tier: {limit_micros, period: day|month, timezone}}.
     budgets: dict[str, BudgetTerms] = {}
+    # Assets besides USD that wallets may hold and rate cards price in ({name: {usd_per_unit}}).
+    assets: dict[AssetName, AssetConfig] = {}
     # The ledger of record (SQLAlchemy URL: postgresql+asyncpg://… or sqlite+aiosqlite:///…).
     # Unset: a SQLite file, metergate-ledger.sqlite3, in the working directory.
     database_url: str | None = None
@@ -309,6 +321,12 @@ class Config(_Strict):
     statements: StatementsConfig = StatementsConfig()
     # Where relative paths in this file are resolved from; set by the loader.
     base_dir: str = "."
+
+    def asset_names(self) -> set[str]:
+        return {"USD", *self.assets}
+
+    def usd_per_unit(self, asset: str) -> Decimal:
+        return Decimal(1) if asset == "USD" else self.assets[asset].usd_per_unit
 
     def resolve(self, relative: str) -> Path:
         path = Path(relative)

@@ -67,17 +67,23 @@ def _validate_body(body: Any, field_name: str) -> dict[str, Any]:
     return body
 
 
-def rate_card(request: web.Request, end_user_id: str, tier: str, pin: str | None) -> RateCard:
-    """The card an end user on `tier` (or pinned to `pin`) pays by; a 500 when the operator's tiers name none."""
+def rate_card(request: web.Request, end_user_id: str, tier: str, pin: str | None, asset: str = "USD") -> RateCard:
+    """The card an end user on `tier` (or pinned to `pin`) pays by; a 500 when the operator's tiers name
+    none, or one that prices in another asset than the wallet holds (nothing is charged in the wrong unit)."""
     try:
-        return request.config_dict[RATECARDS].current.card_for(tier, pin)
+        card = request.config_dict[RATECARDS].current.card_for(tier, pin)
     except KeyError as exc:
         log.error("no rate card for end user %s: %s", end_user_id, exc)
         raise ApiError(500, "no rate card applies to this end user; the operator must fix its tiers", type="server_error", code="ratecard_missing") from None
+    if card.asset != asset:
+        log.error("end user %s holds %s but their card %s prices in %s", end_user_id, asset, card.ref, card.asset)
+        raise ApiError(500, f"this end user's wallet holds {asset} but their rate card prices in {card.asset}; "
+                       "the operator must fix its tiers", type="server_error", code="asset_mismatch")
+    return card
 
 
 def caller_card(request: web.Request, caller: Caller) -> RateCard:
-    return rate_card(request, caller.end_user_id, caller.tier, caller.ratecard_pin)
+    return rate_card(request, caller.end_user_id, caller.tier, caller.ratecard_pin, caller.asset)
 
 
 def caller_model(card: RateCard, caller: Caller, name: str, kind: str | None) -> ModelPrice:
@@ -322,7 +328,7 @@ async def wallet(request: web.Request) -> web.Response:
     if state is None:
         raise ApiError(404, "no wallet for this end user", code="wallet_not_found")
     recent = await wallets.ledger(caller.end_user_id, limit=10)
-    view = WalletView.of(state).model_dump()
+    view = WalletView.of(state, caller.asset).model_dump()
     budget = await budget_view(request.config_dict[METERING].budgets, BudgetStore(wallets.commands), caller.end_user_id,
                                caller.tier, caller.budget)
     view["budget"] = budget.model_dump() if budget is not None else None

@@ -24,10 +24,11 @@ RELOADS = Counter("metergate_ratecard_reloads_total", "Rate card reloads by outc
 
 
 class RateCardRegistry:
-    def __init__(self, directory: Path, upstreams: set[str]):
+    def __init__(self, directory: Path, upstreams: set[str], assets: set[str] | None = None):
         self.directory = directory
         self.upstreams = upstreams
-        self.current: RateCardSet = load_rate_cards(directory, upstreams=upstreams)
+        self.assets = assets
+        self.current: RateCardSet = load_rate_cards(directory, upstreams=upstreams, assets=assets)
         self.last_error: RateCardError | None = None
         self._lock = asyncio.Lock()
         # Told (loaded?, what: the cards now in force, or why the reload was refused); set by the app factory.
@@ -48,7 +49,7 @@ class RateCardRegistry:
         """Load the cards again (off the event loop); on any error keep the running set, log and count it."""
         async with self._lock:
             try:
-                fresh = await asyncio.to_thread(load_rate_cards, self.directory, upstreams=self.upstreams)
+                fresh = await asyncio.to_thread(load_rate_cards, self.directory, upstreams=self.upstreams, assets=self.assets)
             except RateCardError as exc:
                 self.last_error = exc
                 RELOADS.labels(outcome="refused").inc()

@@ -30,6 +30,9 @@ class CreateEndUser(_Body):
     credit_limit_micros: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT_MICROS)] = 0
     ratecard: StrictStr | None = Field(None, description="pin to a card: 'card_id' or 'card_id@version'")
     budget: BudgetTerms | None = Field(None, description="spend cap per calendar period; default: the tier's (config `budgets`)")
+    asset: StrictStr | None = Field(None, description=(
+        "what the wallet holds (USD, or an asset the config defines); must be what the end user's card prices in. "
+        "Default: that card's asset. It never changes"))
 
 
 class UpdateEndUser(_Body):
@@ -115,7 +118,7 @@ def usd(micros: int) -> str:
 
 class WalletView(BaseModel):
     id: str
-    currency: str = "USD"
+    currency: str = Field("USD", description="the wallet's asset: what its micros are of")
     balance_micros: int
     held_micros: int
     available_micros: int
@@ -124,9 +127,9 @@ class WalletView(BaseModel):
     available: str
 
     @classmethod
-    def of(cls, state: WalletState) -> WalletView:
+    def of(cls, state: WalletState, asset: str = "USD") -> WalletView:
         return cls(
-            id=state.wallet_id, balance_micros=state.balance_micros, held_micros=state.held_micros,
+            id=state.wallet_id, currency=asset, balance_micros=state.balance_micros, held_micros=state.held_micros,
             available_micros=state.available_micros, credit_limit_micros=state.credit_limit_micros,
             balance=usd(state.balance_micros), available=usd(state.available_micros),
         )
@@ -163,6 +166,7 @@ class EndUserView(BaseModel):
     created_ms: int
     wallet: WalletView
     budget: BudgetView | None = None
+    asset: str = "USD"
 
 
 class KeyView(BaseModel):

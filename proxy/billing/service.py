@@ -103,6 +103,7 @@ class Billing:
         amount = self.check_top_up_amount(amount_micros)
         if await self.wallets.get(wallet_id) is None:
             raise WalletNotFound(f"no wallet {wallet_id!r}")
+        await self._check_bought_with_money(wallet_id)
         try:
             return await self._create_session(wallet_id, amount_micros, amount, save_card, success_url, cancel_url)
         except stripe.StripeError as exc:
@@ -169,7 +170,18 @@ class Billing:
 
     # ---------------------------------------------------------- auto top-up rule
 
+    async def _check_bought_with_money(self, wallet_id: str) -> None:
+        """A card pays in the Stripe currency: a wallet in another asset (credits) is funded by the
+        operator's grants and top-ups, never by a card payment credited one micro for one micro."""
+        profile = await self.wallets.profile(wallet_id) or {}
+        asset = profile.get("asset") or "USD"
+        if asset != "USD":
+            raise BillingError(400, f"this wallet holds {asset}, which is not bought by card here; the operator "
+                               "credits it (top-ups, grants)", "asset_not_purchasable")
+
     async def set_rule(self, wallet_id: str, *, enabled: bool, threshold_micros: int, amount_micros: int) -> AutoTopUpRule:
+        if enabled:
+            await self._check_bought_with_money(wallet_id)
         try:
             self.api.to_amount(amount_micros)
         except ValueError as exc:

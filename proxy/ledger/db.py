@@ -103,6 +103,8 @@ def entry_row(wallet_id: str, entry: LedgerEntry) -> dict[str, Any]:
         "cost_micros": integer("cost_micros") if charge else None,
         "outcome": string("outcome") if charge else None,
         "details": orjson.dumps(d, default=str).decode(),
+        "asset": string("asset") or "USD",
+        "is_simulated": d.get("is_simulated") is True,
     }
 
 

@@ -109,8 +109,17 @@ async def usage_report(request: web.Request) -> web.StreamResponse:
         return await _csv(request, "usage", [*group_by, *_USAGE_FIGURES], lines())
     data = [{**r.group, **{f: getattr(r, f) for f in _USAGE_FIGURES}} async for r in rows]
     totals = {f: sum(d[f] for d in data) for f in _USAGE_FIGURES}
-    return web.json_response({"object": "usage_report", "from": start.isoformat(), "to": end.isoformat(),
-                              "group_by": list(group_by), "data": data, "totals": totals})
+    report = {"object": "usage_report", "from": start.isoformat(), "to": end.isoformat(),
+              "group_by": list(group_by), "data": data, "totals": totals}
+    if "asset" in group_by:
+        # Each asset's figures in USD (its configured value), so margins across assets can be added.
+        config = request.config_dict[CONFIG]
+        for d in data:
+            rate = config.usd_per_unit(d["asset"]) if d["asset"] in config.asset_names() else None
+            for f in ("spend_micros", "cost_micros", "margin_micros"):
+                d[f.replace("_micros", "_usd_micros")] = int(d[f] * rate) if rate is not None else None
+        report["totals_usd"] = {f: sum(d[f] or 0 for d in data) for f in ("spend_usd_micros", "cost_usd_micros", "margin_usd_micros")}
+    return web.json_response(report)
 
 
 @admin_routes.get("/reports/money")
@@ -124,9 +133,9 @@ async def money_report(request: web.Request) -> web.StreamResponse:
     if _format(request) == "csv":
         async def lines() -> Any:
             for r in rows:
-                yield [r.period, r.type, r.count, r.amount_micros]
+                yield [r.period, r.type, r.count, r.amount_micros, r.asset]
 
-        return await _csv(request, "money", ["period", "type", "count", "amount_micros"], lines())
+        return await _csv(request, "money", ["period", "type", "count", "amount_micros", "asset"], lines())
     return web.json_response({"object": "money_report", "from": start.isoformat(), "to": end.isoformat(),
                               "period": period, "data": [r.__dict__ for r in rows]})
 

@@ -20,10 +20,10 @@ import sqlalchemy as sa
 from proxy.ledger.db import LedgerDatabase
 from proxy.ledger.schema import ledger_entries as le
 
-GroupBy = Literal["end_user", "model", "key", "tier", "day", "month"]
+GroupBy = Literal["end_user", "model", "key", "tier", "day", "month", "asset"]
 GROUP_COLUMNS: dict[str, sa.ColumnElement[str]] = {
     "end_user": le.c.wallet_id, "model": le.c.model, "key": le.c.key_id, "tier": le.c.tier, "day": le.c.day,
-    "month": le.c.month,
+    "month": le.c.month, "asset": le.c.asset,  # amounts of different assets never add up: group by it to mix them
 }
 # Entries that move money other than charges, as the money report lists them.
 MONEY_TYPES = ("top_up", "refund", "adjustment", "card_refund", "card_refund_reversed", "dispute", "dispute_won", "grant",
@@ -57,6 +57,7 @@ class MoneyRow:
     type: str
     count: int
     amount_micros: int
+    asset: str = "USD"  # what amount_micros are micros of
 
 
 def _between(query_start: dt.date, query_end: dt.date) -> list[sa.ColumnElement[bool]]:
@@ -100,11 +101,12 @@ async def money(db: LedgerDatabase, start: dt.date, end: dt.date, period: Litera
     conditions = [le.c.type.in_(MONEY_TYPES), *_between(start, end)]
     if end_user is not None:
         conditions.append(le.c.wallet_id == end_user)
-    statement = (sa.select(column, le.c.type, sa.func.count().label("n"), sa.func.sum(le.c.amount_micros).label("amount"))
-                 .where(*conditions).group_by(column, le.c.type).order_by(column, le.c.type))
+    statement = (sa.select(column, le.c.asset, le.c.type, sa.func.count().label("n"),
+                           sa.func.sum(le.c.amount_micros).label("amount"))
+                 .where(*conditions).group_by(column, le.c.asset, le.c.type).order_by(column, le.c.asset, le.c.type))
     async with db.engine.connect() as conn:
         rows = (await conn.execute(statement)).all()
-    return [MoneyRow(period=r.period, type=r.type, count=int(r.n), amount_micros=int(r.amount)) for r in rows]
+    return [MoneyRow(period=r.period, type=r.type, count=int(r.n), amount_micros=int(r.amount), asset=r.asset) for r in rows]
 
 
 # ------------------------------------------------------------------ one end user's month

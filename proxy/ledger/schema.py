@@ -4,7 +4,7 @@ against, so the two must agree (tests/ledger/test_db.py checks they do)."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, Text, false
 
 metadata = MetaData()
 
@@ -35,6 +35,8 @@ ledger_entries = Table(
     Column("cost_micros", BigInteger),  # the provider's cost of the usage (margin = captured - cost)
     Column("outcome", String(40)),
     Column("details", Text, nullable=False),  # every field of the entry, as JSON
+    Column("asset", String(32), nullable=False, server_default="USD"),  # the wallet's asset (its amounts' unit)
+    Column("is_simulated", Boolean, nullable=False, server_default=false()),  # a sandbox wallet's entry
 )
 Index("ix_ledger_entries_at", ledger_entries.c.at_ms)
 Index("ix_ledger_entries_wallet_at", ledger_entries.c.wallet_id, ledger_entries.c.at_ms)

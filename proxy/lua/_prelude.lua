@@ -79,11 +79,16 @@ end
 
 -- XADD with optional fields: pairs whose value is nil or '' are left out.
 -- Every entry of a sandbox wallet (KEYS[1], the wallet hash, in every script
--- that appends: see open.lua) says `is_simulated`, so no report can take it for money.
+-- that appends: see open.lua) says `is_simulated`, so no report can take it for
+-- money, and every entry of a wallet in an asset other than USD names it.
 local function append_ledger(ledger_key, pairs_list)
   local args = {}
-  if redis.call('HGET', KEYS[1], 'simulated') == '1' then
-    args[1], args[2] = 'is_simulated', 'true'
+  local w = redis.call('HMGET', KEYS[1], 'simulated', 'asset')
+  if w[1] == '1' then
+    args[#args + 1], args[#args + 2] = 'is_simulated', 'true'
+  end
+  if w[2] then
+    args[#args + 1], args[#args + 2] = 'asset', w[2]
   end
   for i = 1, #pairs_list, 2 do
     local v = pairs_list[i + 1]

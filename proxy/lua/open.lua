@@ -2,6 +2,8 @@
 -- KEYS[1] wallet hash   KEYS[2] ledger stream   KEYS[3] end-user profile hash
 -- ARGV[1] credit_limit (micros, >= 0)   ARGV[2] profile as JSON   ARGV[3] end-user id
 -- ARGV[4] '1' for a sandbox wallet (every ledger entry it gets says is_simulated), else ''
+-- ARGV[5] (optional) the wallet's asset when not USD: its amounts are micros of it, and
+--         every ledger entry names it (see append_ledger)
 -- Returns {'ok', ledger_id, balance, held, credit_limit}.
 -- Error WALLET_EXISTS when the id is taken. Keeps: a wallet starts at
 -- balance 0, held 0, and its first ledger entry (amount 0) says so.
@@ -17,6 +19,9 @@ local now = now_ms()
 redis.call('HSET', KEYS[1], 'balance', 0, 'held', 0, 'credit_limit', credit_limit, 'created_ms', now, 'grants_v', '1')
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'simulated', '1')
+end
+if ARGV[5] and ARGV[5] ~= '' and ARGV[5] ~= 'USD' then
+  redis.call('HSET', KEYS[1], 'asset', ARGV[5])
 end
 redis.call('HSET', KEYS[3], 'id', ARGV[3], 'profile', ARGV[2], 'created_ms', now)
 local id = append_ledger(KEYS[2], {'type', 'open', 'amount', '0', 'balance', '0', 'held', '0',

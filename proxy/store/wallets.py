@@ -196,13 +196,15 @@ class WalletStore:
 
     async def open(
         self, wallet_id: str, *, credit_limit_micros: int = 0, profile: Mapping[str, Any], simulated: bool = False,
+        asset: str = "USD",
     ) -> WalletState:
-        """Create a wallet; a `simulated` (sandbox) one marks every ledger entry it ever gets `is_simulated`."""
+        """Create a wallet; a `simulated` (sandbox) one marks every ledger entry it ever gets
+        `is_simulated`, and one in another `asset` than USD names it on every entry."""
         _check_wallet_id(wallet_id)
         out = await self._run(
             "open",
             [_wallet_key(wallet_id), _ledger_key(wallet_id), _profile_key(wallet_id)],
-            [credit_limit_micros, orjson.dumps(profile).decode(), wallet_id, "1" if simulated else ""],
+            [credit_limit_micros, orjson.dumps(profile).decode(), wallet_id, "1" if simulated else "", asset],
         )
         return _state(wallet_id, *out[2:5])
 

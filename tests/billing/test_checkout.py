@@ -359,3 +359,12 @@ def test_startup_check_accepts_a_stripe_block_with_both_secrets_set(monkeypatch:
 
     assert _check_startup(config) is None
     assert "stripe" not in capsys.readouterr().err
+
+
+async def test_a_wallet_in_another_asset_cannot_be_topped_up_by_card(billing_gateway: BillingGateway, make_end_user: Any):
+    # A credits wallet is the operator's to fund (top-ups, grants): a card pays in the Stripe currency.
+    user = await make_end_user("u_1", funds=0, asset="credits")
+    resp = await billing_gateway.client.post("/v1/wallet/checkout-sessions", json={"amount_micros": 25_000_000},
+                                             headers=bearer(user))
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "asset_not_purchasable"
+    assert await billing_gateway.payments.customer("u_1") is None

@@ -29,7 +29,7 @@ async def test_migrating_again_is_a_no_op(ledger_db: LedgerDatabase):
     await ledger_db.migrate()
     async with ledger_db.engine.connect() as conn:
         revision = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar_one()
-    assert revision == "0001"
+    assert revision == "0002"
 
 
 async def test_an_entry_inserted_twice_is_archived_once(ledger_db: LedgerDatabase):

@@ -154,3 +154,44 @@ def test_diff_of_a_broken_card_fails_with_its_line(tmp_path: Path) -> None:
     result = ratecard("diff", CARDS / "default.yaml", bad)
     assert result.returncode == 1
     assert result.stdout.strip() == f"{bad}:4: modles: unknown field"
+
+
+CREDITS_CONFIG = "upstreams: {openai: {base_url: 'https://api.openai.com/v1'}}\nassets: {credits: {usd_per_unit: '0.01'}}\n"
+
+
+def _credits_card(directory: Path, name: str, card_id: str, asset: str) -> Path:
+    text = (directory / minimal_card(directory, name, id=card_id).name).read_text()
+    return write(directory, name, f"asset: {asset}\n" + text)
+
+
+def test_check_refuses_an_asset_the_config_does_not_define(tmp_path: Path) -> None:
+    card = _credits_card(tmp_path, "gems.yaml", "gems", "gems")
+    config = write(tmp_path, "metergate.yaml", CREDITS_CONFIG)
+    result = ratecard("check", card, "--config", config)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"{card}:1: asset: asset 'gems' is not defined in the config's `assets` (defined: USD, credits)"]
+
+
+def test_check_refuses_a_card_whose_asset_no_tier_can_use(tmp_path: Path) -> None:
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    minimal_card(cards, "default.yaml", id="default")
+    orphan = _credits_card(cards, "credits.yaml", "credits", "credits")
+    write(cards, "tiers.yaml", "tiers: {default: default}\n")
+    result = ratecard("check", cards, "--config", write(tmp_path, "metergate.yaml", CREDITS_CONFIG))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"{orphan}:1: asset: card 'credits' prices in 'credits', which no tier's card uses: no wallet could pay by it "
+        "(a wallet's asset comes from its tier's card)"]
+
+
+def test_check_accepts_a_credits_card_that_a_tier_uses(tmp_path: Path) -> None:
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    minimal_card(cards, "default.yaml", id="default")
+    _credits_card(cards, "credits.yaml", "credits", "credits")
+    write(cards, "tiers.yaml", "tiers: {default: default, arcade: credits}\n")
+    result = ratecard("check", cards, "--config", write(tmp_path, "metergate.yaml", CREDITS_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok credits@1: 1 model, credits, effective 2026-01-01" in result.stdout
