@@ -99,7 +99,7 @@ async def _end_user_view(request: web.Request, end_user_id: str) -> schemas.EndU
     return schemas.EndUserView(
         id=end_user_id, tier=profile["tier"], ratecard=profile.get("ratecard"), metadata=profile["metadata"],
         created_ms=profile["created_ms"], wallet=await _wallet_or_404(request, end_user_id, asset), budget=budget,
-        asset=asset,
+        asset=asset, livemode=profile.get("livemode", True) is not False,
     )
 
 
@@ -125,9 +125,9 @@ async def create_end_user(request: web.Request) -> web.Response:
     body = await read_model(request, schemas.CreateEndUser)
     asset = _check_pricing(request, body.tier, body.ratecard, body.asset)
     profile = {"tier": body.tier, "metadata": body.metadata, "ratecard": body.ratecard, "asset": asset,
-               "budget": body.budget.model_dump() if body.budget is not None else None}
+               "budget": body.budget.model_dump() if body.budget is not None else None, "livemode": body.livemode}
     await request.config_dict[WALLETS].open(body.id, credit_limit_micros=body.credit_limit_micros, profile=profile,
-                                            asset=asset)
+                                            asset=asset, simulated=not body.livemode)
     return json_model(await _end_user_view(request, body.id), 201)
 
 
@@ -167,8 +167,9 @@ async def _key_view(request: web.Request, key: ApiKey) -> schemas.KeyView:
 async def create_key(request: web.Request) -> web.Response:
     end_user_id = request.match_info["id"]
     body = await read_model(request, schemas.CreateKey)
-    await _end_user_view(request, end_user_id)
-    key, plaintext = await request.config_dict[ACCOUNTS].create_key(end_user_id, name=body.name, scopes=body.scopes())
+    end_user = await _end_user_view(request, end_user_id)
+    key, plaintext = await request.config_dict[ACCOUNTS].create_key(end_user_id, name=body.name, scopes=body.scopes(),
+                                                                   test=not end_user.livemode)
     return json_model(schemas.CreatedKeyView(**(await _key_view(request, key)).model_dump(), key=plaintext), 201)
 
 

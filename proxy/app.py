@@ -27,6 +27,7 @@ from proxy.appstate import (
     METERING,
     RATECARDS,
     REDIS,
+    SANDBOX,
     STRIPE_EVENTS,
     WALLETS,
     Lifecycle,
@@ -45,6 +46,7 @@ from proxy.ledger import report_routes
 from proxy.ledger.archiver import Archiver
 from proxy.ledger.db import open_database
 from proxy.ratecards import RateCardRegistry
+from proxy.sandbox import SANDBOX_UPSTREAM, Sandbox, configured_sandbox, serve_responder
 from proxy.store import AccountStore, LimitStore, RedisPyCommands, WalletStore
 from proxy.store.archive import ArchiveStore
 from proxy.store.cluster import StoreClients, connect_store
@@ -160,8 +162,20 @@ async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[HTTP] = UpstreamSessions(app[CONFIG].upstreams)
-    yield
+    config = app[CONFIG]
+    sandbox = configured_sandbox(config)
+    async with contextlib.AsyncExitStack() as stack:
+        if sandbox is None:
+            responder = serve_responder()
+            stack.push_async_callback(responder.aclose)
+            sandbox = Sandbox(SANDBOX_UPSTREAM, await anext(responder))
+        app[SANDBOX] = sandbox
+        app[HTTP] = UpstreamSessions({**config.upstreams, sandbox.name: sandbox.upstream})
+        yield
+        await _close_http(app)
+
+
+async def _close_http(app: web.Application) -> None:
     # Closes and answers still running finish before the store closes; one
     # stuck on an unreachable store is left to the reaper (which charges the
     # hold's checkpoint) rather than holding the shutdown forever.

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the call lifecycle imports errors, which reads CONFIG from 
     from proxy.calls.lease import Background, Metering
     from proxy.calls.upstream import UpstreamSessions
     from proxy.ledger.db import LedgerDatabase
+    from proxy.sandbox import Sandbox
 
 class Lifecycle:
     """Whether the process is draining (SIGTERM received): no new calls, not ready."""
@@ -40,3 +41,4 @@ BILLING: web.AppKey[Billing] = web.AppKey("billing")
 STRIPE_EVENTS: web.AppKey[StripeEvents] = web.AppKey("stripe_events")
 EVENTS: web.AppKey[EventStore] = web.AppKey("events")  # the event log, webhook endpoints and deliveries
 LEDGER_DB: web.AppKey[LedgerDatabase] = web.AppKey("ledger_db")  # the ledger of record (SQL): archive, reports, audit
+SANDBOX: web.AppKey[Sandbox] = web.AppKey("sandbox")  # where test-mode calls go (proxy/sandbox.py)

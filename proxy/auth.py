@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy.appstate import ACCOUNTS, CONFIG, WALLETS
 from proxy.enduser_jwt import TOKENS, looks_like_jwt
 from proxy.errors import ApiError
-from proxy.store import API_KEY_PREFIX
+from proxy.store import API_KEY_PREFIX, TEST_KEY_PREFIX
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Caller:
     # The end user's own budget terms (proxy/budgets.py), when the operator set one.
     budget: Mapping[str, Any] | None = None
     asset: str = "USD"  # what the wallet holds (its card must price in it)
+    livemode: bool = True  # False: a test end user, whose calls go to the sandbox (proxy/sandbox.py)
 
 
 def presented_bearer(request: web.Request) -> str:
@@ -56,12 +57,15 @@ async def _profile_caller(request: web.Request, end_user_id: str, key_id: str, s
     if profile is None:
         return None
     return Caller(end_user_id, key_id, profile.get("tier") or "default", profile.get("ratecard"), scopes,
-                  budget=profile.get("budget"), asset=profile.get("asset") or "USD")
+                  budget=profile.get("budget"), asset=profile.get("asset") or "USD",
+                  livemode=profile.get("livemode", True) is not False)
 
 
 @dataclass(frozen=True)
 class OperatorKey:
     """A recognised operator key: the paying end user is named by the request's `user`."""
+
+    livemode: bool = True  # an operator test key acts on test end users only
 
 
 Credential = Caller | OperatorKey
@@ -98,9 +102,14 @@ async def identify(request: web.Request) -> Credential:
         caller = await _profile_caller(request, key.end_user_id, key.id, key.scopes)
         if caller is None:
             raise _invalid_key()
+        if token.startswith(TEST_KEY_PREFIX) == caller.livemode:
+            # Minted to match its end user's mode, so this is a forgery or a bug: never let it cross.
+            raise ApiError(401, "this key's mode (test or live) is not its end user's", code="invalid_api_key")
         return caller
     if key_matches(token, request.config_dict[CONFIG].operator_keys):
         return OperatorKey()
+    if key_matches(token, request.config_dict[CONFIG].operator_test_keys):
+        return OperatorKey(livemode=False)
     if token.isascii() and looks_like_jwt(token):
         authority = request.config_dict.get(TOKENS)
         if authority is None:
@@ -113,13 +122,19 @@ async def identify(request: web.Request) -> Credential:
     raise _invalid_key()
 
 
-async def operator_caller(request: web.Request, user: Any) -> Caller:
-    """The end user an operator key names in `user`, or a 400 saying what is wrong with it."""
+async def operator_caller(request: web.Request, user: Any, operator: OperatorKey | None = None) -> Caller:
+    """The end user an operator key names in `user`, or a 400 saying what is wrong with it
+    (a 403 when a test key names a live end user, or a live key a test one)."""
     if not isinstance(user, str) or not user:
         raise ApiError(400, "an operator key must name the paying end user in `user`", code="missing_user", param="user")
     caller = await _profile_caller(request, user, "operator", {})
     if caller is None:
         raise ApiError(400, f"no end user {user!r}", code="unknown_end_user", param="user")
+    livemode = operator.livemode if operator is not None else True
+    if caller.livemode != livemode:
+        mode = "a test" if not livemode else "a live"
+        raise ApiError(403, f"{mode} operator key can only act on {'test' if not livemode else 'live'} end users",
+                       type="invalid_request_error", code="livemode_mismatch", param="user")
     return caller
 
 
@@ -128,4 +143,4 @@ async def authenticate(request: web.Request, body: Mapping[str, Any] | None) -> 
     credential = await identify(request)
     if isinstance(credential, Caller):
         return credential
-    return await operator_caller(request, body.get("user") if body is not None else request.query.get("user"))
+    return await operator_caller(request, body.get("user") if body is not None else request.query.get("user"), credential)

@@ -275,6 +275,11 @@ class Config(_Strict):
     admin_keys: list[str] = []  # each has the `admin` role
     admins: list[AdminKeyConfig] = []  # named keys with roles (see AdminKeyConfig)
     operator_keys: list[str] = []
+    # Operator keys that act in test mode: only on test end users, on the sandbox.
+    operator_test_keys: list[str] = []
+    # Where test-mode calls go: an upstream named here, else metergate's built-in
+    # deterministic responder (proxy/sandbox.py).
+    sandbox_upstream: str | None = None
     hold_ttl_seconds: PositiveInt = 600
     # How often a call in flight writes its counted usage onto its hold, so
     # that a proxy killed mid-call is billed by the reaper for what it relayed.
@@ -322,6 +327,12 @@ class Config(_Strict):
     # Where relative paths in this file are resolved from; set by the loader.
     base_dir: str = "."
 
+    @model_validator(mode="after")
+    def _sandbox_is_an_upstream(self) -> Config:
+        if self.sandbox_upstream is not None and self.sandbox_upstream not in self.upstreams:
+            raise ValueError(f"sandbox_upstream {self.sandbox_upstream!r} is not one of the upstreams")
+        return self
+
     def asset_names(self) -> set[str]:
         return {"USD", *self.assets}
 
@@ -345,6 +356,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, Any]] = {
     "METERGATE_DATABASE_URL": ("database_url", str),
     "METERGATE_ADMIN_KEY": ("admin_keys", _key_list),
     "METERGATE_OPERATOR_KEY": ("operator_keys", _key_list),
+    "METERGATE_OPERATOR_TEST_KEY": ("operator_test_keys", _key_list),
     "METERGATE_RATECARDS_DIR": ("ratecards_dir", str),
     "METERGATE_HOLD_TTL_SECONDS": ("hold_ttl_seconds", int),
 }

@@ -16,19 +16,21 @@ import secrets
 from collections.abc import Coroutine
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from pricing import ModelPrice, RateCard
 from pricing.tokens import UnpriceableRequest, billed_choices
 from proxy import limits, metering, observability
-from proxy.appstate import ACCOUNTS, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, WALLETS
+from proxy.appstate import ACCOUNTS, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, SANDBOX, WALLETS
 from proxy.auth import Caller, authenticate, identify, operator_caller
 from proxy.budgets import budget_view
 from proxy.calls.audio import forward_speech
 from proxy.calls.lease import Lease, Metering
 from proxy.calls.stream import forward_stream
 from proxy.calls.upstream import UpstreamCall, check_forwardable, fetch_stored, forward_whole
+from proxy.config import UpstreamConfig
 from proxy.errors import ApiError, read_json
 from proxy.schemas import WalletView, usd
 from proxy.store import AccountStore
@@ -96,6 +98,15 @@ def caller_model(card: RateCard, caller: Caller, name: str, kind: str | None) ->
     return model
 
 
+def upstream_of(request: web.Request, model: ModelPrice, caller: Caller) -> tuple[aiohttp.ClientSession, UpstreamConfig]:
+    """Where a call goes: its model's upstream, or the sandbox for a test end user (nothing real is called)."""
+    app = request.config_dict
+    if not caller.livemode:
+        sandbox = app[SANDBOX]
+        return app[HTTP][sandbox.name], sandbox.upstream
+    return app[HTTP][model.upstream], app[CONFIG].upstreams[model.upstream]
+
+
 # Bodies above this are quoted off the event loop, after a cheap wallet read.
 # Up to here the estimate costs the loop at most ~3 ms (16 KiB of "aaaa...";
 # prose ~0.6 ms); above it, tokenizing (up to `TOKENIZE_BUDGET_CHARS`, ~0.25 s
@@ -111,7 +122,7 @@ async def _prepare(request: web.Request, kind: str | None, required: str | None 
     credential = await identify(request)
     body = await read_json(request)
     body = _validate_body(body, required or _REQUIRED[kind or _kind_of_estimate(body)])
-    caller = credential if isinstance(credential, Caller) else await operator_caller(request, body.get("user"))
+    caller = credential if isinstance(credential, Caller) else await operator_caller(request, body.get("user"), credential)
     card = caller_card(request, caller)
     model = caller_model(card, caller, body["model"], kind)
     check_forwardable(body)  # over-deep JSON is a 400 before anything is counted
@@ -193,7 +204,7 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
         raise ApiError(400, f"`input` must be text of 1 to {MAX_SPEECH_CHARACTERS} characters", code="invalid_request",
                        param="input")
     stream = bool(body.get("stream")) and kind not in ("embedding", "speech")
-    call = UpstreamCall(app[HTTP][quote.model.upstream], app[CONFIG].upstreams[quote.model.upstream], path, body, stream)
+    call = UpstreamCall(*upstream_of(request, quote.model, caller), path, body, stream)
     service = app[METERING]
     lease = service.lease(
         caller, quote, "req_" + secrets.token_hex(12),

@@ -33,6 +33,9 @@ class CreateEndUser(_Body):
     asset: StrictStr | None = Field(None, description=(
         "what the wallet holds (USD, or an asset the config defines); must be what the end user's card prices in. "
         "Default: that card's asset. It never changes"))
+    livemode: StrictBool = Field(True, description=(
+        "false: a test end user (keys sk-eu_test_…, calls answered by the sandbox, every ledger entry is_simulated); "
+        "it never changes"))
 
 
 class UpdateEndUser(_Body):
@@ -167,6 +170,7 @@ class EndUserView(BaseModel):
     wallet: WalletView
     budget: BudgetView | None = None
     asset: str = "USD"
+    livemode: bool = True
 
 
 class KeyView(BaseModel):

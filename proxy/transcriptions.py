@@ -17,13 +17,13 @@ import aiohttp
 from aiohttp import web
 
 from proxy import metering, observability
-from proxy.appstate import CONFIG, HTTP, METERING
+from proxy.appstate import METERING
 from proxy.auth import Caller, identify, operator_caller
 from proxy.calls.audio import forward_transcription
 from proxy.calls.lease import Lease
 from proxy.calls.upstream import UpstreamCall
 from proxy.errors import ApiError
-from proxy.gateway import answer_whole, caller_card, caller_model, refuse_when_draining
+from proxy.gateway import answer_whole, caller_card, caller_model, refuse_when_draining, upstream_of
 
 routes = web.RouteTableDef()
 
@@ -52,7 +52,7 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     if not isinstance(model_name, str) or not model_name:
         raise ApiError(400, "you must provide a model parameter", code="missing_model", param="model")
     user = form.get("user")
-    caller = credential if isinstance(credential, Caller) else await operator_caller(request, user if isinstance(user, str) else None)
+    caller = credential if isinstance(credential, Caller) else await operator_caller(request, user if isinstance(user, str) else None, credential)
     card = caller_card(request, caller)
     model = caller_model(card, caller, model_name, "transcription")
     content = upload.file.read()
@@ -67,8 +67,7 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
         data.add_field("file", content, filename=upload.filename, content_type=upload.content_type)
         return data
 
-    call = UpstreamCall(app[HTTP][model.upstream], app[CONFIG].upstreams[model.upstream], "/audio/transcriptions", {},
-                        False, form=make_form)
+    call = UpstreamCall(*upstream_of(request, model, caller), "/audio/transcriptions", {}, False, form=make_form)
     service = app[METERING]
     lease = service.lease(caller, quote, "req_" + secrets.token_hex(12))
     observability.call_started(request, lease)

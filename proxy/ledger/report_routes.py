@@ -51,6 +51,14 @@ def _date(request: web.Request, name: str, default: dt.date) -> dt.date:
         raise ApiError(400, f"{name} must be a date, YYYY-MM-DD (UTC)", code="invalid_parameter", param=name) from None
 
 
+def _include_simulated(request: web.Request) -> bool:
+    """`include_simulated=true` adds sandbox wallets' entries to a report; by default they are left out."""
+    value = request.query.get("include_simulated", "false")
+    if value not in ("true", "false"):
+        raise ApiError(400, "include_simulated is true or false", code="invalid_parameter", param="include_simulated")
+    return value == "true"
+
+
 def _range(request: web.Request) -> tuple[dt.date, dt.date]:
     today = dt.datetime.now(dt.UTC).date()
     start = _date(request, "from", today.replace(day=1))
@@ -99,7 +107,8 @@ async def usage_report(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f"group_by is a comma-separated list of {', '.join(GROUP_COLUMNS)}", code="invalid_parameter",
                        param="group_by")
     query = UsageQuery(start=start, end=end, group_by=cast(tuple[GroupBy, ...], group_by),
-                       end_user=request.query.get("end_user"), model=request.query.get("model"))
+                       end_user=request.query.get("end_user"), model=request.query.get("model"),
+                       include_simulated=_include_simulated(request))
     rows = reporting.usage(request.config_dict[LEDGER_DB], query)
     if _format(request) == "csv":
         async def lines() -> Any:
@@ -129,7 +138,7 @@ async def money_report(request: web.Request) -> web.StreamResponse:
     if period not in ("day", "month"):
         raise ApiError(400, "period must be day or month", code="invalid_parameter", param="period")
     rows = await reporting.money(request.config_dict[LEDGER_DB], start, end, cast(Any, period),
-                                 request.query.get("end_user"))
+                                 request.query.get("end_user"), include_simulated=_include_simulated(request))
     if _format(request) == "csv":
         async def lines() -> Any:
             for r in rows:

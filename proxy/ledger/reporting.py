@@ -37,6 +37,7 @@ class UsageQuery:
     group_by: tuple[GroupBy, ...] = ("end_user",)
     end_user: str | None = None
     model: str | None = None
+    include_simulated: bool = False  # sandbox wallets' entries are left out unless asked for
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ def _between(query_start: dt.date, query_end: dt.date) -> list[sa.ColumnElement[
 def usage_statement(query: UsageQuery) -> sa.Select[*tuple[Any, ...]]:
     groups = [GROUP_COLUMNS[g].label(g) for g in query.group_by]
     conditions = [le.c.type == "charge", *_between(query.start, query.end)]
+    if not query.include_simulated:
+        conditions.append(le.c.is_simulated.is_(sa.false()))
     if query.end_user is not None:
         conditions.append(le.c.wallet_id == query.end_user)
     if query.model is not None:
@@ -95,10 +98,13 @@ async def usage(db: LedgerDatabase, query: UsageQuery) -> AsyncIterator[UsageRow
 
 
 async def money(db: LedgerDatabase, start: dt.date, end: dt.date, period: Literal["day", "month"],
-                end_user: str | None = None) -> list[MoneyRow]:
-    """Top-ups, refunds, adjustments, card refunds and disputes: count and sum per period and type."""
+                end_user: str | None = None, include_simulated: bool = False) -> list[MoneyRow]:
+    """Top-ups, refunds, adjustments, card refunds and disputes: count and sum per period, asset and
+    type (sandbox wallets' left out unless `include_simulated`)."""
     column = GROUP_COLUMNS[period].label("period")
     conditions = [le.c.type.in_(MONEY_TYPES), *_between(start, end)]
+    if not include_simulated:
+        conditions.append(le.c.is_simulated.is_(sa.false()))
     if end_user is not None:
         conditions.append(le.c.wallet_id == end_user)
     statement = (sa.select(column, le.c.asset, le.c.type, sa.func.count().label("n"),

@@ -12,7 +12,7 @@
 Handlers never build a key themselves.
 """
 
-from proxy.store.accounts import API_KEY_PREFIX, AccountStore, ApiKey, hash_api_key
+from proxy.store.accounts import API_KEY_PREFIX, TEST_KEY_PREFIX, AccountStore, ApiKey, hash_api_key
 from proxy.store.errors import (
     BalanceLimit,
     BudgetExceeded,
@@ -54,6 +54,6 @@ __all__ = [
     "API_KEY_PREFIX", "AccountStore", "ApiKey", "Audit", "BalanceLimit", "BudgetExceeded", "Checkpoint", "ChargeNotFound", "CreditLimitInUse", "Commands", "CredentialSpend",
     "HOLD_INDEX_KEY", "Hold", "HoldClosed", "HoldExtension", "HoldNotFound", "IdempotencyConflict", "InsufficientFunds",
     "InvalidAmount", "InvalidWalletRequest", "NoPaymentMethod", "PaymentNotFound", "RefundExceedsPayment", "KeySpend", "LedgerEntry", "LimitStore", "Limited", "MAX_AMOUNT_MICROS",
-    "PREFIX", "Receipt", "RedisPyCommands", "RefundExceedsCharge", "Settlement", "SpendLimitReached", "WALLET_ID_RE", "WalletError",
+    "PREFIX", "Receipt", "RedisPyCommands", "RefundExceedsCharge", "Settlement", "SpendLimitReached", "TEST_KEY_PREFIX", "WALLET_ID_RE", "WalletError",
     "WalletExists", "WalletNotFound", "WalletState", "WalletStore", "connect", "fingerprint", "hash_api_key", "now_ms",
 ]

@@ -15,6 +15,7 @@ from proxy.store.scripts import Commands, RedisPyCommands, StoreRedis
 from proxy.store.wallets import now_ms
 
 API_KEY_PREFIX = "sk-eu_"
+TEST_KEY_PREFIX = "sk-eu_test_"  # a test end user's keys (test mode: the sandbox, simulated money)
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,12 @@ class AccountStore:
         self.commands: Commands = commands or RedisPyCommands(redis)
 
     async def create_key(
-        self, end_user_id: str, *, name: str = "", scopes: Mapping[str, Any] | None = None
+        self, end_user_id: str, *, name: str = "", scopes: Mapping[str, Any] | None = None, test: bool = False,
     ) -> tuple[ApiKey, str]:
-        plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        """A new key, shown once; a `test` end user's starts `sk-eu_test_`."""
+        plaintext = (TEST_KEY_PREFIX if test else API_KEY_PREFIX) + secrets.token_urlsafe(32)
+        if not test and plaintext.startswith(TEST_KEY_PREFIX):  # a live key that happens to read "test_"
+            return await self.create_key(end_user_id, name=name, scopes=scopes)
         key = ApiKey(
             id="key_" + secrets.token_hex(8), end_user_id=end_user_id,
             masked=f"{plaintext[:10]}…{plaintext[-4:]}", created_ms=now_ms(), name=name, scopes=dict(scopes or {}),
