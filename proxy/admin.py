@@ -25,7 +25,7 @@ from proxy.enduser_jwt import TOKENS
 from proxy.errors import REPLAYED, ApiError, answer, error_middleware, idempotency_key, json_model, read_model
 from proxy.events import routes as event_routes
 from proxy.ledger import audit, report_routes
-from proxy.ledger.history import archived_charge_micros
+from proxy.ledger.history import archived_charge
 from proxy.ratecards import RateCardRegistry
 from proxy.store import ApiKey, ChargeNotFound, LedgerEntry, LimitStore, Receipt, now_ms
 from proxy.store.budgets import BudgetStore
@@ -252,11 +252,12 @@ async def refund(request: web.Request) -> web.Response:
                                        idempotency_key=key, meta=body.metadata or None)
     except ChargeNotFound:
         # Past Redis's retention the charge lives only in the ledger of record.
-        archived = await archived_charge_micros(request.config_dict[LEDGER_DB], wallet_id, body.charge_id)
+        archived = await archived_charge(request.config_dict[LEDGER_DB], wallet_id, body.charge_id)
         if archived is None:
             raise
         receipt = await wallets.refund(wallet_id, body.amount_micros, charge_id=body.charge_id, reason=body.reason,
-                                       idempotency_key=key, meta=body.metadata or None, archived_charge_micros=archived)
+                                       idempotency_key=key, meta=body.metadata or None,
+                                       archived_charge_micros=archived.captured_micros, archived_charge_grants=archived.grants)
     return _receipt(receipt)
 
 

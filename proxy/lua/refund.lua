@@ -5,14 +5,14 @@
 -- ARGV[4] charge ledger id   ARGV[5] reason   ARGV[6] metadata JSON   ARGV[7] idempotency key
 -- Optional, for a charge already trimmed from the stream (see trim.lua): KEYS[5]
 -- the wallet's archive hash and ARGV[8] what the charge captured, as the ledger
--- of record holds it; taken only if the charge id is at or before `trimmed_to`
+-- of record holds it, and ARGV[9] the grants it drew (its `grants` field); taken only if the
+-- charge id is at or before `trimmed_to`
 -- (so it was archived, and cannot be in the stream any more).
 -- Returns {'ok'|'replay', ledger_id, balance, held, credit_limit}.
 -- The refund goes back to the grants the charge drew from (its `grants`
 -- field), last drawn first; what would return to a grant that has expired
 -- lapses at once, with a grant_expired entry after the refund (see grants_refund).
--- A charge trimmed from the stream, or made before grants, is refunded as
--- purchased money. The refunded hash also counts per charge and grant
+-- A charge made before grants is refunded as purchased money. The refunded hash also counts per charge and grant
 -- ('<charge id>|<grant id>').
 -- Keeps: the refunds of one charge never add up to more than it captured, nor
 -- return more to a grant than the charge drew from it;
@@ -49,6 +49,7 @@ if charged == nil and #entries == 0 and KEYS[5] and ARGV[8] and ARGV[8] ~= '' th
     cm, cs, tm, ts = tonumber(cm), tonumber(cs), tonumber(tm), tonumber(ts)
     if cm < tm or (cm == tm and cs <= ts) then
       charged = int_arg(ARGV[8], 0, MAX_AMOUNT)
+      draws = ARGV[9]
     end
   end
 end

@@ -290,15 +290,15 @@ class WalletStore:
 
     async def refund(
         self, wallet_id: str, amount_micros: int, *, charge_id: str, reason: str, idempotency_key: str,
-        meta: Mapping[str, Any] | None = None, archived_charge_micros: int | None = None,
+        meta: Mapping[str, Any] | None = None, archived_charge_micros: int | None = None, archived_charge_grants: str = "",
     ) -> Receipt:
         """`archived_charge_micros`: what the charge captured per the ledger of record, for a charge
-        trimmed from Redis (refund.lua takes it only for an entry it trimmed)."""
+        trimmed from Redis (refund.lua takes it only for an entry it trimmed), and the grants it drew from."""
         fp = fingerprint("refund", amount_micros, charge_id, reason, meta)
         extra_keys, extra_args = [_refunded_key(wallet_id)], []
         if archived_charge_micros is not None:
             extra_keys.append(_archive_key(wallet_id))
-            extra_args.append(archived_charge_micros)
+            extra_args += [archived_charge_micros, archived_charge_grants]
         return await self._receipt_op(
             "refund", wallet_id, idempotency_key, extra_keys,
             [amount_micros, fp, self.idempotency_ttl_seconds, charge_id, reason, _meta(meta), idempotency_key, *extra_args],

@@ -11,18 +11,22 @@ from proxy.ledger.archiver import Archiver
 from proxy.store import WalletStore
 from proxy.store.archive import ArchiveStore
 from proxy.store.events import EventStore
+from proxy.store.grants import GrantStore
 from tests.conftest import ADMIN
 
 USD = 1_000_000
 
 
-async def trimmed_charges(client, wallet_id: str, captures: list[int]) -> list[str]:
-    """Charges on a new wallet, then archived and trimmed from Redis; their ledger ids."""
+async def trimmed_charges(client, wallet_id: str, captures: list[int], promotional: int = 0) -> list[str]:
+    """Charges on a new wallet (with `promotional` credit, drawn first), then archived and trimmed
+    from Redis; their ledger ids."""
     app = client.server.app
     wallets: WalletStore = app[WALLETS]
     redis: aioredis.Redis = app[REDIS]
     assert (await client.post("/admin/end-users", json={"id": wallet_id}, headers=ADMIN)).status == 201
     await wallets.top_up(wallet_id, 10 * USD, idempotency_key=f"{wallet_id}-seed")
+    if promotional:
+        await GrantStore(redis).grant(wallet_id, promotional, kind="promotional", idempotency_key=f"{wallet_id}-promo")
     ids = []
     for n, captured in enumerate(captures):
         hold = await wallets.hold(wallet_id, captured, meta={"request_id": f"req_{n}"})
@@ -71,3 +75,10 @@ async def test_another_wallets_trimmed_charge_is_not_found(client):
     response = await refund(client, "u_2", charge, 1_000, "r1")
 
     assert response.status == 404 and (await response.json())["error"]["code"] == "charge_not_found"
+
+
+async def test_a_trimmed_charge_is_refunded_to_the_grants_it_drew_from(client):
+    [charge] = await trimmed_charges(client, "u_1", [300_000], promotional=100_000)  # promo 100,000, purchased 200,000
+    assert (await refund(client, "u_1", charge, 250_000, "r1")).status == 201
+    grants = {g.id: g.remaining_micros for g in await GrantStore(client.server.app[REDIS]).grants("u_1")}
+    assert grants["purchased"] == 10 * USD and sum(grants.values()) == 10 * USD + 50_000
