@@ -46,7 +46,7 @@ from proxy.ledger import report_routes
 from proxy.ledger.archiver import Archiver
 from proxy.ledger.db import open_database
 from proxy.ratecards import RateCardRegistry
-from proxy.sandbox import SANDBOX_UPSTREAM, Sandbox, configured_sandbox, serve_responder
+from proxy.sandbox import Sandbox, builtin_name, configured_sandbox, serve_responder
 from proxy.store import AccountStore, LimitStore, RedisPyCommands, WalletStore
 from proxy.store.archive import ArchiveStore
 from proxy.store.cluster import StoreClients, connect_store
@@ -168,7 +168,7 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
         if sandbox is None:
             responder = serve_responder()
             stack.push_async_callback(responder.aclose)
-            sandbox = Sandbox(SANDBOX_UPSTREAM, await anext(responder))
+            sandbox = Sandbox(builtin_name(config), await anext(responder))
         app[SANDBOX] = sandbox
         app[HTTP] = UpstreamSessions({**config.upstreams, sandbox.name: sandbox.upstream})
         yield

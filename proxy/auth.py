@@ -122,7 +122,7 @@ async def identify(request: web.Request) -> Credential:
     raise _invalid_key()
 
 
-async def operator_caller(request: web.Request, user: Any, operator: OperatorKey | None = None) -> Caller:
+async def operator_caller(request: web.Request, user: Any, operator: OperatorKey) -> Caller:
     """The end user an operator key names in `user`, or a 400 saying what is wrong with it
     (a 403 when a test key names a live end user, or a live key a test one)."""
     if not isinstance(user, str) or not user:
@@ -130,7 +130,8 @@ async def operator_caller(request: web.Request, user: Any, operator: OperatorKey
     caller = await _profile_caller(request, user, "operator", {})
     if caller is None:
         raise ApiError(400, f"no end user {user!r}", code="unknown_end_user", param="user")
-    livemode = operator.livemode if operator is not None else True
+    # `operator` is required, not defaulted: a route that forgot it would take a test key for a live one.
+    livemode = operator.livemode
     if caller.livemode != livemode:
         mode = "a test" if not livemode else "a live"
         raise ApiError(403, f"{mode} operator key can only act on {'test' if not livemode else 'live'} end users",

@@ -331,6 +331,9 @@ class Config(_Strict):
     def _sandbox_is_an_upstream(self) -> Config:
         if self.sandbox_upstream is not None and self.sandbox_upstream not in self.upstreams:
             raise ValueError(f"sandbox_upstream {self.sandbox_upstream!r} is not one of the upstreams")
+        if set(self.operator_keys) & set(self.operator_test_keys):
+            # A key in both would be taken as live (checked first) though its owner meant it for tests.
+            raise ValueError("a key cannot be in both operator_keys and operator_test_keys")
         return self
 
     def asset_names(self) -> set[str]:

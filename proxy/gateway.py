@@ -98,13 +98,30 @@ def caller_model(card: RateCard, caller: Caller, name: str, kind: str | None) ->
     return model
 
 
+def upstream_name(request: web.Request, model: ModelPrice, caller: Caller) -> str:
+    """The name of the upstream a call goes to: its model's, or the sandbox's for a test end user."""
+    return model.upstream if caller.livemode else request.config_dict[SANDBOX].name
+
+
+def named_upstream(request: web.Request, name: str, caller: Caller) -> tuple[aiohttp.ClientSession, UpstreamConfig] | None:
+    """The session and settings of upstream `name`, if `caller` may reach it: a test end user only the
+    sandbox (nothing real is called), a live one only the config's upstreams."""
+    app = request.config_dict
+    sandbox = app[SANDBOX]
+    if not caller.livemode:
+        return (app[HTTP][sandbox.name], sandbox.upstream) if name == sandbox.name else None
+    upstream = app[CONFIG].upstreams.get(name)
+    return (app[HTTP][name], upstream) if upstream is not None else None
+
+
 def upstream_of(request: web.Request, model: ModelPrice, caller: Caller) -> tuple[aiohttp.ClientSession, UpstreamConfig]:
     """Where a call goes: its model's upstream, or the sandbox for a test end user (nothing real is called)."""
-    app = request.config_dict
-    if not caller.livemode:
-        sandbox = app[SANDBOX]
-        return app[HTTP][sandbox.name], sandbox.upstream
-    return app[HTTP][model.upstream], app[CONFIG].upstreams[model.upstream]
+    name = upstream_name(request, model, caller)
+    found = named_upstream(request, name, caller)
+    if found is None:  # a card naming an upstream the config lacks: refused before any hold
+        raise ApiError(502, f"upstream {name!r} of model {model.name!r} is not configured", type="api_error",
+                       code="upstream_not_configured")
+    return found
 
 
 # Bodies above this are quoted off the event loop, after a cheap wallet read.
@@ -164,12 +181,12 @@ def _kind_of_estimate(body: Any) -> str:
 # ------------------------------------------------------------------ handlers
 
 
-async def _whole(call: UpstreamCall, lease: Lease, accounts: AccountStore) -> web.StreamResponse:
+async def _whole(call: UpstreamCall, lease: Lease, accounts: AccountStore, upstream: str) -> web.StreamResponse:
     async with lease:
         if lease.client_left:
             raise asyncio.CancelledError  # gone before forwarding: the lease releases the hold
         response = await forward_whole(call, lease)
-    await _remember_response(accounts, call, lease)
+    await _remember_response(accounts, call, lease, upstream)
     return response
 
 
@@ -181,13 +198,14 @@ RESPONSE_OWNER_TTL_SECONDS = 30 * 86_400
 _RESPONSE_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 
 
-async def _remember_response(accounts: AccountStore, call: UpstreamCall, lease: Lease) -> None:
-    """Record whose a stored Responses API answer is, so GET /v1/responses/{id} serves it to them alone."""
+async def _remember_response(accounts: AccountStore, call: UpstreamCall, lease: Lease, upstream: str) -> None:
+    """Record whose a stored Responses API answer is, and which upstream (`upstream`, the sandbox for a
+    test end user) holds it, so GET /v1/responses/{id} serves it to them alone, from there."""
     rid = lease.response_id
     if rid is None or not _RESPONSE_ID.match(rid) or call.body.get("store") is False:
         return
     try:
-        await accounts.remember_response(lease.caller.end_user_id, rid, lease.model.upstream, RESPONSE_OWNER_TTL_SECONDS)
+        await accounts.remember_response(lease.caller.end_user_id, rid, upstream, RESPONSE_OWNER_TTL_SECONDS)
     except Exception as exc:  # the answer is paid and delivered; only its later retrieval is lost
         log.warning("request %s: could not record the owner of response %s: %r", lease.request_id, rid, exc)
 
@@ -205,6 +223,7 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
                        param="input")
     stream = bool(body.get("stream")) and kind not in ("embedding", "speech")
     call = UpstreamCall(*upstream_of(request, quote.model, caller), path, body, stream)
+    upstream = upstream_name(request, quote.model, caller)
     service = app[METERING]
     lease = service.lease(
         caller, quote, "req_" + secrets.token_hex(12),
@@ -219,9 +238,9 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
                 if app[LIFECYCLE].draining:  # cut by shutdown past its grace, not by its client
                     lease.outcome = "shutdown"
                 raise
-        await _remember_response(app[ACCOUNTS], call, lease)
+        await _remember_response(app[ACCOUNTS], call, lease, upstream)
         return response
-    return await answer_whole(service, lease, _whole(call, lease, app[ACCOUNTS]))
+    return await answer_whole(service, lease, _whole(call, lease, app[ACCOUNTS], upstream))
 
 
 async def answer_whole(service: Metering, lease: Lease, work: Coroutine[Any, Any, web.StreamResponse]) -> web.StreamResponse:
@@ -261,11 +280,11 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
     caller = await authenticate(request, None)
     rid = request.match_info["response_id"]
     app = request.config_dict
-    upstream_name = await app[ACCOUNTS].response_upstream(caller.end_user_id, rid) if _RESPONSE_ID.match(rid) else None
-    if upstream_name is None or upstream_name not in app[CONFIG].upstreams:
+    name = await app[ACCOUNTS].response_upstream(caller.end_user_id, rid) if _RESPONSE_ID.match(rid) else None
+    found = named_upstream(request, name, caller) if name is not None else None
+    if found is None:
         raise ApiError(404, f"No response with id '{rid}' found.", code="response_not_found", param="response_id")
-    return await fetch_stored(app[HTTP][upstream_name], app[CONFIG].upstreams[upstream_name], f"/responses/{rid}",
-                              request.query_string)
+    return await fetch_stored(*found, f"/responses/{rid}", request.query_string)
 
 
 @routes.post("/v1/images/generations")

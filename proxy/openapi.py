@@ -53,6 +53,8 @@ _REPORT_PARAMS = [
     {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}, "description": "inclusive, UTC"},
     {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}, "description": "exclusive, UTC"},
     {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}},
+    {"name": "include_simulated", "in": "query", "schema": {"type": "boolean", "default": False},
+     "description": "true: also count test end users' (sandbox) entries, which are left out by default"},
 ]
 
 
@@ -95,7 +97,7 @@ def document() -> dict[str, Any]:
                          schemas.UpdateEndUser, params=[uid]),
         },
         "/admin/end-users/{id}/keys": {
-            "post": _op("Issue an sk-eu_ key (shown once)", 201, schemas.CreatedKeyView, schemas.CreateKey, params=[uid]),
+            "post": _op("Issue an sk-eu_ key (sk-eu_test_ for a test end user; shown once)", 201, schemas.CreatedKeyView, schemas.CreateKey, params=[uid]),
             "get": _op("List an end user's keys, masked", 200, schemas.KeyList, params=[uid]),
         },
         "/admin/end-users/{id}/tokens": {"post": _op("Mint a short-lived end-user token (JWT)", 201, schemas.TokenView, schemas.MintToken, params=[uid], errors=(400, 401, 404, 409))},
@@ -229,7 +231,8 @@ def document() -> dict[str, Any]:
             "schemas": {**defs.get("$defs", {}), "Error": _ERROR_SCHEMA},
             "responses": {"Error": {"description": "Error in OpenAI's shape", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
             "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"},
-                                "endUserKey": {"type": "http", "scheme": "bearer", "description": "an sk-eu_ key, an end-user token, or an operator key with `user`"}},
+                                "endUserKey": {"type": "http", "scheme": "bearer", "description": "an sk-eu_ key (sk-eu_test_: test mode), an end-user token, or an operator key "
+                                                                  "(or operator test key) with `user`"}},
         },
     }
 

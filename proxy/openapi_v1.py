@@ -18,7 +18,7 @@ def _body(required: list[str], properties: dict[str, Any], content_type: str = "
     return {"required": True, "content": {content_type: {"schema": schema}}}
 
 
-def _call(summary: str, body: dict[str, Any] | None, ok: str, errors: tuple[int, ...] = (400, 401, 402, 404, 429, 502, 503),
+def _call(summary: str, body: dict[str, Any] | None, ok: str, errors: tuple[int, ...] = (400, 401, 402, 403, 404, 429, 502, 503),
           ok_type: str = "application/json") -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "security": _END_USER,
                           "responses": {"200": {"description": ok, "content": {ok_type: {}}}}}
@@ -37,7 +37,10 @@ _MODEL = {"type": "string", "description": "a model of the caller's rate card"}
 _USER = {"type": "string", "description": "with an operator key: the end user who pays"}
 _STREAM = {"type": "boolean", "description": "relay server-sent events as they come; usage and cost in the last"}
 _METERED = ("Metered: held against the caller's wallet before it is forwarded, settled to the exact cost after; "
-            "non-streamed answers carry X-Usage-Cost, X-Total-Tokens, X-Model and X-Wallet-Balance.")
+            "non-streamed answers carry X-Usage-Cost, X-Total-Tokens, X-Model and X-Wallet-Balance. "
+            "A test-mode caller (sk-eu_test_ key, operator test key, a test end user's token) is answered by the "
+            "sandbox and charged on its test wallet; an operator key of one mode naming an end user of the other is "
+            "a 403 livemode_mismatch.")
 
 
 def v1_paths() -> dict[str, Any]:

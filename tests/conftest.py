@@ -187,7 +187,7 @@ def make_end_user(wallets: WalletStore, accounts: AccountStore):
         await wallets.open(user_id, profile={"tier": tier, "metadata": {}, **profile})
         if funds:
             await wallets.top_up(user_id, funds, idempotency_key=f"seed-{user_id}")
-        _, key = await accounts.create_key(user_id)
+        _, key = await accounts.create_key(user_id, test=profile.get("livemode", True) is False)
         return EndUser(user_id, key)
 
     return make

@@ -58,6 +58,11 @@ class CardRefund:
     status: str
 
 
+def _stripe_test_key(key: str | None) -> bool:
+    """Whether a Stripe secret (or restricted) key is a test-mode one: its payments are not real."""
+    return key is not None and key.startswith(("sk_test_", "rk_test_"))
+
+
 def _key(*parts: str) -> str:
     """A Stripe idempotency key from metergate ids (hashed: Stripe caps keys at 255 characters)."""
     return "metergate-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:40]
@@ -178,6 +183,11 @@ class Billing:
         if asset != "USD":
             raise BillingError(400, f"this wallet holds {asset}, which is not bought by card here; the operator "
                                "credits it (top-ups, grants)", "asset_not_purchasable")
+        # Real money must not land in a test wallet, whose entries the money report leaves out:
+        # a test end user pays by card only when Stripe itself runs in test mode (sk_test_/rk_test_).
+        if profile.get("livemode", True) is False and not _stripe_test_key(self.config.secret_key):
+            raise BillingError(400, "this is a test end user's wallet: it is not bought by card while Stripe runs "
+                               "with a live key; the operator credits it (top-ups, grants)", "livemode_mismatch")
 
     async def set_rule(self, wallet_id: str, *, enabled: bool, threshold_micros: int, amount_micros: int) -> AutoTopUpRule:
         if enabled:

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from proxy.cli import _check_startup
 from proxy.config import load_config
 from proxy.store import WalletStore
-from tests.billing.conftest import WEBHOOK_SECRET, BillingGateway, FakeStripe, sign_stripe_event
+from tests.billing.conftest import STRIPE_KEY_ENV, WEBHOOK_SECRET, BillingGateway, FakeStripe, sign_stripe_event
 from tests.conftest import ADMIN, ADMIN_KEY, OPERATOR_KEY, EndUser, assert_ledger_invariants
 
 T = TypeVar("T")
@@ -367,4 +367,15 @@ async def test_a_wallet_in_another_asset_cannot_be_topped_up_by_card(billing_gat
     resp = await billing_gateway.client.post("/v1/wallet/checkout-sessions", json={"amount_micros": 25_000_000},
                                              headers=bearer(user))
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "asset_not_purchasable"
+    assert await billing_gateway.payments.customer("u_1") is None
+
+
+async def test_a_test_end_users_wallet_is_not_bought_by_card_with_a_live_stripe_key(
+        billing_gateway: BillingGateway, make_end_user: Any, monkeypatch: pytest.MonkeyPatch):
+    # Its entries are simulated (left out of the money report): real money must not land there.
+    monkeypatch.setenv(STRIPE_KEY_ENV, "sk_live_metergate_fake")
+    user = await make_end_user("u_1", funds=0, livemode=False)
+    resp = await billing_gateway.client.post("/v1/wallet/checkout-sessions", json={"amount_micros": 25_000_000},
+                                             headers=bearer(user))
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "livemode_mismatch"
     assert await billing_gateway.payments.customer("u_1") is None

@@ -35,8 +35,8 @@ async def end_user(gateway, user_id: str, *, livemode: bool, funds: int = 1_000_
     return (await (await gateway.post(f"/admin/end-users/{user_id}/keys", json={}, headers=ADMIN)).json())["key"]
 
 
-def price(gateway, usage: Usage) -> int:
-    model = gateway.server.app[RATECARDS].current.card_for("default").model("gpt-4o-mini")
+def price(gateway, usage: Usage, model_name: str = "gpt-4o-mini") -> int:
+    model = gateway.server.app[RATECARDS].current.card_for("default").model(model_name)
     return price_usage(model, usage).price_micros
 
 
