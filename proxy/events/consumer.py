@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 _LEASE_MS = 30_000
 _BATCH = 500
+_WALLETS_PER_PASS = 100
 
 
 class EventConsumer:
@@ -40,7 +41,12 @@ class EventConsumer:
         while True:
             busy = False
             try:
-                busy = await self.pass_once() > 0
+                # Straight on only while wallets are waiting beyond this pass's share. A pass
+                # costs some ten round trips per wallet whatever it finds, so under steady
+                # traffic, passing again at once (a wallet is dirty again within
+                # milliseconds) spent ~100 µs of CPU per call here and as much in Redis;
+                # waiting the interval batches those calls' entries into one pass.
+                busy = await self.pass_once(_WALLETS_PER_PASS) >= _WALLETS_PER_PASS
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -50,7 +56,7 @@ class EventConsumer:
             if not busy:
                 await asyncio.sleep(self.config.poll_interval_seconds)
 
-    async def pass_once(self, limit: int = 100) -> int:
+    async def pass_once(self, limit: int = _WALLETS_PER_PASS) -> int:
         """Derive the events of up to `limit` dirty wallets; how many wallets were done."""
         done = 0
         for wallet_id, score in await self.events.dirty_wallets(limit):

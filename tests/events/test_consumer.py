@@ -176,6 +176,33 @@ async def test_a_movement_during_derivation_keeps_the_wallet_dirty_and_is_derive
     assert await dirty(store) == set()
 
 
+class CountingConsumer(EventConsumer):
+    passes = 0
+
+    async def pass_once(self, limit: int = 100) -> int:
+        self.passes += 1
+        return await super().pass_once(limit)
+
+
+async def test_under_steady_traffic_the_consumer_passes_once_per_interval_not_once_per_entry(store, wallets):
+    # A wallet dirty again within milliseconds must not make the consumer pass again at once:
+    # each pass costs round trips whatever it finds, so its entries wait for the interval and go in one pass.
+    await open_wallet(wallets, funds=1 * USD)
+    consumer = CountingConsumer(store, wallets, EventsConfig(poll_interval_seconds=0.2))
+    task = asyncio.create_task(consumer.run())
+    try:
+        for i in range(60):
+            await wallets.top_up("u_1", 1, idempotency_key=f"t{i}")
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert 1 <= consumer.passes <= 6  # ~0.6 s of traffic at 0.2 s: a spinning consumer makes ~60
+    await drained(consumer)
+    assert [e.type for e in await logged(store)].count("wallet.topped_up") == 61
+
+
 # ------------------------------------------------------------ two consumers
 
 
