@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.store.redis_mux import MultiplexedConnection
 
@@ -69,3 +70,35 @@ async def test_an_unreachable_server_is_a_connection_error():
     mux = MultiplexedConnection("redis://127.0.0.1:9/0", timeout=1)
     with pytest.raises(RedisConnectionError):
         await mux.execute("PING")
+
+
+async def test_a_server_that_stops_answering_times_every_waiting_call_out_and_the_next_reconnects(redis_server):
+    # A proxy in front of the real Redis that, once told to, swallows what it is sent.
+    silent = asyncio.Event()
+    upstream_host, upstream_port = redis_server.url.removeprefix("redis://").split("/")[0].split(":")
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        r_reader, r_writer = await asyncio.open_connection(upstream_host, int(upstream_port))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if not silent.is_set():
+                    dst.write(data)
+
+        await asyncio.gather(pump(reader, r_writer), pump(r_reader, writer), return_exceptions=True)
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mux = MultiplexedConnection(f"redis://127.0.0.1:{port}/0", timeout=0.3)
+    try:
+        assert await mux.execute("PING") == b"PONG"
+        silent.set()
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.gather(mux.execute("PING"), mux.batch([["PING"], ["PING"]]), return_exceptions=True)
+        assert all(isinstance(r, RedisTimeoutError) for r in results), results
+        assert asyncio.get_running_loop().time() - started < 2
+        silent.clear()
+        assert await mux.execute("PING") == b"PONG"  # a fresh connection, not the stale replies of the old one
+    finally:
+        await mux.aclose()
+        server.close()
