@@ -11,7 +11,11 @@
 -- period's name (see "Budgets" in _prelude.lua): the hold is refused with
 -- BUDGET_EXCEEDED when it does not fit what the budget leaves, else reserved
 -- against it, and its growth and close count there too.
--- Returns {'ok'|'replay', hold_id, amount, expires_ms, balance, held, credit_limit, ledger_id}.
+-- Returns {'ok'|'replay', hold_id, amount, expires_ms, balance, held, credit_limit}.
+-- No ledger entry: a hold moves no money, and its record says all it is
+-- (amount, expiry, and `meta`, which the entry that closes it carries: see
+-- release_hold). The close writes the one entry a call leaves (charge, release
+-- or expire, with held_delta = minus the hold), so a call costs one entry, not two.
 -- The hold id is the idempotency key: the same id and amount (as first asked
 -- for, however the hold grew since) replays the first result; the same id
 -- with another amount is an IDEMPOTENCY_CONFLICT.
@@ -34,15 +38,15 @@ if ARGV[9] and ARGV[9] ~= '' then
     return fail('INVALID_REQUEST', 'a budget needs a limit in micros and a period name')
   end
 end
-local existing = redis.call('HMGET', KEYS[3], 'requested', 'expires_ms', 'ledger_id', 'amount')
-if existing[4] ~= false then
+local existing = redis.call('HMGET', KEYS[3], 'requested', 'expires_ms', 'amount')
+if existing[3] ~= false then
   -- Compared with the amount first asked for: the hold may have grown since.
-  local first = existing[1] or existing[4]
+  local first = existing[1] or existing[3]
   if tonumber(first) ~= amount then
     return fail('IDEMPOTENCY_CONFLICT', 'hold ' .. ARGV[1] .. ' exists with another amount')
   end
   local b, h, c = wallet_state(KEYS[1])
-  return {'replay', ARGV[1], first, existing[2], fmt(b), fmt(h), fmt(c), existing[3]}
+  return {'replay', ARGV[1], first, existing[2], fmt(b), fmt(h), fmt(c)}
 end
 local balance, held, credit_limit = wallet_state(KEYS[1])
 if balance == nil then
@@ -65,10 +69,11 @@ local now = now_ms()
 local expires = now + ttl
 held = redis.call('HINCRBY', KEYS[1], 'held', amount)
 redis.call('HSET', KEYS[2], ARGV[1], amount)
-local id = append_ledger(KEYS[4], {'type', 'hold', 'amount', '0', 'held_delta', fmt(amount),
-  'balance', fmt(balance), 'held', fmt(held), 'hold_id', ARGV[1], 'meta', ARGV[4]})
 redis.call('HSET', KEYS[3], 'status', 'active', 'amount', amount, 'requested', amount, 'created_ms', now,
-  'expires_ms', expires, 'ledger_id', id)
+  'expires_ms', expires)
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[3], 'meta', ARGV[4])
+end
 if budget_limit ~= nil then
   redis.call('HSET', KEYS[3], 'bud_limit', fmt(budget_limit), 'bud_period', ARGV[10], 'bud_reserved', fmt(amount))
 end
@@ -76,4 +81,4 @@ if ARGV[5] and ARGV[5] ~= '' then
   redis.call('HSET', KEYS[3], 'credential', ARGV[5], 'request_id', ARGV[6],
     'cap', ARGV[7] or '-1', 'daily_cap', ARGV[8] or '-1')
 end
-return {'ok', ARGV[1], fmt(amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit), id}
+return {'ok', ARGV[1], fmt(amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit)}

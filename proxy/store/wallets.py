@@ -68,7 +68,6 @@ class Hold:
     hold_id: str
     amount_micros: int
     expires_at_ms: int
-    ledger_id: str
     wallet: WalletState
     replayed: bool
 
@@ -363,7 +362,7 @@ class WalletStore:
             raise
         return Hold(
             wallet_id=wallet_id, hold_id=out[1], amount_micros=int(out[2]), expires_at_ms=int(out[3]),
-            wallet=_state(wallet_id, *out[4:7]), ledger_id=out[7], replayed=out[0] == "replay",
+            wallet=_state(wallet_id, *out[4:7]), replayed=out[0] == "replay",
         )
 
     async def extend(

@@ -63,6 +63,12 @@ async def entries(wallets, user_id: str, kind: str):
     return [e for e in await wallets.ledger(user_id, limit=50) if e.type == kind]
 
 
+async def held_amounts(wallets, user_id: str) -> list[int]:
+    """What each closed hold reserved, oldest first: its close entry's held_delta is minus the hold."""
+    return [-e.details["held_delta_micros"] for e in reversed(await wallets.ledger(user_id, limit=50))
+            if "held_delta_micros" in e.details]
+
+
 async def the_charge(wallets, user_id: str = "u_1"):
     [charge] = await entries(wallets, user_id, "charge")
     assert charge.details["shortfall_micros"] == 0
@@ -90,10 +96,10 @@ async def test_priority_holds_the_worst_case_at_twice_the_prices(gateway, base_u
     body = {**CHAT, "service_tier": "priority"}
     estimate = await (await gateway.post("/v1/estimate", json=body, headers={"Authorization": f"Bearer {user.key}"})).json()
     await sdk(base_url, user.key).chat.completions.create(**body)
-    [hold] = await entries(wallets, "u_1", "hold")
+    [held] = await held_amounts(wallets, "u_1")
     # (prompt x 0.15 + 100 x 0.60) x 2, rounded up once
-    assert hold.details["held_delta_micros"] == math.ceil(Decimal(estimate["prompt_tokens"]) * Decimal("0.3") + 120)
-    assert estimate["estimated_cost_micros"] == hold.details["held_delta_micros"]
+    assert held == math.ceil(Decimal(estimate["prompt_tokens"]) * Decimal("0.3") + 120)
+    assert estimate["estimated_cost_micros"] == held
 
 
 async def test_flex_stream_is_charged_at_half_the_token_prices(base_url, make_end_user, mock_upstream, wallets):
@@ -124,7 +130,7 @@ async def test_a_tier_the_card_does_not_price_is_refused_before_any_hold(base_ur
     assert caught.value.code == "unsupported_service_tier"
     assert caught.value.param == "service_tier"
     assert mock_upstream.request_count == 0
-    assert await entries(wallets, "u_1", "hold") == []
+    assert await held_amounts(wallets, "u_1") == []
     state = await wallets.get("u_1")
     assert (state.balance_micros, state.held_micros) == (10_000_000, 0)
 
@@ -194,7 +200,7 @@ async def test_the_hold_covers_one_search_per_choice(base_url, make_end_user, mo
     client = sdk(base_url, user.key)
     await client.chat.completions.create(**CHAT, n=3)
     await client.chat.completions.create(**CHAT, n=3, web_search_options={})
-    without, with_search = [e.details["held_delta_micros"] for e in reversed(await entries(wallets, "u_1", "hold"))]
+    without, with_search = await held_amounts(wallets, "u_1")
     assert with_search - without == 3 * WEB_SEARCH
 
 
@@ -213,7 +219,7 @@ async def test_web_search_the_card_does_not_price_is_refused_before_any_hold(bas
         await sdk(base_url, user.key).chat.completions.create(**{**CHAT, "model": "gpt-4o"}, web_search_options={})
     assert (caught.value.code, caught.value.param) == ("unsupported_tool", "web_search_options")
     assert mock_upstream.request_count == 0
-    assert await entries(wallets, "u_1", "hold") == []
+    assert await held_amounts(wallets, "u_1") == []
 
 
 async def test_an_unpriced_built_in_tool_is_refused_before_any_hold(base_url, make_end_user, mock_upstream, wallets):

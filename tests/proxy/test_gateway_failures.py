@@ -74,7 +74,7 @@ async def test_upstream_500_before_first_byte_releases_the_hold_and_answers_502(
     assert err.value.status_code == 502
     assert err.value.body["code"] == "upstream_error" and err.value.body["message"]
     assert (await wallets.get("u_1")).balance_micros == 10_000_000
-    assert await ledger_types(wallets, "u_1") == ["open", "top_up", "hold", "release"]
+    assert await ledger_types(wallets, "u_1") == ["open", "top_up", "release"]
 
 
 async def test_upstream_500_on_a_stream_releases_the_hold(base_url, make_end_user, mock_upstream, wallets):
@@ -93,7 +93,7 @@ async def test_upstream_429_is_passed_through_with_retry_after_and_no_charge(bas
         await sdk(base_url, user.key).chat.completions.create(**CHAT)
     assert err.value.response.headers["Retry-After"] == "1"
     assert (await wallets.get("u_1")).balance_micros == 10_000_000
-    assert await ledger_types(wallets, "u_1") == ["open", "top_up", "hold", "release"]
+    assert await ledger_types(wallets, "u_1") == ["open", "top_up", "release"]
 
 
 async def test_unreachable_upstream_is_502_and_no_charge(gateway, make_end_user, mock_upstream, wallets):

@@ -141,8 +141,23 @@ async def test_hold_with_the_same_id_replays(wallets):
     await funded(wallets)
     first = await wallets.hold("u_1", 1_000_000, hold_id="hold_a")
     again = await wallets.hold("u_1", 1_000_000, hold_id="hold_a")
-    assert again.replayed and again.ledger_id == first.ledger_id
+    assert again.replayed and (again.amount_micros, again.expires_at_ms) == (first.amount_micros, first.expires_at_ms)
     assert (await wallets.get("u_1")).held_micros == 1_000_000
+
+
+async def test_a_hold_writes_no_entry_and_its_release_carries_what_the_call_was(wallets, redis):
+    await funded(wallets)
+    before = len(await wallets.ledger("u_1", limit=100))
+    hold = await wallets.hold("u_1", 1_000_000, meta={"request_id": "req_1", "model": "gpt-4o-mini"})
+    assert len(await wallets.ledger("u_1", limit=100)) == before
+    await wallets.release("u_1", hold.hold_id, reason="upstream_error")
+    [entry, *_] = await wallets.ledger("u_1", limit=100)
+    assert (entry.type, entry.details["held_delta_micros"]) == ("release", -1_000_000)
+    assert (entry.details["request_id"], entry.details["model"]) == ("req_1", "gpt-4o-mini")
+    assert len(await wallets.ledger("u_1", limit=100)) == before + 1
+    # The closed record, kept a day for replays, drops what its entry now says.
+    record = await redis.hgetall(f"mg:{{w:u_1}}:hold:{hold.hold_id}")
+    assert record[b"status"] == b"released" and b"meta" not in record
 
 
 async def test_hold_with_the_same_id_and_another_amount_conflicts(wallets):

@@ -292,7 +292,7 @@ async def test_a_client_gone_while_its_hold_waits_on_the_store_is_never_forwarde
 
     await wait_until(released, 10, "the hold placed for a client that had left was not released",
                      lambda: describe_wallet(wallets, user.id))
-    assert await ledger_types(wallets, user.id) == ["open", "top_up", "hold", "release"]
+    assert await ledger_types(wallets, user.id) == ["open", "top_up", "release"]
     assert mock_upstream.request_count == 0
     await assert_no_open_holds(redis, wallets, user.id)
 

@@ -104,7 +104,6 @@ class BalanceCall:
 class HoldModel:
     amount: int
     requested: int  # the amount of the hold call itself: its idempotency body
-    ledger_id: str
     status: Literal["active", "settled", "released"] = "active"
     closing: Settlement | None = None  # the first settle/release result, which replays answer
 
@@ -309,15 +308,15 @@ class WalletMachine(RuleBasedStateMachine):
                 return multiple()
             replay = expect_success(outcome, what)
             assert replay.replayed, f"{what}: a replay must say so"
-            assert (replay.amount_micros, replay.ledger_id) == (h.requested, h.ledger_id), f"{what}: {replay}"
+            assert replay.amount_micros == h.requested, f"{what}: {replay}"
             assert replay.wallet == m.state(wallet_id), f"{what}: replay shows {replay.wallet}"
             return multiple()
         if amount > m.available:
             expect_refusal(outcome, InsufficientFunds, what)
             return multiple()
         granted: Hold = expect_success(outcome, what)
-        m.holds[hold_id] = HoldModel(amount=amount, requested=amount, ledger_id=granted.ledger_id)
-        m.entries += 1
+        m.holds[hold_id] = HoldModel(amount=amount, requested=amount)
+        # no entry: a hold moves no money; the entry that closes it is the call's one
         assert not granted.replayed and granted.amount_micros == amount, f"{what}: {granted}"
         assert granted.wallet == m.state(wallet_id), f"{what}: grant shows {granted.wallet}"
         return (wallet_id, hold_id)
