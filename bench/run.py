@@ -185,7 +185,7 @@ class LedgerCheck:
     ledger_sum: int
     entries: int
     charges: int
-    holds: int
+    closes: int  # entries that closed a hold (charge, release, expire): one per call that was held
     charged_micros: int
     outcomes: dict[str, int] = field(default_factory=dict)
 
@@ -193,7 +193,7 @@ class LedgerCheck:
 def check_ledger(base: str) -> LedgerCheck:
     """Read the wallet and its whole ledger through the admin API."""
     wallet = admin(base, "GET", f"/wallets/{END_USER}")
-    total = entries = charges = holds = charged = 0
+    total = entries = charges = closes = charged = 0
     outcomes: dict[str, int] = {}
     cursor = None
     while True:
@@ -207,12 +207,12 @@ def check_ledger(base: str) -> LedgerCheck:
                 charged -= e["amount_micros"]
                 outcome = _outcome(e)
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            elif e["type"] == "hold":
-                holds += 1
+            if "hold_id" in (e.get("details") or {}) and e["type"] in ("charge", "release", "expire"):
+                closes += 1
         if not page["has_more"]:
             break
         cursor = page["next_cursor"]
-    return LedgerCheck(wallet["balance_micros"], wallet["held_micros"], total, entries, charges, holds, charged, outcomes)
+    return LedgerCheck(wallet["balance_micros"], wallet["held_micros"], total, entries, charges, closes, charged, outcomes)
 
 
 def _outcome(entry: dict) -> str:
@@ -391,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                 lc = check_ledger(t.admin_base)
                 ok_invariant = lc.balance == lc.ledger_sum
                 ok_held = lc.held == 0
-                ok_charges = lc.charges == t.sent_ok and lc.holds == t.sent_ok + t.sent_err
+                ok_charges = lc.charges == t.sent_ok and lc.closes == t.sent_ok + t.sent_err
                 print(f"  {t.name}: requests sent {t.sent_ok + t.sent_err} (ok {t.sent_ok}, errors {t.sent_err}), "
-                      f"charges recorded {lc.charges}, holds {lc.holds}, outcomes {lc.outcomes}")
+                      f"charges recorded {lc.charges}, holds closed {lc.closes}, outcomes {lc.outcomes}")
                 print(f"    balance {lc.balance} == sum of {lc.entries} ledger amounts {lc.ledger_sum}: "
                       f"{'yes' if ok_invariant else 'NO'}; held {lc.held}; charged {lc.charged_micros} micros "
                       f"(= FUNDS - balance: {'yes' if FUNDS_MICROS - lc.balance == lc.charged_micros else 'NO'})")
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not ok_held:
                     failures.append(f"{t.name}: {lc.held} micros still held after the run")
                 if not ok_charges:
-                    failures.append(f"{t.name}: {lc.charges} charges / {lc.holds} holds recorded for "
+                    failures.append(f"{t.name}: {lc.charges} charges / {lc.closes} holds closed for "
                                     f"{t.sent_ok} successful of {t.sent_ok + t.sent_err} requests sent: CHARGES LOST OR EXTRA")
                 if FUNDS_MICROS - lc.balance != lc.charged_micros:
                     failures.append(f"{t.name}: balance moved by {FUNDS_MICROS - lc.balance}, charges sum {lc.charged_micros}")

@@ -255,7 +255,9 @@ class Lease:
             try:
                 self.hold = await service.wallets.hold(
                     self.caller.end_user_id, self.quote.hold.price_micros, hold_id=hold_id,
-                    meta={"request_id": self.request_id, "model": self.quote.model.name, "key_id": self.caller.key_id},
+                    # Only the request id waits on the hold (a short field keeps its record compact);
+                    # its close says the rest (see release_meta).
+                    meta={"request_id": self.request_id},
                     spend=limits.credential_spend(self.caller, self.request_id, 0), budget=self.budget,
                 )
             except InsufficientFunds as exc:
@@ -271,11 +273,15 @@ class Lease:
                 service.background.spawn(self._abandon(hold_id))
                 raise
 
+    def release_meta(self) -> dict[str, Any]:
+        """What a release entry records of the call that paid nothing."""
+        return {"request_id": self.request_id, "model": self.quote.model.name, "key_id": self.caller.key_id}
+
     async def _abandon(self, hold_id: str) -> None:
         with contextlib.suppress(WalletError, *STORE_UNREACHABLE):
             await self.service.wallets.release(
                 self.caller.end_user_id, hold_id, reason="call abandoned while its hold was placed",
-                spend=limits.credential_spend(self.caller, self.request_id, 0),
+                spend=limits.credential_spend(self.caller, self.request_id, 0), meta=self.release_meta(),
             )
 
     # ---------------------------------------------------------- reporting
@@ -480,7 +486,7 @@ class Lease:
             reason = self.failure or ("client gone before forwarding" if self.client_left else "not forwarded")
             return await wallets.release(
                 caller.end_user_id, self.hold.hold_id, reason=reason,
-                spend=limits.credential_spend(caller, self.request_id, 0),
+                spend=limits.credential_spend(caller, self.request_id, 0), meta=self.release_meta(),
             )
         usage = self.usage if self.usage is not None else self.counted_usage()
         source = self.usage_source if self.usage is not None else "counted"

@@ -641,7 +641,7 @@ local function capture_hold(hold_id, hold_amount, amount, meta, cap_room)
   local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(0 - captured), 'held_delta', fmt(0 - hold_amount),
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'requested', fmt(amount),
     'shortfall', fmt(shortfall), 'grants', draws, 'meta', meta})
-  redis.call('HDEL', KEYS[3], 'meta')  -- the charge's own meta says what the call was; the record is kept only for replays
+  redis.call('HDEL', KEYS[3], 'meta')  -- the charge's meta says what the call was; the record stays only for replays
   grants_save(G)
   balance = grants_sweep_if_due(KEYS[1], KEYS[4], held, balance)  -- what this hold had reserved of an expired grant lapses
   local attempt = claim_auto_top_up(balance - held + credit_limit)
@@ -650,18 +650,21 @@ end
 
 -- Give a whole active hold back (release, or expire with nothing checkpointed):
 -- keys as for capture_hold; `entry_type` is 'release' or 'expire'. The entry
--- carries the hold's own `meta` (what the call was: hold.lua writes no entry),
--- which then leaves the record, kept only for replays.
-local function release_hold(hold_id, hold_amount, entry_type, reason)
+-- carries `meta` when given, else the hold's own (what the call was: hold.lua
+-- writes no entry), which then leaves the record, kept only for replays.
+local function release_hold(hold_id, hold_amount, entry_type, reason, meta)
   local balance, held, credit_limit = wallet_state(KEYS[1])
-  local meta = redis.call('HGET', KEYS[3], 'meta') or nil
+  local kept = redis.call('HGET', KEYS[3], 'meta') or nil
+  if meta == nil or meta == '' then
+    meta = kept
+  end
   local _, budget_count = budget_close()
   budget_count(0)
   held = redis.call('HINCRBY', KEYS[1], 'held', 0 - hold_amount)  -- never -0 (see capture_hold)
   redis.call('HDEL', KEYS[2], hold_id)
   local id = append_ledger(KEYS[4], {'type', entry_type, 'amount', '0', 'held_delta', fmt(0 - hold_amount),
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'reason', reason, 'meta', meta})
-  if meta then
+  if kept then
     redis.call('HDEL', KEYS[3], 'meta')
   end
   balance = grants_sweep_if_due(KEYS[1], KEYS[4], held, balance)  -- see capture_hold

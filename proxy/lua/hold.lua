@@ -13,9 +13,11 @@
 -- against it, and its growth and close count there too.
 -- Returns {'ok'|'replay', hold_id, amount, expires_ms, balance, held, credit_limit}.
 -- No ledger entry: a hold moves no money, and its record says all it is
--- (amount, expiry, and `meta`, which the entry that closes it carries: see
--- release_hold). The close writes the one entry a call leaves (charge, release
--- or expire, with held_delta = minus the hold), so a call costs one entry, not two.
+-- (amount, expiry, and `meta`, which a release or expire entry carries unless
+-- given its own: see release_hold). The close writes the one entry a call
+-- leaves (charge, release or expire, with held_delta = minus the hold).
+-- Keep `meta` short (a request id): a field over 64 bytes turns the record
+-- from a listpack into a hash table, twice its size for the day it is kept.
 -- The hold id is the idempotency key: the same id and amount (as first asked
 -- for, however the hold grew since) replays the first result; the same id
 -- with another amount is an IDEMPOTENCY_CONFLICT.

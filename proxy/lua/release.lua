@@ -5,6 +5,8 @@
 -- ARGV[1] hold id   ARGV[2] reason   ARGV[3] seconds to keep the closed hold's record
 -- Optional: KEYS[5] the limits hash of the credential that made the call and
 -- ARGV[4] its request id: the call's spend reservation is then given back too.
+-- ARGV[5] (optional) metadata JSON for the release entry; without it the entry
+-- carries the metadata the hold was placed with.
 -- Returns {'ok'|'replay', ledger_id, captured (0), released, shortfall (0), balance, held, credit_limit}.
 -- Releasing a released hold replays; releasing a settled or expired hold is
 -- HOLD_CLOSED. Keeps: held == sum of active holds; balance is untouched.
@@ -18,7 +20,7 @@ end
 if rec[1] ~= 'active' then
   return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. rec[1])
 end
-local result = release_hold(ARGV[1], tonumber(rec[2]), 'release', ARGV[2])
+local result = release_hold(ARGV[1], tonumber(rec[2]), 'release', ARGV[2], ARGV[5])
 if KEYS[5] then
   limits_record(limits_load(KEYS[5]), ARGV[4], 0, 0)
 end

@@ -441,11 +441,14 @@ class WalletStore:
         return self._settlement(wallet_id, hold_id, out)
 
     async def release(
-        self, wallet_id: str, hold_id: str, *, reason: str = "", spend: CredentialSpend | None = None
+        self, wallet_id: str, hold_id: str, *, reason: str = "", spend: CredentialSpend | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> Settlement:
+        """Give the whole hold back. The release entry records `meta`, else what the hold was placed with."""
         out = await self._scripts.run(
             self.commands, "release", self._closing_keys(wallet_id, hold_id, spend),
-            [hold_id, reason, self.closed_hold_ttl_seconds, *((spend.request_id,) if spend else ())],
+            [hold_id, reason, self.closed_hold_ttl_seconds, spend.request_id if spend else "",
+             _meta(meta) if meta else ""],
             before=dirty_commands(wallet_id),  # its entry is archived like any other
         )
         await self._unindex(wallet_id, hold_id)

@@ -160,6 +160,24 @@ async def test_a_hold_writes_no_entry_and_its_release_carries_what_the_call_was(
     assert record[b"status"] == b"released" and b"meta" not in record
 
 
+async def test_a_release_given_its_own_meta_records_that_instead_of_the_holds(wallets):
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 1_000_000, meta={"request_id": "req_1"})
+    await wallets.release("u_1", hold.hold_id, reason="not forwarded",
+                          meta={"request_id": "req_1", "model": "gpt-4o-mini", "key_id": "key_1"})
+    [entry, *_] = await wallets.ledger("u_1", limit=100)
+    assert {k: entry.details[k] for k in ("request_id", "model", "key_id")} == {
+        "request_id": "req_1", "model": "gpt-4o-mini", "key_id": "key_1"}
+
+
+async def test_a_calls_closed_hold_record_stays_a_listpack(wallets, redis):
+    # Kept a day per call: a field over 64 bytes would make it a hash table, twice the memory.
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 1_000_000, meta={"request_id": "req_" + "0" * 24})
+    await wallets.settle("u_1", hold.hold_id, 400_000, meta={"request_id": "req_" + "0" * 24, "model": "m" * 80})
+    assert await redis.object("encoding", f"mg:{{w:u_1}}:hold:{hold.hold_id}") == b"listpack"
+
+
 async def test_hold_with_the_same_id_and_another_amount_conflicts(wallets):
     await funded(wallets)
     await wallets.hold("u_1", 1_000_000, hold_id="hold_a")
