@@ -88,6 +88,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[METERING] = Metering(
         app[WALLETS], LimitStore(client, commands), app[BACKGROUND],
         checkpoint_interval_seconds=config.checkpoint_interval_seconds, budgets=BudgetPolicy(config.budgets),
+        accounts=app[ACCOUNTS],
     )
     yield
     await app[WALLETS].flush_unindexed()  # spares the reaper finding this replica's last closed holds

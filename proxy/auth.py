@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy.appstate import ACCOUNTS, CONFIG, WALLETS
 from proxy.enduser_jwt import TOKENS, looks_like_jwt
 from proxy.errors import ApiError
-from proxy.store import API_KEY_PREFIX, TEST_KEY_PREFIX
+from proxy.store import API_KEY_PREFIX, TEST_KEY_PREFIX, KeyStamp
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Caller:
     budget: Mapping[str, Any] | None = None
     asset: str = "USD"  # what the wallet holds (its card must price in it)
     livemode: bool = True  # False: a test end user, whose calls go to the sandbox (proxy/sandbox.py)
+    # The version of the key a cached lookup saw (metered calls only): the hold checks it.
+    key_stamp: KeyStamp | None = None
 
 
 def presented_bearer(request: web.Request) -> str:
@@ -51,14 +53,15 @@ def _invalid_key() -> ApiError:
     return ApiError(401, "incorrect API key provided", code="invalid_api_key")
 
 
-async def _profile_caller(request: web.Request, end_user_id: str, key_id: str, scopes: Mapping[str, Any]) -> Caller | None:
+async def _profile_caller(request: web.Request, end_user_id: str, key_id: str, scopes: Mapping[str, Any],
+                          key_stamp: KeyStamp | None = None) -> Caller | None:
     max_age = request.config_dict[CONFIG].profile_cache_seconds
     profile = await request.config_dict[WALLETS].profile(end_user_id, max_age_seconds=max_age)
     if profile is None:
         return None
     return Caller(end_user_id, key_id, profile.get("tier") or "default", profile.get("ratecard"), scopes,
                   budget=profile.get("budget"), asset=profile.get("asset") or "USD",
-                  livemode=profile.get("livemode", True) is not False)
+                  livemode=profile.get("livemode", True) is not False, key_stamp=key_stamp)
 
 
 @dataclass(frozen=True)
@@ -82,30 +85,47 @@ def key_matches(presented: str, keys: Iterable[str]) -> bool:
     return any(hmac.compare_digest(candidate, k.encode("utf-8", "surrogateescape")) for k in keys)
 
 
-async def identify(request: web.Request) -> Credential:
+async def _key_caller(request: web.Request, token: str, *, cached: bool) -> Caller:
+    accounts = request.config_dict[ACCOUNTS]
+    if cached:
+        found = await accounts.find_key_cached(token)
+        key, stamp = found if found is not None else (None, None)
+    else:
+        key, stamp = await accounts.find_key(token), None
+    if key is None or key.revoked:
+        raise _invalid_key()
+    expires_ms = key.scopes.get("expires_ms")
+    if expires_ms is not None and expires_ms <= time.time() * 1000:
+        raise ApiError(401, "this API key has expired", code="invalid_api_key")
+    caller = await _profile_caller(request, key.end_user_id, key.id, key.scopes, stamp)
+    if caller is None:
+        raise _invalid_key()
+    if token.startswith(TEST_KEY_PREFIX) == caller.livemode:
+        # Minted to match its end user's mode, so this is a forgery or a bug: never let it cross.
+        raise ApiError(401, "this key's mode (test or live) is not its end user's", code="invalid_api_key")
+    return caller
+
+
+async def identify(request: web.Request, *, cached: bool = False) -> Credential:
     """What the bearer proves, from the header alone, or a 401 in OpenAI's shape.
 
     Never reads the body: a request without a valid credential is refused
     before its body is read, so it cannot hold a handler open by sending one slowly.
+    `cached`: an `sk-eu_` key may come from this process's cache, with the stamp
+    its hold checks (the metered path, which retries on `StaleCredential`).
     """
     token = bearer_token(request)
     # `sk-eu_` keys and JWTs are ASCII by construction; anything else can only
     # be an operator key (compared as bytes below) and must not reach the
     # key hashing or the JWT parser, which choke on undecodable text.
     if token.isascii() and token.startswith(API_KEY_PREFIX):
-        key = await request.config_dict[ACCOUNTS].find_key(token)
-        if key is None or key.revoked:
-            raise _invalid_key()
-        expires_ms = key.scopes.get("expires_ms")
-        if expires_ms is not None and expires_ms <= time.time() * 1000:
-            raise ApiError(401, "this API key has expired", code="invalid_api_key")
-        caller = await _profile_caller(request, key.end_user_id, key.id, key.scopes)
-        if caller is None:
-            raise _invalid_key()
-        if token.startswith(TEST_KEY_PREFIX) == caller.livemode:
-            # Minted to match its end user's mode, so this is a forgery or a bug: never let it cross.
-            raise ApiError(401, "this key's mode (test or live) is not its end user's", code="invalid_api_key")
-        return caller
+        if cached:
+            try:
+                return await _key_caller(request, token, cached=True)
+            except ApiError:
+                # A cached copy only ever says yes: a refusal is made on the key as stored now.
+                request.config_dict[ACCOUNTS].forget_cached_key(token)
+        return await _key_caller(request, token, cached=False)
     if key_matches(token, request.config_dict[CONFIG].operator_keys):
         return OperatorKey()
     if key_matches(token, request.config_dict[CONFIG].operator_test_keys):

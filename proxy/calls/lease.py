@@ -41,6 +41,7 @@ from proxy.budgets import BudgetPolicy
 from proxy.errors import ApiError
 from proxy.events.notices import Notices
 from proxy.store import (
+    AccountStore,
     BudgetExceeded,
     Checkpoint,
     Hold,
@@ -48,6 +49,7 @@ from proxy.store import (
     LimitStore,
     Settlement,
     SpendLimitReached,
+    StaleCredential,
     WalletError,
     WalletStore,
 )
@@ -94,7 +96,8 @@ class Background:
     def _done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         # Nobody may be left to await it (its client went away): say what failed here.
-        if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, ApiError):
+        # (A StaleCredential is no failure: the call is admitted again on a fresh lookup.)
+        if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, ApiError | StaleCredential):
             log.error("background task failed: %r", exc, exc_info=exc)
 
     async def drain(self, timeout: float) -> None:
@@ -117,6 +120,8 @@ class Metering:
     notices: Notices | None = None
     # End users' budgets per period (proxy/budgets.py): which one a call counts against.
     budgets: BudgetPolicy = field(default_factory=lambda: BudgetPolicy({}))
+    # Where a refusal of a call admitted on a cached key checks that key is still current.
+    accounts: AccountStore | None = None
 
     def lease(self, caller: Caller, quote: metering.Quote, request_id: str, *, min_output_tokens: int = 0,
               choices: int = 1) -> Lease:
@@ -200,6 +205,7 @@ class Lease:
         try:
             await self._admit_and_hold()
         except ApiError as refusal:
+            await self._refuse_only_on_a_current_key()
             clamped = None
             if refusal.status == 402 and self.min_output_tokens > 0:
                 clamped = await self._clamped_quote()
@@ -219,6 +225,13 @@ class Lease:
         loop = asyncio.get_running_loop()
         self._refresh_at = loop.time() + self.service.wallets.hold_ttl_ms / 2000
         self._timer = loop.call_later(self._beat_interval(), self._beat)
+
+    async def _refuse_only_on_a_current_key(self) -> None:
+        """A refusal (a rate limit, a cap) resting on a cached key that changed since is not
+        final: `StaleCredential` has the call admitted again from a fresh lookup."""
+        stamp, accounts = self.caller.key_stamp, self.service.accounts
+        if stamp is not None and accounts is not None and not await accounts.stamp_is_current(stamp):
+            raise StaleCredential(f"key {stamp.key_id} changed since it was looked up")
 
     async def _clamped_quote(self) -> metering.Quote | None:
         """The quote lowered to the output the wallet and the key's caps can pay for, if that
@@ -259,6 +272,7 @@ class Lease:
                     # its close says the rest (see release_meta).
                     meta={"request_id": self.request_id},
                     spend=limits.credential_spend(self.caller, self.request_id, 0), budget=self.budget,
+                    key_stamp=self.caller.key_stamp,
                 )
             except InsufficientFunds as exc:
                 raise FundsRefusal(f"You exceeded your current quota: {exc.message}. Top up the wallet to continue.") from None

@@ -11,6 +11,11 @@
 -- period's name (see "Budgets" in _prelude.lua): the hold is refused with
 -- BUDGET_EXCEEDED when it does not fit what the budget leaves, else reserved
 -- against it, and its growth and close count there too.
+-- KEYS[5], ARGV[11], ARGV[12] (optional) the end user's key hash, the id of the
+-- key the call was admitted with and the stamp the caller's cached copy of it
+-- has: the hold is refused with STALE_CREDENTIAL unless that is still the key's
+-- stamp (every change of a key replaces it, see proxy/store/accounts.py), so a
+-- revoked or changed key never pays for a call from a stale cache.
 -- Returns {'ok'|'replay', hold_id, amount, expires_ms, balance, held, credit_limit}.
 -- No ledger entry: a hold moves no money, and its record says all it is
 -- (amount, expiry, and `meta`, which a release or expire entry carries unless
@@ -49,6 +54,12 @@ if existing[3] ~= false then
   end
   local b, h, c = wallet_state(KEYS[1])
   return {'replay', ARGV[1], first, existing[2], fmt(b), fmt(h), fmt(c)}
+end
+if ARGV[11] and ARGV[11] ~= '' then
+  local stamp = redis.call('HGET', KEYS[5], 'v:' .. ARGV[11]) or ''
+  if stamp ~= ARGV[12] then
+    return fail('STALE_CREDENTIAL', 'key ' .. ARGV[11] .. ' changed since it was looked up')
+  end
 end
 local balance, held, credit_limit = wallet_state(KEYS[1])
 if balance == nil then

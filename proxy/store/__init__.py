@@ -29,6 +29,7 @@ from proxy.store.errors import (
     RefundExceedsCharge,
     RefundExceedsPayment,
     SpendLimitReached,
+    StaleCredential,
     WalletError,
     WalletExists,
     WalletNotFound,
@@ -42,6 +43,7 @@ from proxy.store.wallets import (
     CredentialSpend,
     Hold,
     HoldExtension,
+    KeyStamp,
     LedgerEntry,
     Receipt,
     Settlement,
@@ -51,9 +53,9 @@ from proxy.store.wallets import (
 )
 
 __all__ = [
-    "API_KEY_PREFIX", "AccountStore", "ApiKey", "Audit", "BalanceLimit", "BudgetExceeded", "Checkpoint", "ChargeNotFound", "CreditLimitInUse", "Commands", "CredentialSpend",
+    "API_KEY_PREFIX", "AccountStore", "ApiKey", "KeyStamp", "Audit", "BalanceLimit", "BudgetExceeded", "Checkpoint", "ChargeNotFound", "CreditLimitInUse", "Commands", "CredentialSpend",
     "HOLD_INDEX_KEY", "Hold", "HoldClosed", "HoldExtension", "HoldNotFound", "IdempotencyConflict", "InsufficientFunds",
     "InvalidAmount", "InvalidWalletRequest", "NoPaymentMethod", "PaymentNotFound", "RefundExceedsPayment", "KeySpend", "LedgerEntry", "LimitStore", "Limited", "MAX_AMOUNT_MICROS",
-    "PREFIX", "Receipt", "RedisPyCommands", "RefundExceedsCharge", "Settlement", "SpendLimitReached", "TEST_KEY_PREFIX", "WALLET_ID_RE", "WalletError",
+    "PREFIX", "Receipt", "RedisPyCommands", "RefundExceedsCharge", "Settlement", "SpendLimitReached", "StaleCredential", "TEST_KEY_PREFIX", "WALLET_ID_RE", "WalletError",
     "WalletExists", "WalletNotFound", "WalletState", "WalletStore", "connect", "fingerprint", "hash_api_key", "now_ms",
 ]

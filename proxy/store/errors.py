@@ -37,6 +37,13 @@ class SpendLimitReached(WalletError):
     code = "SPEND_LIMIT"
 
 
+class StaleCredential(WalletError):
+    """The key a call was admitted with changed (revoked, its scopes or expiry patched)
+    since this process cached it: look it up afresh and admit the call again."""
+
+    code = "STALE_CREDENTIAL"
+
+
 class HoldNotFound(WalletError):
     code = "HOLD_NOT_FOUND"
 
@@ -98,7 +105,7 @@ _ERRORS: dict[str, type[WalletError]] = {
     for cls in (
         WalletNotFound, WalletExists, InsufficientFunds, SpendLimitReached, IdempotencyConflict, HoldNotFound, HoldClosed,
         ChargeNotFound, RefundExceedsCharge, InvalidAmount, BalanceLimit, InvalidWalletRequest,
-        PaymentNotFound, RefundExceedsPayment, NoPaymentMethod, CreditLimitInUse, BudgetExceeded,
+        PaymentNotFound, RefundExceedsPayment, NoPaymentMethod, CreditLimitInUse, BudgetExceeded, StaleCredential,
     )
 }
 

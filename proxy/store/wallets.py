@@ -34,6 +34,7 @@ from proxy.store.keyspace import (
     _limits_key,
     _profile_key,
     _refunded_key,
+    _user_keys_key,
     _wallet_key,
 )
 from proxy.store.scripts import Commands, RedisPyCommands, StoreRedis, _scripts, fingerprint
@@ -70,6 +71,15 @@ class Hold:
     expires_at_ms: int
     wallet: WalletState
     replayed: bool
+
+
+@dataclass(frozen=True)
+class KeyStamp:
+    """Which version of an end-user key a cached lookup saw; a hold checks it (see proxy/store/accounts.py)."""
+
+    end_user_id: str
+    key_id: str
+    stamp: str
 
 
 @dataclass(frozen=True)
@@ -335,13 +345,15 @@ class WalletStore:
     async def hold(
         self, wallet_id: str, amount_micros: int, *, hold_id: str | None = None, ttl_ms: int | None = None,
         meta: Mapping[str, Any] | None = None, spend: CredentialSpend | None = None, budget: CallBudget | None = None,
+        key_stamp: KeyStamp | None = None,
     ) -> Hold:
         """Reserve `amount_micros`; raises `InsufficientFunds` when it does not fit.
 
         `spend` names the credential whose limits reserved this call, so that
         the reaper can give that reservation back if the call never settles.
         `budget`: the end user's budget this period; `BudgetExceeded` when the
-        hold does not fit what it leaves.
+        hold does not fit what it leaves. `key_stamp`: the version of the caller's
+        key a cached lookup saw; `StaleCredential` when the key changed since.
         """
         _check_wallet_id(wallet_id)
         hold_id = hold_id or self.new_hold_id()
@@ -350,12 +362,18 @@ class WalletStore:
         # index entry without a hold (refused, or we died in between) is
         # dropped by the reaper when it finds nothing to expire.
         member = _index_member(wallet_id, hold_id)
+        keys = self._hold_keys(wallet_id, hold_id)
+        args: list[Any] = [hold_id, amount_micros, ttl_ms, _meta(meta)]
+        if spend or budget or key_stamp:
+            args += [spend.credential_id, spend.request_id, *spend.caps()] if spend else [""] * 4
+        if budget or key_stamp:
+            args += [budget.limit_micros, budget.period] if budget else ["", ""]
+        if key_stamp:
+            keys.append(_user_keys_key(wallet_id))
+            args += [key_stamp.key_id, key_stamp.stamp]
         try:
             out = await self._scripts.run(
-                self.commands, "hold", self._hold_keys(wallet_id, hold_id),
-                [hold_id, amount_micros, ttl_ms, _meta(meta),
-                 *((spend.credential_id, spend.request_id, *spend.caps()) if spend else ("",) * 4 if budget else ()),
-                 *((budget.limit_micros, budget.period) if budget else ())],
+                self.commands, "hold", keys, args,
                 before=[*self._take_unindexed(), ("ZADD", HOLD_INDEX_KEY, now_ms() + ttl_ms, member)],
             )
         except IdempotencyConflict:
