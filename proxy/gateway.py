@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
 from collections.abc import Coroutine
 from typing import Any
 
@@ -32,6 +31,7 @@ from proxy.calls.stream import forward_stream
 from proxy.calls.upstream import UpstreamCall, check_forwardable, fetch_stored, forward_whole
 from proxy.config import UpstreamConfig
 from proxy.errors import ApiError, read_json
+from proxy.ids import new_id
 from proxy.schemas import WalletView, usd
 from proxy.store import AccountStore, StaleCredential
 from proxy.store.budgets import BudgetStore
@@ -251,7 +251,7 @@ async def _metered_call(request: web.Request, path: str, *, cached: bool) -> web
     upstream = upstream_name(request, quote.model, caller)
     service = app[METERING]
     lease = service.lease(
-        caller, quote, "req_" + secrets.token_hex(12),
+        caller, quote, new_id("req_"),
         min_output_tokens=app[RATECARDS].current.min_output_tokens(caller.tier), choices=billed_choices(body),  # a clamp is per choice
     )
     observability.call_started(request, lease)

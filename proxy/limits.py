@@ -40,8 +40,12 @@ RATE_FIELDS = ("requests_per_minute", "tokens_per_minute")
 SPEND_FIELDS = ("max_spend_micros", "max_daily_spend_micros")
 
 
+_LIMIT_FIELDS = (*RATE_FIELDS, *SPEND_FIELDS)
+
+
 def has_limits(scopes: Mapping[str, Any]) -> bool:
-    return any(scopes.get(name) is not None for name in (*RATE_FIELDS, *SPEND_FIELDS))
+    # Asked of every call; most keys have no scopes at all.
+    return bool(scopes) and any(scopes.get(name) is not None for name in _LIMIT_FIELDS)
 
 
 def _metered_key(caller: Caller) -> bool:

@@ -11,7 +11,6 @@ does not cancel: the provider bills a transcription it has started either way.
 from __future__ import annotations
 
 import asyncio
-import secrets
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +23,7 @@ from proxy.calls.lease import Lease
 from proxy.calls.upstream import UpstreamCall
 from proxy.errors import ApiError
 from proxy.gateway import answer_whole, caller_card, caller_model, refuse_when_draining, upstream_of
+from proxy.ids import new_id
 
 routes = web.RouteTableDef()
 
@@ -69,6 +69,6 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
 
     call = UpstreamCall(*upstream_of(request, model, caller), "/audio/transcriptions", {}, False, form=make_form)
     service = app[METERING]
-    lease = service.lease(caller, quote, "req_" + secrets.token_hex(12))
+    lease = service.lease(caller, quote, new_id("req_"))
     observability.call_started(request, lease)
     return await answer_whole(service, lease, _transcribed(call, lease))

@@ -7,7 +7,6 @@ Each is an atomic check-change-append on one wallet's keys; the hold index
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError, WatchError
 
+from proxy.ids import new_id
 from proxy.store.budgets import CallBudget
 from proxy.store.errors import HoldNotFound, IdempotencyConflict, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
 from proxy.store.events import dirty_commands
@@ -337,7 +337,7 @@ class WalletStore:
 
     @staticmethod
     def new_hold_id() -> str:
-        return "hold_" + secrets.token_hex(12)
+        return new_id("hold_")
 
     def _hold_keys(self, wallet_id: str, hold_id: str) -> list[str]:
         return [_wallet_key(wallet_id), _holds_key(wallet_id), _hold_key(wallet_id, hold_id), _ledger_key(wallet_id)]
