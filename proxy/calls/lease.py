@@ -7,7 +7,7 @@ however the call ends: answered, client gone before the first byte or
 mid-stream, upstream error, exception, store outage. If the process dies, the
 reaper charges the hold's last checkpoint (`proxy/lua/expire.lua`).
 
-Forwarders only report what happened (`forwarded`, `add_output`,
+Forwarders only report what happened (`forwarded`, `take_output` and `cover_output`,
 `report_usage`, `upstream_failed`, `outcome`); the lease decides the close:
 
 - the upstream's usage (or usage counted from a whole answer) was reported:
@@ -34,7 +34,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pricing import ModelPrice, Usage, price_usage
+from pricing import ModelPrice, Usage, count_text_tokens, price_usage
 from proxy import limits, metering, observability
 from proxy.auth import Caller
 from proxy.budgets import BudgetPolicy
@@ -146,7 +146,11 @@ class Lease:
     hold: Hold | None = None
     held_micros: int = 0  # the hold's amount now (it grows while a stream outruns it)
     covered_output_tokens: int = 0  # output tokens the hold pays for
-    completion_tokens: int = 0  # output counted so far (relayed to the client)
+    # Output relayed to the client: counted exactly (`completion_tokens`), or not yet
+    # (`uncounted`, whose tokens are at most `uncounted_bound`, their UTF-8 bytes).
+    completion_tokens: int = 0
+    uncounted: list[str] = field(default_factory=list)
+    uncounted_bound: int = 0
     response_id: str | None = None  # a Responses API answer's id, as the upstream named it
     outcome: str = "completed"
     # Set by the forwarders:
@@ -304,20 +308,59 @@ class Lease:
         """The request is about to reach the upstream: from now on the provider bills the prompt."""
         self.is_forwarded = True
 
-    def add_output(self, tokens: int) -> None:
+    def take_output(self, text: str) -> int | None:
+        """Count `text` as relayed output when the hold pays for it (None); else its tokens,
+        which the hold must grow to cover first (`cover_output`).
+
+        Streams are not tokenized chunk by chunk: a token is at least one byte, so
+        while the bytes relayed stay within what the hold covers, the text waits
+        and is tokenized once, when a checkpoint or a close without the
+        upstream's usage needs the count (with the usage, never). Near the
+        hold's edge the wait ends and each chunk is counted exactly.
+        """
+        bound = len(text) if text.isascii() else len(text.encode())
+        if self.completion_tokens + self.uncounted_bound + bound <= self.covered_output_tokens and not self.store_lost:
+            self.uncounted.append(text)
+            self.uncounted_bound += bound
+            return None
+        self.count_output()
+        tokens = count_text_tokens(text)
+        if not self.covers(tokens):
+            return tokens
         self.completion_tokens += tokens
+        return None
+
+    async def cover_output(self, tokens: int) -> bool:
+        """Grow the hold to pay for `tokens` more output (what `take_output` could not take)
+        and count them; False (and `outcome` says why) when it cannot grow."""
+        if not await self.cover(tokens):
+            return False
+        self.completion_tokens += tokens
+        return True
+
+    def count_output(self) -> int:
+        """Tokenize the output not yet counted; the output tokens so far."""
+        if self.uncounted:
+            self.completion_tokens += count_text_tokens("".join(self.uncounted))
+            self.uncounted.clear()
+            self.uncounted_bound = 0
+        return self.completion_tokens
+
+    @property
+    def has_output(self) -> bool:
+        return self.completion_tokens > 0 or self.uncounted_bound > 0
 
     def report_usage(self, usage: Usage, source: str) -> None:
         self.usage, self.usage_source = usage, source
 
     def upstream_failed(self, reason: str) -> None:
         """The upstream failed before producing any output: the call costs nothing."""
-        if self.completion_tokens == 0 and self.usage is None:
+        if not self.has_output and self.usage is None:
             self.failure = reason
 
     def counted_usage(self) -> Usage:
         return Usage(prompt_tokens=self.quote.prompt_tokens if self.is_forwarded else 0,
-                     completion_tokens=self.completion_tokens)
+                     completion_tokens=self.count_output())
 
     # -------------------------------------------------------- keeping alive
 

@@ -16,7 +16,6 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from pricing import count_text_tokens
 from proxy import metering, observability
 from proxy.calls.lease import Lease
 from proxy.calls.sse import SSEDecoder
@@ -44,8 +43,8 @@ END_EVENTS = {
 }
 
 
-def output_tokens(choice: Mapping[str, Any]) -> int:
-    """Output tokens in one streamed choice delta (content, reasoning, refusal, tool calls)."""
+def output_text(choice: Mapping[str, Any]) -> str:
+    """The output text of one streamed choice delta (content, reasoning, refusal, tool calls)."""
     delta = choice.get("delta")
     parts: list[str] = []
     if isinstance(delta, Mapping):
@@ -58,26 +57,24 @@ def output_tokens(choice: Mapping[str, Any]) -> int:
                 parts.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str))
     elif isinstance(choice.get("text"), str):
         parts.append(choice["text"])
-    text = "".join(parts)
-    return count_text_tokens(text) if text else 0
+    return "".join(parts)
 
 
-def read_event(data: bytes, tools: metering.ToolCallCounter | None = None) -> tuple[int, dict[str, Any] | None]:
-    """One event's data: its output tokens, and its JSON when it carries the upstream's usage.
-    `tools` (when the request enables a built-in tool) counts the tool calls it shows."""
+def read_event(data: bytes, tools: metering.ToolCallCounter | None = None) -> tuple[str, dict[str, Any] | None]:
+    """One event's data: its output text (tokenized by the lease, see Lease.take_output), and
+    its JSON when it carries the upstream's usage. `tools` (when the request enables a
+    built-in tool) counts the tool calls it shows."""
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return 0, None
+        return "", None
     if not isinstance(chunk, dict):
-        return 0, None
+        return "", None
     if tools is not None:
         tools.see(chunk)
-    tokens = 0
-    for choice in chunk.get("choices") or ():
-        if isinstance(choice, Mapping):
-            tokens += output_tokens(choice)
-    return tokens, chunk if isinstance(chunk.get("usage"), dict) else None
+    choices = chunk.get("choices") or ()
+    text = "".join(output_text(c) for c in choices if isinstance(c, Mapping)) if choices else ""
+    return text, chunk if isinstance(chunk.get("usage"), dict) else None
 
 
 # Responses API stream events whose `delta` is output text the provider bills as output tokens.
@@ -90,21 +87,21 @@ RESPONSE_TEXT_DELTAS = frozenset({
 RESPONSE_TERMINALS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
-def read_response_event(data: bytes, tools: metering.ToolCallCounter | None) -> tuple[int, dict[str, Any] | None]:
-    """One Responses API event: its output tokens, and the event itself when it ends the stream."""
+def read_response_event(data: bytes, tools: metering.ToolCallCounter | None) -> tuple[str, dict[str, Any] | None]:
+    """One Responses API event: its output text, and the event itself when it ends the stream."""
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return 0, None
+        return "", None
     if not isinstance(event, dict):
-        return 0, None
+        return "", None
     if tools is not None:
         tools.see(event)
     kind = event.get("type")
     if kind in RESPONSE_TEXT_DELTAS:
         delta = event.get("delta")
-        return (count_text_tokens(delta) if isinstance(delta, str) and delta else 0), None
-    return 0, event if kind in RESPONSE_TERMINALS else None
+        return (delta if isinstance(delta, str) else ""), None
+    return "", event if kind in RESPONSE_TERMINALS else None
 
 
 async def _response_with_cost(lease: Lease, terminal: dict[str, Any], usage: dict[str, Any],
@@ -152,11 +149,9 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
                     relay.append(event.raw)
                     continue
                 if responses_api:
-                    tokens, terminal = read_response_event(data, tools)
-                    if tokens:
-                        if not await _covered(lease, tokens, response, relay):
-                            return response
-                        lease.add_output(tokens)
+                    text, terminal = read_response_event(data, tools)
+                    if text and not await _covered(lease, text, response, relay):
+                        return response
                     if terminal is not None:
                         saw_done = True
                         final = terminal.get("response")
@@ -172,11 +167,9 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
                     saw_done = True
                     relay.append(event.raw)
                     continue
-                tokens, usage_chunk = read_event(data, tools)
-                if tokens:
-                    if not await _covered(lease, tokens, response, relay):
-                        return response
-                    lease.add_output(tokens)
+                text, usage_chunk = read_event(data, tools)
+                if text and not await _covered(lease, text, response, relay):
+                    return response
                 if usage_chunk is not None and lease.usage is None:
                     shown = await _with_cost(lease, usage_chunk, tools)
                     if usage_chunk.get("choices") or client_wants_usage:
@@ -212,7 +205,7 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
         # Closing (not releasing) drops the upstream connection, so the
         # provider stops generating what nobody will read.
         upstream.close()
-        if tools is not None and lease.usage is None and lease.completion_tokens:
+        if tools is not None and lease.usage is None and lease.has_output:
             # Ended without the upstream's usage but with output: the tool calls
             # already made are billed by the provider, so they join what is counted.
             calls = tools.calls()
@@ -226,11 +219,12 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
     return response
 
 
-async def _covered(lease: Lease, tokens: int, response: web.StreamResponse, relay: list[bytes]) -> bool:
-    """Cover `tokens` more output before relaying it; on refusal, relay what was covered and stop."""
-    if lease.covers(tokens):
+async def _covered(lease: Lease, text: str, response: web.StreamResponse, relay: list[bytes]) -> bool:
+    """Cover the output `text` before relaying it; on refusal, relay what was covered and stop."""
+    tokens = lease.take_output(text)
+    if tokens is None:
         return True
     if relay:
         await response.write(b"".join(relay))
         relay.clear()
-    return await lease.cover(tokens)
+    return await lease.cover_output(tokens)
