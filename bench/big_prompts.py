@@ -22,7 +22,6 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.loadgen import REPO_ROOT, free_port
-from bench.run import Proc, admin, start_process, stop_process, write_metergate_config
+from bench.run import Proc, admin, private_redis, start_mock_upstream, start_process, stop_process, write_metergate_config
 
 BIG_CLIENTS = 8
 BIG_PROMPT_BYTES = 3_900_000  # under the default 4 MiB body limit
@@ -101,25 +100,17 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per scenario")
     args = parser.parse_args()
     tree = str(Path(args.tree).resolve())
-    sys.path.insert(0, REPO_ROOT)
-    from tests.redis_server import RedisServer
-
     print(f"metergate from {tree}; {BIG_CLIENTS} clients x {BIG_PROMPT_BYTES / 1e6:.1f} MB prompts; "
           f"{args.duration:g} s per scenario; everything shares this machine's cores.", flush=True)
     procs: list[Proc] = []
-    with tempfile.TemporaryDirectory(prefix="metergate-bigprompts-") as tmp:
-        tmpdir = Path(tmp)
-        (tmpdir / "redis").mkdir()
-        redis = RedisServer(tmpdir / "redis")
-        redis.start()
+    with private_redis("metergate-bigprompts-") as (tmpdir, redis):
         try:
             py = sys.executable
-            mock_port = free_port()
-            procs.append(start_process("mock upstream", [py, "-m", "tests.mock_upstream", "--port", str(mock_port), "--fast"],
-                                       mock_port, tmpdir))
+            mock, upstream = start_mock_upstream(tmpdir)
+            procs.append(mock)
             port = free_port()
             cfg = tmpdir / "metergate.yaml"
-            write_metergate_config(cfg, port, f"http://127.0.0.1:{mock_port}/v1", redis.url)
+            write_metergate_config(cfg, port, upstream, redis.url)
             cfg.write_text(cfg.read_text().replace(json.dumps(str(Path(REPO_ROOT) / "config" / "ratecards")),
                                                    json.dumps(str(Path(tree) / "config" / "ratecards"))))
             argv = [py, "-c", f"import sys; sys.path.insert(0, {tree!r}); from proxy.cli import main; sys.exit(main())",
@@ -135,7 +126,6 @@ def main() -> int:
         finally:
             for proc in reversed(procs):
                 stop_process(proc)
-            redis.stop()
     return 0
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -41,12 +42,17 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.loadgen import REPO_ROOT, LoadResult, free_port, run_load_in_subprocess, wait_for_port
 from bench.memory import by_family, used_memory
 from bench.memory import report as memory_report
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
 
 ADMIN_KEY = "bench-admin-key"
 OPERATOR_KEY = "bench-operator-key"
@@ -131,6 +137,31 @@ def stop_process(proc: Proc) -> None:
         except subprocess.TimeoutExpired:
             proc.popen.kill()
             proc.popen.wait()
+
+
+@contextlib.contextmanager
+def private_redis(prefix: str) -> Iterator[tuple[Path, RedisServer]]:
+    """A temp dir and a private redis-server running in it (never a shared one); both gone after."""
+    sys.path.insert(0, REPO_ROOT)
+    from tests.redis_server import RedisServer
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        tmpdir = Path(tmp)
+        (tmpdir / "redis").mkdir()
+        redis = RedisServer(tmpdir / "redis")
+        redis.start()
+        try:
+            yield tmpdir, redis
+        finally:
+            redis.stop()
+
+
+def start_mock_upstream(tmpdir: Path, *options: str) -> tuple[Proc, str]:
+    """The mock OpenAI upstream in bench mode (`--fast`, plus `options`), and its /v1 base URL."""
+    port = free_port()
+    proc = start_process("mock upstream", [sys.executable, "-m", "tests.mock_upstream", "--port", str(port), "--fast",
+                                           *options], port, tmpdir)
+    return proc, f"http://127.0.0.1:{port}/v1"
 
 
 def write_metergate_config(path: Path, port: int, upstream_base_url: str, redis_url: str | None) -> None:
