@@ -296,9 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration if args.duration is not None else (2.0 if args.quick else 8.0)
     warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.5)
 
-    sys.path.insert(0, REPO_ROOT)
-    from tests.redis_server import RedisServer
-
     cores = os.cpu_count() or 0
     print(f"metergate bench: {cores} CPU core(s) on this machine; redis, the mock upstream, the proxy under test "
           f"and the load generator (its own process) all share them, so absolute numbers understate a dedicated box.")
@@ -307,20 +304,12 @@ def main(argv: list[str] | None = None) -> int:
 
     failures: list[str] = []
     procs: list[Proc] = []
-    redis: RedisServer | None = None
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="metergate-bench-") as tmp:
-        tmpdir = Path(tmp)
+    with private_redis("metergate-bench-") as (tmpdir, redis):
         try:
-            (tmpdir / "redis").mkdir()
-            redis = RedisServer(tmpdir / "redis")
-            redis.start()
-
             py = sys.executable
-            mock_port = free_port()
-            procs.append(start_process("mock upstream", [py, "-m", "tests.mock_upstream", "--port", str(mock_port), "--fast"],
-                                       mock_port, tmpdir))
-            upstream = f"http://127.0.0.1:{mock_port}/v1"
+            mock, upstream = start_mock_upstream(tmpdir)
+            procs.append(mock)
 
             pt_port = free_port()
             pt = start_process(PASSTHROUGH, [py, "-m", "bench.passthrough", "--port", str(pt_port), "--upstream", upstream],
@@ -455,8 +444,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for proc in reversed(procs):
                 stop_process(proc)
-            if redis is not None:
-                redis.stop()
 
     print()
     print(f"total wall time {time.monotonic() - started:.0f} s")
