@@ -114,14 +114,16 @@ def named_upstream(request: web.Request, name: str, caller: Caller) -> tuple[aio
     return (app[HTTP][name], upstream) if upstream is not None else None
 
 
-def upstream_of(request: web.Request, model: ModelPrice, caller: Caller) -> tuple[aiohttp.ClientSession, UpstreamConfig]:
-    """Where a call goes: its model's upstream, or the sandbox for a test end user (nothing real is called)."""
+def upstream_of(request: web.Request, model: ModelPrice, caller: Caller,
+                ) -> tuple[aiohttp.ClientSession, UpstreamConfig, str]:
+    """Where a call goes (session, settings, name): its model's upstream, or the sandbox for a
+    test end user (nothing real is called)."""
     name = upstream_name(request, model, caller)
     found = named_upstream(request, name, caller)
     if found is None:  # a card naming an upstream the config lacks: refused before any hold
         raise ApiError(502, f"upstream {name!r} of model {model.name!r} is not configured", type="api_error",
                        code="upstream_not_configured")
-    return found
+    return (*found, name)
 
 
 # Bodies above this are quoted off the event loop, after a cheap wallet read.
@@ -141,8 +143,7 @@ async def _prepare(request: web.Request, kind: str | None, required: str | None 
         return await _quote_for(request, credential, kind, required)
     except ApiError:
         stamp = credential.key_stamp if isinstance(credential, Caller) else None
-        if stamp is not None and not await request.config_dict[ACCOUNTS].stamp_is_current(stamp):
-            raise StaleCredential(f"key {stamp.key_id} changed since it was looked up") from None
+        await request.config_dict[ACCOUNTS].refuse_only_on_a_current_key(stamp)
         raise
 
 
@@ -195,12 +196,12 @@ def _kind_of_estimate(body: Any) -> str:
 # ------------------------------------------------------------------ handlers
 
 
-async def _whole(call: UpstreamCall, lease: Lease, accounts: AccountStore, upstream: str) -> web.StreamResponse:
+async def _whole(call: UpstreamCall, lease: Lease, accounts: AccountStore) -> web.StreamResponse:
     async with lease:
         if lease.client_left:
             raise asyncio.CancelledError  # gone before forwarding: the lease releases the hold
         response = await forward_whole(call, lease)
-    await _remember_response(accounts, call, lease, upstream)
+    await _remember_response(accounts, call, lease)
     return response
 
 
@@ -212,14 +213,14 @@ RESPONSE_OWNER_TTL_SECONDS = 30 * 86_400
 _RESPONSE_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 
 
-async def _remember_response(accounts: AccountStore, call: UpstreamCall, lease: Lease, upstream: str) -> None:
-    """Record whose a stored Responses API answer is, and which upstream (`upstream`, the sandbox for a
-    test end user) holds it, so GET /v1/responses/{id} serves it to them alone, from there."""
+async def _remember_response(accounts: AccountStore, call: UpstreamCall, lease: Lease) -> None:
+    """Record whose a stored Responses API answer is, and which upstream (the sandbox for a test
+    end user) holds it, so GET /v1/responses/{id} serves it to them alone, from there."""
     rid = lease.response_id
     if rid is None or not _RESPONSE_ID.match(rid) or call.body.get("store") is False:
         return
     try:
-        await accounts.remember_response(lease.caller.end_user_id, rid, upstream, RESPONSE_OWNER_TTL_SECONDS)
+        await accounts.remember_response(lease.caller.end_user_id, rid, call.upstream_name, RESPONSE_OWNER_TTL_SECONDS)
     except Exception as exc:  # the answer is paid and delivered; only its later retrieval is lost
         log.warning("request %s: could not record the owner of response %s: %r", lease.request_id, rid, exc)
 
@@ -248,7 +249,6 @@ async def _metered_call(request: web.Request, path: str, *, cached: bool) -> web
                        param="input")
     stream = bool(body.get("stream")) and kind not in ("embedding", "speech")
     call = UpstreamCall(*upstream_of(request, quote.model, caller), path, body, stream)
-    upstream = upstream_name(request, quote.model, caller)
     service = app[METERING]
     lease = service.lease(
         caller, quote, new_id("req_"),
@@ -263,9 +263,9 @@ async def _metered_call(request: web.Request, path: str, *, cached: bool) -> web
                 if app[LIFECYCLE].draining:  # cut by shutdown past its grace, not by its client
                     lease.outcome = "shutdown"
                 raise
-        await _remember_response(app[ACCOUNTS], call, lease, upstream)
+        await _remember_response(app[ACCOUNTS], call, lease)
         return response
-    return await answer_whole(service, lease, _whole(call, lease, app[ACCOUNTS], upstream))
+    return await answer_whole(service, lease, _whole(call, lease, app[ACCOUNTS]))
 
 
 async def answer_whole(service: Metering, lease: Lease, work: Coroutine[Any, Any, web.StreamResponse]) -> web.StreamResponse:

@@ -209,7 +209,9 @@ class Lease:
         try:
             await self._admit_and_hold()
         except ApiError as refusal:
-            await self._refuse_only_on_a_current_key()
+            # A refusal (a rate limit, a cap) resting on a cached key that changed since is not final.
+            if self.service.accounts is not None:
+                await self.service.accounts.refuse_only_on_a_current_key(self.caller.key_stamp)
             clamped = None
             if refusal.status == 402 and self.min_output_tokens > 0:
                 clamped = await self._clamped_quote()
@@ -229,13 +231,6 @@ class Lease:
         loop = asyncio.get_running_loop()
         self._refresh_at = loop.time() + self.service.wallets.hold_ttl_ms / 2000
         self._timer = loop.call_later(self._beat_interval(), self._beat)
-
-    async def _refuse_only_on_a_current_key(self) -> None:
-        """A refusal (a rate limit, a cap) resting on a cached key that changed since is not
-        final: `StaleCredential` has the call admitted again from a fresh lookup."""
-        stamp, accounts = self.caller.key_stamp, self.service.accounts
-        if stamp is not None and accounts is not None and not await accounts.stamp_is_current(stamp):
-            raise StaleCredential(f"key {stamp.key_id} changed since it was looked up")
 
     async def _clamped_quote(self) -> metering.Quote | None:
         """The quote lowered to the output the wallet and the key's caps can pay for, if that

@@ -82,6 +82,7 @@ class UpstreamCall:
 
     http: aiohttp.ClientSession
     upstream: UpstreamConfig
+    upstream_name: str  # its name in the config (the sandbox's for a test end user)
     path: str  # e.g. "/chat/completions"
     body: Mapping[str, Any]
     stream: bool

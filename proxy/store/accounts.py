@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from proxy.store.errors import StaleCredential
 from proxy.store.keyspace import _api_key_key, _response_key, _user_keys_key
 from proxy.store.scripts import Commands, RedisPyCommands, StoreRedis
 from proxy.store.wallets import KeyStamp, now_ms
@@ -181,6 +182,12 @@ class AccountStore:
     def forget_cached_key(self, plaintext: str) -> None:
         """Drop a cached lookup (its stamp was found stale): the next one reads the store."""
         self._cached.pop(hash_api_key(plaintext), None)
+
+    async def refuse_only_on_a_current_key(self, stamp: KeyStamp | None) -> None:
+        """Before a refusal stands on a cached key (`stamp`; None: not from the cache):
+        `StaleCredential` when the key changed since, so the call is judged again on it."""
+        if stamp is not None and not await self.stamp_is_current(stamp):
+            raise StaleCredential(f"key {stamp.key_id} changed since it was looked up")
 
     async def stamp_is_current(self, stamp: KeyStamp) -> bool:
         """Whether the key is still the version `stamp` names (a refusal's check: one read)."""
