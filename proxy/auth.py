@@ -124,7 +124,9 @@ async def identify(request: web.Request, *, cached: bool = False) -> Credential:
                 return await _key_caller(request, token, cached=True)
             except ApiError:
                 # A cached copy only ever says yes: a refusal is made on the key as stored now.
-                request.config_dict[ACCOUNTS].forget_cached_key(token)
+                # A key the cache never held (unknown: a guess) was just read fresh; read it once.
+                if not request.config_dict[ACCOUNTS].forget_cached_key(token):
+                    raise
         return await _key_caller(request, token, cached=False)
     if key_matches(token, request.config_dict[CONFIG].operator_keys):
         return OperatorKey()

@@ -179,9 +179,10 @@ class AccountStore:
         self._cached[digest] = (now + KEY_CACHE_SECONDS, key, key_stamp)
         return key, key_stamp
 
-    def forget_cached_key(self, plaintext: str) -> None:
-        """Drop a cached lookup (its stamp was found stale): the next one reads the store."""
-        self._cached.pop(hash_api_key(plaintext), None)
+    def forget_cached_key(self, plaintext: str) -> bool:
+        """Drop a cached lookup (its stamp was found stale): the next one reads the store.
+        Whether there was one (an unknown key is never cached)."""
+        return self._cached.pop(hash_api_key(plaintext), None) is not None
 
     async def refuse_only_on_a_current_key(self, stamp: KeyStamp | None) -> None:
         """Before a refusal stands on a cached key (`stamp`; None: not from the cache):

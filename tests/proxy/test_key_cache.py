@@ -54,6 +54,15 @@ async def test_a_cached_key_is_not_looked_up_again(gateway, make_end_user):
     assert recording.sent == []
 
 
+async def test_an_unknown_key_is_refused_on_one_lookup(gateway, make_end_user):
+    await make_end_user()
+    accounts: AccountStore = gateway.server.app[ACCOUNTS]
+    recording = RecordingCommands(accounts.commands)
+    accounts.commands = recording
+    await assert_refused(await chat(gateway, "sk-eu_" + "x" * 43), 401, "invalid_api_key")
+    assert [c[0] for c in recording.sent] == ["GET"]
+
+
 async def test_a_key_revoked_elsewhere_pays_for_nothing_on_a_replica_that_cached_it(other_replica, gateway,
                                                                                   make_end_user, wallets,
                                                                                   mock_upstream):
