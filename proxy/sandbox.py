@@ -43,17 +43,21 @@ class Sandbox:
     upstream: UpstreamConfig
 
 
+def _prompt_of(body: dict[str, Any]) -> Any:
+    """What a request asks about, whichever API it speaks (chat, completions, embeddings, Responses)."""
+    return body.get("messages") or body.get("prompt") or body.get("input") or ""
+
+
 def _reply_words(body: dict[str, Any], default: int = 12) -> list[str]:
     """A deterministic reply: the same request always gets the same words, as many as it allows."""
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or default
     count = max(1, min(int(limit) if isinstance(limit, int) else default, default))
-    seed = hashlib.sha256(orjson.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "",
-                                       default=str)).digest()
+    seed = hashlib.sha256(orjson.dumps(_prompt_of(body), default=str)).digest()
     return [_WORDS[(seed[i % len(seed)] + i) % len(_WORDS)] for i in range(count)]
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
-    return max(1, len(orjson.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")) // 4)
+    return max(1, len(orjson.dumps(_prompt_of(body), default=str)) // 4)
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
