@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,11 +16,32 @@ from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from proxy.app import create_app
 from proxy.config import Config, load_config
-from proxy.store import AccountStore, WalletStore, connect
+from proxy.store import AccountStore, Commands, WalletStore, connect
 from proxy.store.redis_mux import MultiplexedConnection
 from tests import loop_guard
 from tests.mock_upstream import MockUpstream, running_mock_upstream
 from tests.redis_server import RedisCluster, RedisServer
+
+
+class RecordingCommands:
+    """A store's commands with every round trip kept, in order (an `execute` is a batch of one)."""
+
+    def __init__(self, inner: Commands):
+        self.inner = inner
+        self.round_trips: list[list[tuple[Any, ...]]] = []
+
+    async def execute(self, *args: Any) -> Any:
+        self.round_trips.append([tuple(args)])
+        return await self.inner.execute(*args)
+
+    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        self.round_trips.append([tuple(c) for c in commands])
+        return await self.inner.batch(commands)
+
+    @property
+    def sent(self) -> list[tuple[Any, ...]]:
+        """Every command, round trips flattened."""
+        return [command for trip in self.round_trips for command in trip]
 
 loop_guard.install()
 

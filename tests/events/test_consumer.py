@@ -26,23 +26,12 @@ from proxy.events.notices import Notices
 from proxy.store import RedisPyCommands, WalletStore, connect
 from proxy.store.events import DIRTY_KEY, EventStore, StoredEvent
 from proxy.store.keyspace import ARCHIVE_DIRTY_KEY
+from tests.conftest import RecordingCommands
 from tests.events.receiver import eventually
 from tests.redis_server import RedisServer
 
 USD = 1_000_000
 CONFIG = EventsConfig(poll_interval_seconds=0.01)
-
-
-class RecordingCommands(RedisPyCommands):
-    """The store's commands, with every round trip kept: what a money movement sends, in order."""
-
-    def __init__(self, redis: aioredis.Redis):
-        super().__init__(redis)
-        self.batches: list[list[tuple[Any, ...]]] = []
-
-    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        self.batches.append([tuple(c) for c in commands])
-        return await super().batch(commands)
 
 
 class Crash(Exception):
@@ -105,15 +94,15 @@ async def drained(consumer: EventConsumer) -> None:
 
 
 async def test_a_money_movement_marks_its_wallet_dirty_for_events_and_archive_in_the_same_round_trip_before_its_script(redis, store):
-    commands = RecordingCommands(redis)
+    commands = RecordingCommands(RedisPyCommands(redis))
     wallets = WalletStore(redis, hold_ttl_ms=60_000, commands=commands)
     await open_wallet(wallets)
-    commands.batches.clear()
+    commands.round_trips.clear()
 
     await wallets.top_up("u_1", 5 * USD, idempotency_key="t1")
 
     # (Sent twice when the script cache was empty: NOSCRIPT, then SCRIPT LOAD and the same round trip again.)
-    round_trips = [b for b in commands.batches if any(c[0] == "EVALSHA" for c in b)]
+    round_trips = [b for b in commands.round_trips if any(c[0] == "EVALSHA" for c in b)]
     assert round_trips
     for round_trip in round_trips:
         assert [c[0] for c in round_trip] == ["ZADD", "ZADD", "EVALSHA"]

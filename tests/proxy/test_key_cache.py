@@ -4,33 +4,15 @@ any refusal re-checks it). "Another replica" is a second app on the same Redis, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import pytest
 
 from proxy.app import create_app
 from proxy.appstate import ACCOUNTS
-from proxy.store import AccountStore, Commands, StaleCredential, WalletStore
-from tests.conftest import ADMIN, money_ledger
+from proxy.store import AccountStore, StaleCredential, WalletStore
+from tests.conftest import ADMIN, RecordingCommands, money_ledger
 from tests.proxy.test_scopes import CHAT, assert_refused, chat, scoped_key, snapshot
 
 STALE_STAMP = "not-the-stamp"
-
-
-class RecordingCommands:
-    """A store's commands, with every one kept."""
-
-    def __init__(self, inner: Commands):
-        self.inner, self.sent = inner, []
-
-    async def execute(self, *args: Any) -> Any:
-        self.sent.append(args)
-        return await self.inner.execute(*args)
-
-    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        self.sent += [tuple(c) for c in commands]
-        return await self.inner.batch(commands)
 
 
 @pytest.fixture

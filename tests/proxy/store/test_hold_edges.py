@@ -3,12 +3,10 @@ closed holds leave the reaper's index."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import pytest
 
 from proxy.store import HOLD_INDEX_KEY, IdempotencyConflict, RedisPyCommands, WalletStore
+from tests.conftest import RecordingCommands
 
 
 async def funded(wallets: WalletStore) -> None:
@@ -47,28 +45,14 @@ async def test_a_refused_duplicate_hold_id_leaves_the_existing_hold_in_the_reape
     await wallets.release("u_1", hold.hold_id)
 
 
-class CountingCommands(RedisPyCommands):
-    """The store's commands, counting round trips."""
-
-    round_trips = 0
-
-    async def execute(self, *args: Any) -> Any:
-        self.round_trips += 1
-        return await super().execute(*args)
-
-    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        self.round_trips += 1
-        return await super().batch(commands)
-
-
 async def test_a_closed_hold_leaves_the_reapers_index_with_the_next_round_trip_not_one_of_its_own(redis):
-    commands = CountingCommands(redis)
+    commands = RecordingCommands(RedisPyCommands(redis))
     wallets = WalletStore(redis, hold_ttl_ms=60_000, commands=commands)
     await funded(wallets)
     first = await wallets.hold("u_1", 100)
-    commands.round_trips = 0
+    commands.round_trips.clear()
     await wallets.settle("u_1", first.hold_id, 50)
-    assert commands.round_trips == 1  # the close alone
+    assert len(commands.round_trips) == 1  # the close alone
     assert await redis.zscore(HOLD_INDEX_KEY, f"u_1|{first.hold_id}") is not None  # waits for the next batch
     second = await wallets.hold("u_1", 100)
     assert await redis.zscore(HOLD_INDEX_KEY, f"u_1|{first.hold_id}") is None
