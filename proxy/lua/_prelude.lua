@@ -44,6 +44,51 @@ local function wallet_state(key)
   return tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
 end
 
+-- Every field of a wallet hash in one read (HGETALL), as a table by name, or
+-- nil when it does not exist. A script that reads several of the wallet's
+-- fields reads them here once. What things cost in a script (Redis 7.0,
+-- counted with callgrind by bench/lua_cost.py): a Redis call ~5,000
+-- instructions, plus ~1,200-2,300 for each argument or element of its reply;
+-- fmt() ~2,300; each function this prelude defines ~500 on every run.
+local function wallet_load(key)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then
+    return nil
+  end
+  local w = {}
+  for i = 1, #flat, 2 do
+    w[flat[i]] = flat[i + 1]
+  end
+  return w
+end
+
+-- The `fields` of a hold's record, in one HMGET, as a table by name (an
+-- absent field, or every field when there is no record: nil). A script names
+-- just the fields it needs: each costs (see wallet_load), and reading the
+-- whole record with HGETALL costs more than two HMGETs.
+local function hold_load(key, fields)
+  local v = redis.call('HMGET', key, unpack(fields))
+  local h = {}
+  for i = 1, #fields do
+    if v[i] then
+      h[fields[i]] = v[i]
+    end
+  end
+  return h
+end
+
+-- What capture_hold and release_hold read of the record (see budget_close, hold_caps).
+local HOLD_CLOSE_FIELDS = {'status', 'amount', 'cap', 'daily_cap', 'bud_limit', 'bud_period', 'bud_reserved'}
+
+-- HOLD_CLOSE_FIELDS and `more`, as one list for hold_load.
+local function hold_close_fields(more)
+  local fields = {unpack(HOLD_CLOSE_FIELDS)}
+  for i = 1, #more do
+    fields[#fields + 1] = more[i]
+  end
+  return fields
+end
+
 -- A result kept as 'a,b,c' (see remember_result), answered again as {'replay', a, b, c}.
 local function stored_replay(text)
   local out = {'replay'}
@@ -81,14 +126,22 @@ end
 -- Every entry of a sandbox wallet (KEYS[1], the wallet hash, in every script
 -- that appends: see open.lua) says `is_simulated`, so no report can take it for
 -- money, and every entry of a wallet in an asset other than USD names it.
-local function append_ledger(ledger_key, pairs_list)
+-- `w`: the wallet's fields when the script has loaded them (wallet_load);
+-- neither field ever changes after open.lua, so a copy is as good as a read.
+local function append_ledger(ledger_key, pairs_list, w)
   local args = {}
-  local w = redis.call('HMGET', KEYS[1], 'simulated', 'asset')
-  if w[1] == '1' then
+  local simulated, asset
+  if w then
+    simulated, asset = w.simulated, w.asset
+  else
+    local f = redis.call('HMGET', KEYS[1], 'simulated', 'asset')
+    simulated, asset = f[1], f[2]
+  end
+  if simulated == '1' then
     args[#args + 1], args[#args + 2] = 'is_simulated', 'true'
   end
-  if w[2] then
-    args[#args + 1], args[#args + 2] = 'asset', w[2]
+  if asset then
+    args[#args + 1], args[#args + 2] = 'asset', asset
   end
   for i = 1, #pairs_list, 2 do
     local v = pairs_list[i + 1]
@@ -136,17 +189,17 @@ local function grant_text(g)
   return fmt(g.remaining) .. '|' .. fmt(g.priority) .. '|' .. fmt(g.expires) .. '|' .. fmt(g.seq) .. '|' .. g.kind .. '|' .. g.state
 end
 
--- The wallet's grants, in draw order, as {list, debt, by_id, dirty}. A wallet
--- from before grants existed (no grants_v) gets its balance as the purchased
+-- The wallet's grants, in draw order, as {list, debt, by_id, dirty, w}: `w` is
+-- the wallet's fields as loaded (wallet_load; pass them when already read),
+-- which the grant functions keep up to date as they write. A wallet from
+-- before grants existed (no grants_v) gets its balance as the purchased
 -- grant, or as its debt, the first time a script loads it.
-local function grants_load(wallet_key)
-  local flat = redis.call('HGETALL', wallet_key)
-  local G = {key = wallet_key, list = {}, debt = nil, by_id = {}, dirty = {}}
-  local versioned, balance = false, 0
-  for i = 1, #flat, 2 do
-    local f = flat[i]
+local function grants_load(wallet_key, w)
+  w = w or wallet_load(wallet_key) or {}
+  local G = {key = wallet_key, list = {}, debt = nil, by_id = {}, dirty = {}, w = w}
+  for f, v in pairs(w) do
     if string.sub(f, 1, 6) == 'grant:' then
-      local r, p, e, s, k, st = string.match(flat[i + 1], '^(%-?%d+)|(%d+)|(%d+)|(%d+)|([^|]*)|(%a+)$')
+      local r, p, e, s, k, st = string.match(v, '^(%-?%d+)|(%d+)|(%d+)|(%d+)|([^|]*)|(%a+)$')
       local g = {id = string.sub(f, 7), remaining = tonumber(r), priority = tonumber(p), expires = tonumber(e),
         seq = tonumber(s), kind = k, state = st}
       G.by_id[g.id] = g
@@ -155,14 +208,12 @@ local function grants_load(wallet_key)
       else
         G.list[#G.list + 1] = g
       end
-    elseif f == 'grants_v' then
-      versioned = true
-    elseif f == 'balance' then
-      balance = tonumber(flat[i + 1])
     end
   end
+  local versioned, balance = w.grants_v ~= nil, tonumber(w.balance) or 0
   if not versioned then
     redis.call('HSET', wallet_key, 'grants_v', '1')
+    w.grants_v = '1'
     if balance ~= 0 then
       local g = {id = balance > 0 and GRANT_PURCHASED or 'debt', remaining = balance, priority = 50, expires = 0,
         seq = 0, kind = balance > 0 and 'purchased' or 'debt', state = 'live'}
@@ -179,15 +230,23 @@ local function grants_load(wallet_key)
   return G
 end
 
-local function grants_save(G)
+-- Write the grants that changed; `also` (optional): more field/value pairs of
+-- the wallet hash to write in the same HSET.
+local function grants_save(G, also)
   local set = {}
   for id, g in pairs(G.dirty) do
     if g.remaining == 0 and (g.state == 'expired' or id == 'debt') then
       redis.call('HDEL', G.key, 'grant:' .. id)  -- spent to the end: nothing can return to it
+      G.w['grant:' .. id] = nil
     else
       set[#set + 1] = 'grant:' .. id
       set[#set + 1] = grant_text(g)
+      G.w['grant:' .. id] = set[#set]
     end
+  end
+  for i = 1, #(also or {}), 2 do
+    set[#set + 1], set[#set + 2] = also[i], also[i + 1]
+    G.w[also[i]] = also[i + 1]
   end
   if #set > 0 then
     redis.call('HSET', G.key, unpack(set))
@@ -327,8 +386,9 @@ local function grants_sweep(G, ledger_key, held, balance)
         local lapse = g.remaining - reserved
         g.remaining = reserved
         balance = redis.call('HINCRBY', G.key, 'balance', 0 - lapse)
+        G.w.balance = fmt(balance)
         append_ledger(ledger_key, {'type', 'grant_expired', 'amount', fmt(0 - lapse), 'balance', fmt(balance),
-          'held', fmt(held), 'grant_id', g.id, 'kind', g.kind, 'reserved', fmt(reserved)})
+          'held', fmt(held), 'grant_id', g.id, 'kind', g.kind, 'reserved', fmt(reserved)}, G.w)
         G.dirty[g.id] = g
       end
       if g.state ~= 'expired' then
@@ -347,16 +407,22 @@ local function grants_sweep(G, ledger_key, held, balance)
   table.sort(G.list, grant_before)
   if due == nil then
     redis.call('HDEL', G.key, 'grants_due')
+    G.w.grants_due = nil
   else
     redis.call('HSET', G.key, 'grants_due', fmt(due))
+    G.w.grants_due = fmt(due)
   end
   return balance
 end
 
+-- Whether a wallet's `grants_due` field (false or nil: absent) says a grant is to expire now.
+local function due_now(due)
+  return due and tonumber(due) <= now_ms()
+end
+
 -- Whether the wallet has a grant to expire now (one HGET: the common answer is no).
 local function grants_due(wallet_key)
-  local due = redis.call('HGET', wallet_key, 'grants_due')
-  return due ~= false and tonumber(due) <= now_ms()
+  return due_now(redis.call('HGET', wallet_key, 'grants_due'))
 end
 
 -- Sweep the wallet's grants if one is due; returns the balance after (and the
@@ -369,6 +435,14 @@ local function grants_sweep_if_due(wallet_key, ledger_key, held, balance)
   return grants_sweep(G, ledger_key, held, balance), G
 end
 
+-- grants_sweep_if_due for grants already loaded (grants_load).
+local function grants_sweep_loaded_if_due(G, ledger_key, held, balance)
+  if not due_now(G.w.grants_due) then
+    return balance
+  end
+  return grants_sweep(G, ledger_key, held, balance)
+end
+
 -- Budgets: an end user's spend cap per calendar period, which the proxy names
 -- ('2026-12', '2026-12-03': proxy/budgets.py). The wallet hash keeps
 -- `bud_period`, `bud_spent` (captured in it) and `bud_held` (what live holds
@@ -376,8 +450,9 @@ end
 -- `bud_period` and `bud_reserved`. A new period starts both counts at 0: a
 -- hold from the period before then counts its capture (not its reservation)
 -- in the new one.
-local function budget_state()
-  local f = redis.call('HMGET', KEYS[1], 'bud_period', 'bud_spent', 'bud_held')
+-- `w` (optional): the wallet's fields as loaded (wallet_load).
+local function budget_state(w)
+  local f = w and {w.bud_period, w.bud_spent, w.bud_held} or redis.call('HMGET', KEYS[1], 'bud_period', 'bud_spent', 'bud_held')
   return f[1] or '', tonumber(f[2]) or 0, tonumber(f[3]) or 0
 end
 
@@ -391,37 +466,44 @@ local function budget_roll(period)
   return spent, held
 end
 
--- A hold's budget terms (KEYS[3]): limit (nil: none), period, reserved.
-local function budget_of_hold()
-  local f = redis.call('HMGET', KEYS[3], 'bud_limit', 'bud_period', 'bud_reserved')
-  return tonumber(f[1]), f[2] or '', tonumber(f[3]) or 0
+-- A hold's budget terms (`h`, its record as hold_load reads it): limit (nil: none), period, reserved.
+local function budget_of_hold(h)
+  return tonumber(h.bud_limit), h.bud_period or '', tonumber(h.bud_reserved) or 0
 end
 
--- What the closing hold may capture under its budget (nil: no budget), and
--- the function that counts the capture once made.
-local function budget_close()
-  local limit, hold_period, reserved = budget_of_hold()
+-- What the closing hold `h` may capture under its budget (nil: no budget), and
+-- the function that counts the capture once made; `w`: the wallet's fields.
+local function budget_close(h, w)
+  local limit, hold_period, reserved = budget_of_hold(h)
   if limit == nil then
     return nil, function(_) end
   end
-  local period, spent, held = budget_state()
+  local period, spent, held = budget_state(w)
   local own = (hold_period == period) and reserved or 0
   local room = math.max(limit - spent - (held - own), 0)
   return room, function(captured)
-    redis.call('HSET', KEYS[1], 'bud_spent', fmt(spent + captured), 'bud_held', fmt(math.max(held - own, 0)))
+    w.bud_spent, w.bud_held = fmt(spent + captured), fmt(math.max(held - own, 0))
+    redis.call('HSET', KEYS[1], 'bud_spent', w.bud_spent, 'bud_held', w.bud_held)
   end
 end
 
 -- Per-credential limits: a credential's limits hash (see key_limits.lua) as a
 -- table, with its minute windows and UTC day rolled forward to now. Loading
--- writes nothing; limits_save writes the counters back.
+-- writes nothing; limits_save writes the counters back. With `request_id`,
+-- that call's reservation (r:<request id>) is read in the same HMGET.
 local LIMITS_WINDOW = 60000
 local LIMITS_DAY = 86400000
 
-local function limits_load(key)
+local function limits_load(key, request_id)
   local now = now_ms()
   local L = {key = key, now = now, minute = math.floor(now / LIMITS_WINDOW), today = math.floor(now / LIMITS_DAY)}
-  local f = redis.call('HMGET', key, 'win', 'rq', 'rq0', 'tk', 'tk0', 'spent', 'day', 'spent_day')
+  local f
+  if request_id then
+    f = redis.call('HMGET', key, 'win', 'rq', 'rq0', 'tk', 'tk0', 'spent', 'day', 'spent_day', 'r:' .. request_id)
+    L.res_id, L.res = request_id, f[9]
+  else
+    f = redis.call('HMGET', key, 'win', 'rq', 'rq0', 'tk', 'tk0', 'spent', 'day', 'spent_day')
+  end
   local function num(v)
     return tonumber(v) or 0
   end
@@ -446,14 +528,31 @@ local function limits_save(L)
     'spent', fmt(L.spent), 'day', fmt(L.day), 'spent_day', fmt(L.spent_day))
 end
 
+-- The call's reservation r:<request id> as amount, day, tokens, minute (nil if
+-- none); read with the limits when limits_load was given this request id.
+local function limits_reservation(L, request_id)
+  local res
+  if L.res_id == request_id then
+    res = L.res
+  else
+    res = redis.call('HGET', L.key, 'r:' .. request_id)
+  end
+  if not res then
+    return nil
+  end
+  local a, d, t, m = string.match(res, '^(%d+)|(%d+)|(%d+)|(%d+)$')
+  return tonumber(a), tonumber(d), tonumber(t), tonumber(m)
+end
+
 -- A finished call's real spend and tokens replace its admission reservation
 -- (r:<request id>), or are added when it had none; then saved.
 local function limits_record(L, request_id, captured, used)
-  local res = redis.call('HGET', L.key, 'r:' .. request_id)
-  if res then
-    local r_amount, r_day, r_tokens, r_minute = string.match(res, '^(%d+)|(%d+)|(%d+)|(%d+)$')
-    r_amount, r_day, r_tokens, r_minute = tonumber(r_amount), tonumber(r_day), tonumber(r_tokens), tonumber(r_minute)
+  local r_amount, r_day, r_tokens, r_minute = limits_reservation(L, request_id)
+  if r_amount then
     redis.call('HDEL', L.key, 'r:' .. request_id)
+    if L.res_id == request_id then
+      L.res = false
+    end
     L.spent = math.max(0, L.spent + captured - r_amount)
     if r_day == L.today then
       L.spent_day = math.max(0, L.spent_day + captured - r_amount)
@@ -471,21 +570,10 @@ local function limits_record(L, request_id, captured, used)
   limits_save(L)
 end
 
--- The spend caps a hold was admitted under (written on its record by hold.lua):
--- lifetime and daily, -1 for none.
-local function hold_caps(hold_key)
-  local c = redis.call('HMGET', hold_key, 'cap', 'daily_cap')
-  return tonumber(c[1]) or -1, tonumber(c[2]) or -1
-end
-
--- The call's reservation r:<request id> as amount, day, tokens, minute (nil if none).
-local function limits_reservation(L, request_id)
-  local res = redis.call('HGET', L.key, 'r:' .. request_id)
-  if not res then
-    return nil
-  end
-  local a, d, t, m = string.match(res, '^(%d+)|(%d+)|(%d+)|(%d+)$')
-  return tonumber(a), tonumber(d), tonumber(t), tonumber(m)
+-- The spend caps a hold was admitted under (written on its record by hold.lua;
+-- `h` as hold_load reads it): lifetime and daily, -1 for none.
+local function hold_caps(h)
+  return tonumber(h.cap) or -1, tonumber(h.daily_cap) or -1
 end
 
 -- The most this call may spend in total under its credential's caps: what the
@@ -520,8 +608,9 @@ local function limits_reserve_more(L, request_id, amount)
   if r_day == L.today then
     L.spent_day = L.spent_day + amount
   end
-  redis.call('HSET', L.key, 'r:' .. request_id,
-    fmt(r_amount + amount) .. '|' .. fmt(r_day) .. '|' .. fmt(r_tokens) .. '|' .. fmt(r_minute))
+  local res = fmt(r_amount + amount) .. '|' .. fmt(r_day) .. '|' .. fmt(r_tokens) .. '|' .. fmt(r_minute)
+  redis.call('HSET', L.key, 'r:' .. request_id, res)
+  L.res_id, L.res = request_id, res
   limits_save(L)
 end
 
@@ -593,8 +682,8 @@ end
 -- attempt number as text, or '0'.
 local AUTO_TOP_UP_CLAIM_MS = 600000
 
-local function claim_auto_top_up(available)
-  local f = redis.call('HMGET', KEYS[1], 'at_threshold', 'at_block_until')
+local function claim_auto_top_up(available, w)
+  local f = w and {w.at_threshold, w.at_block_until} or redis.call('HMGET', KEYS[1], 'at_threshold', 'at_block_until')
   if not f[1] or available >= tonumber(f[1]) then
     return '0'
   end
@@ -608,25 +697,28 @@ end
 
 -- Close an active hold by capturing `amount` of it (settle, or expire for a
 -- checkpoint): KEYS[1] wallet hash, KEYS[2] active holds hash, KEYS[3] the
--- hold's record, KEYS[4] ledger stream. More than the hold is captured only as
--- far as the wallet allows (down to -credit_limit once this hold is released)
--- and, when `cap_room` is given, as far as the credential's spend caps allow
--- (see limits_room) and its budget (see budget_close); the rest is the shortfall. Appends the 'charge' entry (with `meta`) and
--- returns {'ok', ledger_id, captured, released, shortfall, balance, held,
--- credit_limit, auto_top_up_attempt} and the captured amount (the attempt is
--- '0' unless this capture claimed one: see claim_auto_top_up). The caller
--- marks the record closed.
-local function capture_hold(hold_id, hold_amount, amount, meta, cap_room)
-  local balance, held, credit_limit = wallet_state(KEYS[1])
+-- hold's record (`h`, as hold_load read it), KEYS[4] ledger stream. More than
+-- the hold is captured only as far as the wallet allows (down to
+-- -credit_limit once this hold is released) and, when `cap_room` is given, as
+-- far as the credential's spend caps allow (see limits_room) and its budget
+-- (see budget_close); the rest is the shortfall. Appends the 'charge' entry
+-- (with `meta`) and returns {'ok', ledger_id, captured, released, shortfall,
+-- balance, held, credit_limit, auto_top_up_attempt} and the captured amount
+-- (the attempt is '0' unless this capture claimed one: see
+-- claim_auto_top_up). The caller marks the record closed.
+-- The wallet is read once (grants_load) and its balance, held and grants
+-- written in one HSET: nothing else in the script moves them in between.
+local function capture_hold(hold_id, h, amount, meta, cap_room)
+  local hold_amount = tonumber(h.amount)
   local G = grants_load(KEYS[1])
-  if grants_due(KEYS[1]) then
-    balance = grants_sweep(G, KEYS[4], held, balance)
-  end
+  local w = G.w
+  local balance, held, credit_limit = tonumber(w.balance), tonumber(w.held), tonumber(w.credit_limit)
+  balance = grants_sweep_loaded_if_due(G, KEYS[4], held, balance)
   local allowed = balance - (held - hold_amount) + credit_limit
   if cap_room ~= nil then
     allowed = math.min(allowed, cap_room)
   end
-  local budget_room, budget_count = budget_close()
+  local budget_room, budget_count = budget_close(h, w)
   if budget_room ~= nil then
     allowed = math.min(allowed, budget_room)
   end
@@ -635,38 +727,43 @@ local function capture_hold(hold_id, hold_amount, amount, meta, cap_room)
   local released = math.max(hold_amount - captured, 0)
   local draws = grants_debit(G, captured, true)
   budget_count(captured)
-  balance = redis.call('HINCRBY', KEYS[1], 'balance', 0 - captured)  -- never -0: Redis 7.0 refuses it as an integer
-  held = redis.call('HINCRBY', KEYS[1], 'held', 0 - hold_amount)
+  balance, held = balance - captured, held - hold_amount
   redis.call('HDEL', KEYS[2], hold_id)
   local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(0 - captured), 'held_delta', fmt(0 - hold_amount),
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'requested', fmt(amount),
-    'shortfall', fmt(shortfall), 'grants', draws, 'meta', meta})
+    'shortfall', fmt(shortfall), 'grants', draws, 'meta', meta}, w)
   redis.call('HDEL', KEYS[3], 'meta')  -- the charge's meta says what the call was; the record stays only for replays
-  grants_save(G)
-  balance = grants_sweep_if_due(KEYS[1], KEYS[4], held, balance)  -- what this hold had reserved of an expired grant lapses
-  local attempt = claim_auto_top_up(balance - held + credit_limit)
+  grants_save(G, {'balance', fmt(balance), 'held', fmt(held)})
+  balance = grants_sweep_loaded_if_due(G, KEYS[4], held, balance)  -- what this hold had reserved of an expired grant lapses
+  local attempt = claim_auto_top_up(balance - held + credit_limit, w)
   return {'ok', id, fmt(captured), fmt(released), fmt(shortfall), fmt(balance), fmt(held), fmt(credit_limit), attempt}, captured
 end
 
 -- Give a whole active hold back (release, or expire with nothing checkpointed):
--- keys as for capture_hold; `entry_type` is 'release' or 'expire'. The entry
--- carries `meta` when given, else the hold's own (what the call was: hold.lua
--- writes no entry), which then leaves the record, kept only for replays.
-local function release_hold(hold_id, hold_amount, entry_type, reason, meta)
-  local balance, held, credit_limit = wallet_state(KEYS[1])
-  local kept = redis.call('HGET', KEYS[3], 'meta') or nil
+-- keys and `h` as for capture_hold; `entry_type` is 'release' or 'expire'. The
+-- entry carries `meta` when given, else the hold's own (what the call was:
+-- hold.lua writes no entry), which then leaves the record, kept only for replays.
+local function release_hold(hold_id, h, entry_type, reason, meta)
+  local hold_amount = tonumber(h.amount)
+  local w = wallet_load(KEYS[1])
+  local balance, held, credit_limit = tonumber(w.balance), tonumber(w.held), tonumber(w.credit_limit)
+  local kept = h.meta
   if meta == nil or meta == '' then
     meta = kept
   end
-  local _, budget_count = budget_close()
+  local _, budget_count = budget_close(h, w)
   budget_count(0)
-  held = redis.call('HINCRBY', KEYS[1], 'held', 0 - hold_amount)  -- never -0 (see capture_hold)
+  held = held - hold_amount
+  w.held = fmt(held)
+  redis.call('HSET', KEYS[1], 'held', w.held)
   redis.call('HDEL', KEYS[2], hold_id)
   local id = append_ledger(KEYS[4], {'type', entry_type, 'amount', '0', 'held_delta', fmt(0 - hold_amount),
-    'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'reason', reason, 'meta', meta})
+    'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'reason', reason, 'meta', meta}, w)
   if kept then
     redis.call('HDEL', KEYS[3], 'meta')
   end
-  balance = grants_sweep_if_due(KEYS[1], KEYS[4], held, balance)  -- see capture_hold
+  if due_now(w.grants_due) then  -- see capture_hold
+    balance = grants_sweep(grants_load(KEYS[1], w), KEYS[4], held, balance)
+  end
   return {'ok', id, '0', fmt(hold_amount), '0', fmt(balance), fmt(held), fmt(credit_limit)}
 end

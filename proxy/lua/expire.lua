@@ -14,33 +14,32 @@
 -- Keeps: balance == sum of ledger amounts; held == sum of active holds;
 -- balance never below -credit_limit, and a credential's caps are never passed
 -- (a checkpoint is captured as a settle is).
-local rec = redis.call('HMGET', KEYS[3], 'status', 'amount', 'expires_ms', 'checkpoint', 'checkpoint_tokens',
-  'checkpoint_meta', 'request_id')
-if rec[1] == false then
+local h = hold_load(KEYS[3], hold_close_fields({'expires_ms', 'checkpoint', 'checkpoint_tokens',
+  'checkpoint_meta', 'request_id', 'meta'}))
+if h.status == nil then
   return fail('HOLD_NOT_FOUND', 'no hold ' .. ARGV[1] .. ' in this wallet')
 end
-if rec[1] ~= 'active' then
-  return {'closed', rec[1]}
+if h.status ~= 'active' then
+  return {'closed', h.status}
 end
-if tonumber(rec[3]) > now_ms() then
-  return {'not_due', rec[3]}
+if tonumber(h.expires_ms) > now_ms() then
+  return {'not_due', h.expires_ms}
 end
-local hold_amount = tonumber(rec[2])
-local checkpoint = tonumber(rec[4]) or 0
+local checkpoint = tonumber(h.checkpoint) or 0
 local L, cap_room = nil, nil
-if KEYS[5] and rec[7] then
-  L = limits_load(KEYS[5])
-  local cap, daily_cap = hold_caps(KEYS[3])
-  cap_room = limits_room(L, rec[7], cap, daily_cap)
+if KEYS[5] and h.request_id then
+  L = limits_load(KEYS[5], h.request_id)
+  local cap, daily_cap = hold_caps(h)
+  cap_room = limits_room(L, h.request_id, cap, daily_cap)
 end
 local result, captured
 if checkpoint > 0 then
-  result, captured = capture_hold(ARGV[1], hold_amount, checkpoint, rec[6] or '', cap_room)
+  result, captured = capture_hold(ARGV[1], h, checkpoint, h.checkpoint_meta or '', cap_room)
 else
-  result, captured = release_hold(ARGV[1], hold_amount, 'expire', 'ttl passed'), 0
+  result, captured = release_hold(ARGV[1], h, 'expire', 'ttl passed'), 0
 end
 if L ~= nil then
-  limits_record(L, rec[7], captured, captured > 0 and (tonumber(rec[5]) or 0) or 0)
+  limits_record(L, h.request_id, captured, captured > 0 and (tonumber(h.checkpoint_tokens) or 0) or 0)
 end
 redis.call('HSET', KEYS[3], 'status', 'expired', 'release_result', table.concat(result, ',', 2))
 redis.call('EXPIRE', KEYS[3], ARGV[2])

@@ -64,8 +64,8 @@ local L, request_id = nil, nil
 if KEYS[5] and amount > 0 then
   request_id = redis.call('HGET', KEYS[3], 'request_id')
   if request_id then
-    L = limits_load(KEYS[5])
-    local cap, daily_cap = hold_caps(KEYS[3])
+    L = limits_load(KEYS[5], request_id)
+    local cap, daily_cap = hold_caps(hold_load(KEYS[3], {'cap', 'daily_cap'}))
     local room = limits_room(L, request_id, cap, daily_cap)
     local r_amount = limits_reservation(L, request_id) or 0
     if room ~= nil and r_amount + amount > room then
@@ -75,7 +75,7 @@ if KEYS[5] and amount > 0 then
 end
 local budget_limit, budget_period, budget_reserved = nil, nil, 0
 if amount > 0 then
-  budget_limit, budget_period, budget_reserved = budget_of_hold()
+  budget_limit, budget_period, budget_reserved = budget_of_hold(hold_load(KEYS[3], {'bud_limit', 'bud_period', 'bud_reserved'}))
 end
 local budget_spent, budget_held, period_now = 0, 0, nil
 if budget_limit ~= nil then

@@ -61,11 +61,14 @@ if ARGV[11] and ARGV[11] ~= '' then
     return fail('STALE_CREDENTIAL', 'key ' .. ARGV[11] .. ' changed since it was looked up')
   end
 end
-local balance, held, credit_limit = wallet_state(KEYS[1])
-if balance == nil then
+local w = redis.call('HMGET', KEYS[1], 'balance', 'held', 'credit_limit', 'grants_due')
+if w[1] == false then
   return fail('WALLET_NOT_FOUND', 'no such wallet')
 end
-balance = grants_sweep_if_due(KEYS[1], KEYS[4], held, balance)  -- an expired grant is spent by no new call
+local balance, held, credit_limit = tonumber(w[1]), tonumber(w[2]), tonumber(w[3])
+if due_now(w[4]) then  -- an expired grant is spent by no new call
+  balance = grants_sweep(grants_load(KEYS[1]), KEYS[4], held, balance)
+end
 local available = balance - held + credit_limit
 if amount > available then
   return fail('INSUFFICIENT_FUNDS', 'this call needs ' .. fmt(amount) .. ' micros and ' .. fmt(available) .. ' are available')
@@ -82,16 +85,21 @@ local now = now_ms()
 local expires = now + ttl
 held = redis.call('HINCRBY', KEYS[1], 'held', amount)
 redis.call('HSET', KEYS[2], ARGV[1], amount)
-redis.call('HSET', KEYS[3], 'status', 'active', 'amount', amount, 'requested', amount, 'created_ms', now,
-  'expires_ms', expires)
+-- The whole record in one HSET (see hold_load for what a Redis call costs).
+local amount_text = fmt(amount)
+local record = {'status', 'active', 'amount', amount_text, 'requested', amount_text, 'created_ms', fmt(now),
+  'expires_ms', fmt(expires)}
+local n = #record
 if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[3], 'meta', ARGV[4])
+  record[n + 1], record[n + 2], n = 'meta', ARGV[4], n + 2
 end
 if budget_limit ~= nil then
-  redis.call('HSET', KEYS[3], 'bud_limit', fmt(budget_limit), 'bud_period', ARGV[10], 'bud_reserved', fmt(amount))
+  record[n + 1], record[n + 2], record[n + 3], record[n + 4], record[n + 5], record[n + 6], n =
+    'bud_limit', fmt(budget_limit), 'bud_period', ARGV[10], 'bud_reserved', amount_text, n + 6
 end
 if ARGV[5] and ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[3], 'credential', ARGV[5], 'request_id', ARGV[6],
-    'cap', ARGV[7] or '-1', 'daily_cap', ARGV[8] or '-1')
+  record[n + 1], record[n + 2], record[n + 3], record[n + 4] = 'credential', ARGV[5], 'request_id', ARGV[6]
+  record[n + 5], record[n + 6], record[n + 7], record[n + 8] = 'cap', ARGV[7] or '-1', 'daily_cap', ARGV[8] or '-1'
 end
+redis.call('HSET', KEYS[3], unpack(record))
 return {'ok', ARGV[1], fmt(amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit)}

@@ -10,19 +10,19 @@
 -- Returns {'ok'|'replay', ledger_id, captured (0), released, shortfall (0), balance, held, credit_limit}.
 -- Releasing a released hold replays; releasing a settled or expired hold is
 -- HOLD_CLOSED. Keeps: held == sum of active holds; balance is untouched.
-local rec = redis.call('HMGET', KEYS[3], 'status', 'amount', 'release_result')
-if rec[1] == false then
+local h = hold_load(KEYS[3], hold_close_fields({'release_result', 'meta'}))
+if h.status == nil then
   return fail('HOLD_NOT_FOUND', 'no hold ' .. ARGV[1] .. ' in this wallet')
 end
-if rec[1] == 'released' then
-  return stored_replay(rec[3])
+if h.status == 'released' then
+  return stored_replay(h.release_result)
 end
-if rec[1] ~= 'active' then
-  return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. rec[1])
+if h.status ~= 'active' then
+  return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. h.status)
 end
-local result = release_hold(ARGV[1], tonumber(rec[2]), 'release', ARGV[2], ARGV[5])
+local result = release_hold(ARGV[1], h, 'release', ARGV[2], ARGV[5])
 if KEYS[5] then
-  limits_record(limits_load(KEYS[5]), ARGV[4], 0, 0)
+  limits_record(limits_load(KEYS[5], ARGV[4]), ARGV[4], 0, 0)
 end
 redis.call('HSET', KEYS[3], 'status', 'released', 'release_result', table.concat(result, ',', 2))
 redis.call('EXPIRE', KEYS[3], ARGV[3])

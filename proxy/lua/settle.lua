@@ -27,23 +27,23 @@ if KEYS[5] then
     return fail('INVALID_REQUEST', 'tokens used must be a non-negative integer')
   end
 end
-local rec = redis.call('HMGET', KEYS[3], 'status', 'amount', 'settle_result')
-if rec[1] == false then
+local h = hold_load(KEYS[3], hold_close_fields({'settle_result'}))
+if h.status == nil then
   return fail('HOLD_NOT_FOUND', 'no hold ' .. ARGV[1] .. ' in this wallet')
 end
-if rec[1] == 'settled' then
-  return stored_replay(rec[3])
+if h.status == 'settled' then
+  return stored_replay(h.settle_result)
 end
-if rec[1] ~= 'active' then
-  return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. rec[1])
+if h.status ~= 'active' then
+  return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. h.status)
 end
 local L, cap_room = nil, nil
 if KEYS[5] then
-  L = limits_load(KEYS[5])
-  local cap, daily_cap = hold_caps(KEYS[3])
+  L = limits_load(KEYS[5], ARGV[5])
+  local cap, daily_cap = hold_caps(h)
   cap_room = limits_room(L, ARGV[5], cap, daily_cap)
 end
-local result, captured = capture_hold(ARGV[1], tonumber(rec[2]), amount, ARGV[3], cap_room)
+local result, captured = capture_hold(ARGV[1], h, amount, ARGV[3], cap_room)
 if L ~= nil then
   limits_record(L, ARGV[5], captured, tokens_used)
 end
