@@ -516,14 +516,23 @@ local function limits_load(key, request_id)
       L.rq0, L.tk0 = 0, 0
     end
     L.rq, L.tk, L.win = 0, 0, L.minute
+    L.rolled = true
   end
   if L.day ~= L.today then
     L.day, L.spent_day = L.today, 0
+    L.rolled = true
   end
   return L
 end
 
-local function limits_save(L)
+-- Write the counters back; `spent_only`: the caller moved only spend and tokens
+-- (a close or a growth), so unless a window rolled the rest is as it was read
+-- and is left out (half the HSET; see wallet_load for what each field costs).
+local function limits_save(L, spent_only)
+  if spent_only and not L.rolled then
+    redis.call('HSET', L.key, 'tk', fmt(L.tk), 'tk0', fmt(L.tk0), 'spent', fmt(L.spent), 'spent_day', fmt(L.spent_day))
+    return
+  end
   redis.call('HSET', L.key, 'win', fmt(L.win), 'rq', fmt(L.rq), 'rq0', fmt(L.rq0), 'tk', fmt(L.tk), 'tk0', fmt(L.tk0),
     'spent', fmt(L.spent), 'day', fmt(L.day), 'spent_day', fmt(L.spent_day))
 end
@@ -567,7 +576,7 @@ local function limits_record(L, request_id, captured, used)
   else
     L.spent, L.spent_day, L.tk = L.spent + captured, L.spent_day + captured, L.tk + used
   end
-  limits_save(L)
+  limits_save(L, true)
 end
 
 -- The spend caps a hold was admitted under (written on its record by hold.lua;
@@ -611,7 +620,7 @@ local function limits_reserve_more(L, request_id, amount)
   local res = fmt(r_amount + amount) .. '|' .. fmt(r_day) .. '|' .. fmt(r_tokens) .. '|' .. fmt(r_minute)
   redis.call('HSET', L.key, 'r:' .. request_id, res)
   L.res_id, L.res = request_id, res
-  limits_save(L)
+  limits_save(L, true)
 end
 
 -- The shared shape of top_up, adjust and refund, which move a balance by a
