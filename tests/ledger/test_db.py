@@ -35,7 +35,7 @@ async def test_migrating_again_is_a_no_op(ledger_db: LedgerDatabase):
 async def test_an_entry_inserted_twice_is_archived_once(ledger_db: LedgerDatabase):
     entries = [charge("1700000000000-0", 300), charge("1700000000001-0", 200)]
     assert await ledger_db.insert_entries("u_1", entries) == 2
-    await ledger_db.insert_entries("u_1", [*entries, charge("1700000000002-0", 100)])
+    assert await ledger_db.insert_entries("u_1", [*entries, charge("1700000000002-0", 100)]) == 1
     async with ledger_db.engine.connect() as conn:
         rows = (await conn.execute(sa.select(ledger_entries.c.entry_id, ledger_entries.c.amount_micros)
                                    .order_by(ledger_entries.c.entry_id))).all()
