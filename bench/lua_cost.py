@@ -4,7 +4,8 @@
 
 Runs a private ``redis-server`` under ``valgrind --tool=callgrind`` (instrumentation
 off until the measured part), opens a wallet the way the bench's end user has one,
-then sends ``N`` holds and ``N`` settles shaped as a metered chat call sends them (an
+then sends ``N`` holds and ``N`` settles shaped as a metered chat call sends them, as
+scripts (EVALSHA) and as Redis Functions (FCALL, what the request path sends) (an
 ``sk-eu_`` key's stamp on the hold, its limits hash and a charge's metadata on the
 settle), pipelined, and prints callgrind's instruction count (Ir) per call of each.
 Beside them, the same for a script that returns at once and for the whole prelude
@@ -139,6 +140,13 @@ async def measure(port: int, counter: _Callgrind, calls: int) -> tuple[dict[str,
         ids = [f"hold_cost{i:07d}" for i in range(calls)]
         results["hold"] = await counted([_hold_args(shas["hold"], h) for h in ids])
         results["settle"] = await counted([_settle_args(shas["settle"], h) for h in ids])
+        # The same calls as Redis Functions (FCALL), as the request path's clients send them.
+        await redis.execute_command("FUNCTION", "LOAD", "REPLACE", scripts.library)
+        ids = [f"hold_fcall{i:07d}" for i in range(calls)]
+        results["hold (FCALL)"] = await counted(
+            [["FCALL", scripts.function["hold"], *_hold_args("", h)[2:]] for h in ids])
+        results["settle (FCALL)"] = await counted(
+            [["FCALL", scripts.function["settle"], *_settle_args("", h)[2:]] for h in ids])
         audit = await store.audit(WALLET)
         ok = audit.wallet.balance_micros == audit.ledger_sum_micros and audit.wallet.held_micros == 0 \
             and audit.active_holds_sum_micros == 0
@@ -174,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, ir in results.items():
         print(f"  {label:28s} {ir:10,.0f}")
     print(f"  {'hold + settle (one call)':28s} {results['hold'] + results['settle']:10,.0f}")
+    print(f"  {'the same, as Functions':28s} {results['hold (FCALL)'] + results['settle (FCALL)']:10,.0f}")
     print(f"ledger check: balance == sum of ledger, nothing held: {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 

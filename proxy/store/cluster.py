@@ -119,6 +119,7 @@ class ClusterConnection:
 
     def __init__(self, url: str, *, timeout: float = 10.0, max_redirects: int = 16):
         self._seed = MultiplexedConnection(url, timeout=timeout)  # checks the URL
+        self.use_functions = True  # as MultiplexedConnection's
         if self._seed.db:
             raise ValueError("a Redis Cluster has only database 0: drop the /<db> from the URL")
         self._url = url

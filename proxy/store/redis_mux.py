@@ -142,6 +142,8 @@ class MultiplexedConnection:
     """
 
     def __init__(self, url: str, *, timeout: float = 10.0, address: tuple[str, int] | None = None):
+        # Run the wallet's Lua as Redis Functions (see proxy/store/scripts.py); set False if the server refuses them.
+        self.use_functions = True
         """`address` overrides the URL's host and port: another node of the same deployment
         (a Redis Cluster master), reached with the URL's credentials and TLS setting."""
         parsed = urlparse(url)
