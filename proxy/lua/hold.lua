@@ -89,17 +89,19 @@ redis.call('HSET', KEYS[2], ARGV[1], amount)
 local amount_text = fmt(amount)
 local record = {'status', 'active', 'amount', amount_text, 'requested', amount_text, 'created_ms', fmt(now),
   'expires_ms', fmt(expires)}
-local n = #record
 if ARGV[4] ~= '' then
-  record[n + 1], record[n + 2], n = 'meta', ARGV[4], n + 2
+  record[#record + 1], record[#record + 2] = 'meta', ARGV[4]
 end
 if budget_limit ~= nil then
-  record[n + 1], record[n + 2], record[n + 3], record[n + 4], record[n + 5], record[n + 6], n =
-    'bud_limit', fmt(budget_limit), 'bud_period', ARGV[10], 'bud_reserved', amount_text, n + 6
+  record[#record + 1], record[#record + 2] = 'bud_limit', fmt(budget_limit)
+  record[#record + 1], record[#record + 2] = 'bud_period', ARGV[10]
+  record[#record + 1], record[#record + 2] = 'bud_reserved', amount_text
 end
 if ARGV[5] and ARGV[5] ~= '' then
-  record[n + 1], record[n + 2], record[n + 3], record[n + 4] = 'credential', ARGV[5], 'request_id', ARGV[6]
-  record[n + 5], record[n + 6], record[n + 7], record[n + 8] = 'cap', ARGV[7] or '-1', 'daily_cap', ARGV[8] or '-1'
+  record[#record + 1], record[#record + 2] = 'credential', ARGV[5]
+  record[#record + 1], record[#record + 2] = 'request_id', ARGV[6]
+  record[#record + 1], record[#record + 2] = 'cap', ARGV[7] or '-1'
+  record[#record + 1], record[#record + 2] = 'daily_cap', ARGV[8] or '-1'
 end
 redis.call('HSET', KEYS[3], unpack(record))
 return {'ok', ARGV[1], fmt(amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit)}
