@@ -77,8 +77,8 @@ local function hold_load(key, fields)
   return h
 end
 
--- What capture_hold and release_hold read of the record (see budget_close, hold_caps).
-local HOLD_CLOSE_FIELDS = {'status', 'amount', 'cap', 'daily_cap', 'bud_limit', 'bud_period', 'bud_reserved'}
+-- What capture_hold and release_hold read of the record (see budget_close, hold_caps, hold_forget).
+local HOLD_CLOSE_FIELDS = {'status', 'amount', 'cap', 'daily_cap', 'bud_limit', 'bud_period', 'bud_reserved', 'checkpoint'}
 
 -- HOLD_CLOSE_FIELDS and `more`, as one list for hold_load.
 local function hold_close_fields(more)
@@ -87,6 +87,23 @@ local function hold_close_fields(more)
     fields[#fields + 1] = more[i]
   end
   return fields
+end
+
+-- Drop from a closing hold's record (`h`, as hold_load read it with
+-- HOLD_CLOSE_FIELDS) what only an active hold needs: its metadata (the closing
+-- entry carries it), credential, caps, budget terms and checkpoint. What stays,
+-- a day, is what replays and a job's view read: status, amount, requested,
+-- created_ms, expires_ms, captured, description and the close's result
+-- (264 bytes a call's record, from 360).
+local function hold_forget(h)
+  local gone = {'meta', 'credential', 'request_id', 'cap', 'daily_cap'}
+  if h.bud_limit then
+    gone[#gone + 1], gone[#gone + 2], gone[#gone + 3] = 'bud_limit', 'bud_period', 'bud_reserved'
+  end
+  if h.checkpoint then
+    gone[#gone + 1], gone[#gone + 2], gone[#gone + 3] = 'checkpoint', 'checkpoint_tokens', 'checkpoint_meta'
+  end
+  redis.call('HDEL', KEYS[3], unpack(gone))
 end
 
 -- A result kept as 'a,b,c' (see remember_result), answered again as {'replay', a, b, c}.
@@ -741,7 +758,7 @@ local function capture_hold(hold_id, h, amount, meta, cap_room)
   local id = append_ledger(KEYS[4], {'type', 'charge', 'amount', fmt(0 - captured), 'held_delta', fmt(0 - hold_amount),
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'requested', fmt(amount),
     'shortfall', fmt(shortfall), 'grants', draws, 'meta', meta}, w)
-  redis.call('HDEL', KEYS[3], 'meta')  -- the charge's meta says what the call was; the record stays only for replays
+  hold_forget(h)  -- the charge's meta says what the call was; the record stays only for replays
   grants_save(G, {'balance', fmt(balance), 'held', fmt(held)})
   balance = grants_sweep_loaded_if_due(G, KEYS[4], held, balance)  -- what this hold had reserved of an expired grant lapses
   local attempt = claim_auto_top_up(balance - held + credit_limit, w)
@@ -768,9 +785,7 @@ local function release_hold(hold_id, h, entry_type, reason, meta)
   redis.call('HDEL', KEYS[2], hold_id)
   local id = append_ledger(KEYS[4], {'type', entry_type, 'amount', '0', 'held_delta', fmt(0 - hold_amount),
     'balance', fmt(balance), 'held', fmt(held), 'hold_id', hold_id, 'reason', reason, 'meta', meta}, w)
-  if kept then
-    redis.call('HDEL', KEYS[3], 'meta')
-  end
+  hold_forget(h)
   if due_now(w.grants_due) then  -- see capture_hold
     balance = grants_sweep(grants_load(KEYS[1], w), KEYS[4], held, balance)
   end

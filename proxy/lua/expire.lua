@@ -14,8 +14,8 @@
 -- Keeps: balance == sum of ledger amounts; held == sum of active holds;
 -- balance never below -credit_limit, and a credential's caps are never passed
 -- (a checkpoint is captured as a settle is).
-local h = hold_load(KEYS[3], hold_close_fields({'expires_ms', 'checkpoint', 'checkpoint_tokens',
-  'checkpoint_meta', 'request_id', 'meta'}))
+local h = hold_load(KEYS[3], hold_close_fields({'expires_ms', 'checkpoint_tokens', 'checkpoint_meta',
+  'request_id', 'meta'}))
 if h.status == nil then
   return fail('HOLD_NOT_FOUND', 'no hold ' .. ARGV[1] .. ' in this wallet')
 end

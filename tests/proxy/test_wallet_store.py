@@ -9,6 +9,7 @@ import pytest
 from proxy.store import (
     BalanceLimit,
     ChargeNotFound,
+    Checkpoint,
     CredentialSpend,
     HoldClosed,
     HoldNotFound,
@@ -22,6 +23,7 @@ from proxy.store import (
     WalletNotFound,
     WalletStore,
 )
+from proxy.store.budgets import CallBudget
 
 
 @pytest.fixture
@@ -168,6 +170,37 @@ async def test_a_release_given_its_own_meta_records_that_instead_of_the_holds(wa
     [entry, *_] = await wallets.ledger("u_1", limit=100)
     assert {k: entry.details[k] for k in ("request_id", "model", "key_id")} == {
         "request_id": "req_1", "model": "gpt-4o-mini", "key_id": "key_1"}
+
+
+# What a closed hold's record keeps a day: what replays of the hold and of its close read.
+REPLAY_FIELDS = {b"status", b"amount", b"requested", b"created_ms", b"expires_ms"}
+
+
+async def test_a_settled_calls_record_keeps_only_what_replays_read(wallets, redis):
+    await funded(wallets)
+    spend = CredentialSpend("key_a", "req_1", tokens=30, max_spend_micros=5_000_000, max_daily_spend_micros=4_000_000)
+    budget = CallBudget(limit_micros=9_000_000, period="2026-12")
+    hold = await wallets.hold("u_1", 1_000_000, meta={"request_id": "req_1"}, spend=spend, budget=budget)
+    await wallets.extend("u_1", hold.hold_id, 0, current_micros=1_000_000,
+                         checkpoint=Checkpoint(300, 5, {"request_id": "req_1", "model": "m"}))
+    settled = await wallets.settle("u_1", hold.hold_id, 400_000, meta={"request_id": "req_1"}, spend=spend)
+    record = await redis.hgetall(f"mg:{{w:u_1}}:hold:{hold.hold_id}")
+    assert set(record) == REPLAY_FIELDS | {b"settle_result"}
+    again = await wallets.settle("u_1", hold.hold_id, 400_000, meta={"request_id": "req_1"}, spend=spend)
+    assert again.replayed and (again.captured_micros, again.ledger_id) == (400_000, settled.ledger_id)
+    replayed_hold = await wallets.hold("u_1", 1_000_000, hold_id=hold.hold_id)
+    assert replayed_hold.replayed and replayed_hold.amount_micros == 1_000_000
+    assert (await wallets.get("u_1")).held_micros == 0
+
+
+async def test_a_released_calls_record_keeps_only_what_replays_read(wallets, redis):
+    await funded(wallets)
+    spend = CredentialSpend("key_a", "req_1", max_spend_micros=5_000_000)
+    hold = await wallets.hold("u_1", 1_000_000, meta={"request_id": "req_1"}, spend=spend)
+    await wallets.release("u_1", hold.hold_id, reason="upstream_error", spend=spend)
+    record = await redis.hgetall(f"mg:{{w:u_1}}:hold:{hold.hold_id}")
+    assert set(record) == REPLAY_FIELDS | {b"release_result"}
+    assert (await wallets.release("u_1", hold.hold_id, reason="upstream_error", spend=spend)).replayed
 
 
 async def test_a_calls_closed_hold_record_stays_a_listpack(wallets, redis):

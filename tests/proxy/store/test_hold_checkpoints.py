@@ -74,6 +74,9 @@ async def test_expiring_a_checkpointed_hold_counts_the_capture_against_its_crede
     [expired] = await wallets.expire_due()
     assert expired.captured_micros == 700
     assert (await limits.spend("u_1", "key_a")).spent_micros == 700
+    # The expired record keeps what a replay reads; the checkpoint and credential went with the close.
+    record = await redis.hgetall(f"mg:{{w:u_1}}:hold:{hold.hold_id}")
+    assert set(record) == {b"status", b"amount", b"requested", b"created_ms", b"expires_ms", b"release_result"}
 
 
 class _FailingAfterScript:
