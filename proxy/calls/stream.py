@@ -46,6 +46,11 @@ END_EVENTS = {
 def output_text(choice: Mapping[str, Any]) -> str:
     """The output text of one streamed choice delta (content, reasoning, refusal, tool calls)."""
     delta = choice.get("delta")
+    if type(delta) is dict and len(delta) == 1:
+        # Nearly every chunk of a stream is {"content": "..."}: answered without the general walk.
+        content = delta.get("content")
+        if type(content) is str:
+            return content
     parts: list[str] = []
     if isinstance(delta, Mapping):
         for key in ("content", "reasoning_content", "refusal"):
@@ -72,8 +77,13 @@ def read_event(data: bytes, tools: metering.ToolCallCounter | None = None) -> tu
         return "", None
     if tools is not None:
         tools.see(chunk)
-    choices = chunk.get("choices") or ()
-    text = "".join(output_text(c) for c in choices if isinstance(c, Mapping)) if choices else ""
+    choices = chunk.get("choices")
+    if not choices or type(choices) is not list:
+        text = ""
+    elif len(choices) == 1:  # one choice (n=1): no join
+        text = output_text(choices[0]) if isinstance(choices[0], Mapping) else ""
+    else:
+        text = "".join(output_text(c) for c in choices if isinstance(c, Mapping))
     return text, chunk if isinstance(chunk.get("usage"), dict) else None
 
 
