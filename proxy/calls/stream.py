@@ -160,8 +160,10 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
                     continue
                 if responses_api:
                     text, terminal = read_response_event(data, tools)
-                    if text and not await _covered(lease, text, response, relay):
-                        return response
+                    if text:
+                        tokens = lease.take_output(text)  # None within the hold: no coroutine for the event
+                        if tokens is not None and not await _cover(lease, tokens, response, relay):
+                            return response
                     if terminal is not None:
                         saw_done = True
                         final = terminal.get("response")
@@ -178,8 +180,10 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
                     relay.append(event.raw)
                     continue
                 text, usage_chunk = read_event(data, tools)
-                if text and not await _covered(lease, text, response, relay):
-                    return response
+                if text:
+                    tokens = lease.take_output(text)  # None within the hold (nearly always): no coroutine
+                    if tokens is not None and not await _cover(lease, tokens, response, relay):
+                        return response
                 if usage_chunk is not None and lease.usage is None:
                     shown = await _with_cost(lease, usage_chunk, tools)
                     if usage_chunk.get("choices") or client_wants_usage:
@@ -229,11 +233,9 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
     return response
 
 
-async def _covered(lease: Lease, text: str, response: web.StreamResponse, relay: list[bytes]) -> bool:
-    """Cover the output `text` before relaying it; on refusal, relay what was covered and stop."""
-    tokens = lease.take_output(text)
-    if tokens is None:
-        return True
+async def _cover(lease: Lease, tokens: int, response: web.StreamResponse, relay: list[bytes]) -> bool:
+    """Grow the hold for `tokens` of output that `Lease.take_output` could not take, before
+    relaying them; first relay what was covered, so a refusal stops the stream right there."""
     if relay:
         await response.write(b"".join(relay))
         relay.clear()
