@@ -275,7 +275,7 @@ class _Scripts:
                 if name.startswith("metergate_") and name != self.library_name:
                     with contextlib.suppress(ResponseError):  # another replica deleted it first
                         await commands.execute("FUNCTION", "DELETE", name)
-        except (ResponseError, RedisError) as exc:
+        except RedisError as exc:  # ResponseError among them
             log.warning("could not delete older metergate function libraries: %s", exc)
 
 
@@ -306,7 +306,7 @@ def _not_found(reply: ResponseError) -> bool:
 def _refused(reply: ResponseError) -> bool:
     """A server without Functions (before Redis 7, or FUNCTION renamed away) or a user not allowed them."""
     message = str(reply).lower()
-    return message.startswith("unknown command") or message.startswith("noperm") or "unknown command" in message
+    return "unknown command" in message or message.startswith("noperm")
 
 
 def _keep_to_scripts(commands: Commands, reason: ResponseError) -> None:
