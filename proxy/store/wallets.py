@@ -586,23 +586,30 @@ class WalletStore:
 _UNINDEX_PER_BATCH = 256
 
 
+# Ledger fields read into the entry's head, and those whose details carry micros.
+_HEAD_FIELDS = frozenset((b"type", b"amount", b"balance", b"held"))
+_MICROS_FIELDS = {k.encode(): k + "_micros" for k in ("held_delta", "requested", "shortfall", "credit_limit")}
+
+
 def _ledger_entry(entry_id: bytes, fields: Mapping[bytes, bytes]) -> LedgerEntry:
-    f = {k.decode(): v.decode() for k, v in fields.items()}
+    # One pass over the raw bytes: every reader of the ledger (events, archiver,
+    # audit, pages) parses each entry, so this runs once per entry per reader.
     details: dict[str, Any] = {}
-    for k, v in f.items():
-        if k in ("type", "amount", "balance", "held"):
+    micros = _MICROS_FIELDS
+    for k, v in fields.items():
+        if k in _HEAD_FIELDS:
             continue
-        if k == "meta":
+        if k == b"meta":
             details.update(orjson.loads(v))
-        elif k == "is_simulated":
-            details[k] = v == "true"
-        elif k in ("held_delta", "requested", "shortfall", "credit_limit"):
-            details[k + "_micros"] = int(v)
+        elif k in micros:
+            details[micros[k]] = int(v)
+        elif k == b"is_simulated":
+            details["is_simulated"] = v == b"true"
         else:
-            details[k] = v
+            details[k.decode()] = v.decode()
     return LedgerEntry(
-        id=entry_id.decode(), type=f["type"], amount_micros=int(f["amount"]),
-        balance_micros=int(f["balance"]), held_micros=int(f["held"]), details=details,
+        id=entry_id.decode(), type=fields[b"type"].decode(), amount_micros=int(fields[b"amount"]),
+        balance_micros=int(fields[b"balance"]), held_micros=int(fields[b"held"]), details=details,
     )
 
 
