@@ -151,6 +151,10 @@ async def read_body(request: web.Request) -> bytes:
     A body that has not fully arrived within `body_timeout_seconds` is a 408,
     and the connection is closed after it.
     """
+    if request.content.is_eof():
+        # The whole body is already buffered (almost every call): nothing can be
+        # late, so it needs no timer (an asyncio.timeout is ~1.5% of a call's CPU).
+        return await request.read()
     timeout = request.config_dict[CONFIG].body_timeout_seconds
     try:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
