@@ -307,6 +307,22 @@ def _store_error_kind(exc: Exception) -> str:
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, with the date and time formatted once a second, not once a line:
+    strftime was half of formatting a call's log line."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second, stamp = self._second
+        if int(record.created) != second:
+            stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = (int(record.created), stamp)
+        return f"{stamp},{int(record.msecs):03d}"  # the stdlib's default_msec_format, "%s,%03d"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, and the record's
     `fields` (the call line's, a failure's request id) as keys of their own."""
@@ -334,7 +350,7 @@ class _ServeHandler(logging.StreamHandler[TextIO]):
 def configure_logging(config: Config) -> None:
     """Log INFO and up to stderr, as text or (`log_format: json`) one JSON object a line."""
     handler = _ServeHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if config.log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _ServeHandler)]:
         root.removeHandler(old)

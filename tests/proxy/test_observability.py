@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import run_reaper
 from proxy.config import Config
-from proxy.observability import JsonFormatter, configure_logging
+from proxy.observability import TEXT_FORMAT, JsonFormatter, TextFormatter, configure_logging
 from proxy.store import WalletStore
 from proxy.store.scripts import _scripts
 from tests.conftest import ADMIN
@@ -320,3 +320,12 @@ def test_the_json_formatter_keeps_an_exception_and_its_message():
             "metergate", logging.ERROR, __file__, 1, "failed %s", ("here",), exc_info=sys.exc_info())
     entry = json.loads(JsonFormatter().format(record))
     assert entry["message"] == "failed here" and "ValueError: boom" in entry["exception"]
+
+
+def test_the_text_formatter_writes_what_the_stdlib_formatter_writes_across_seconds():
+    plain, cached = logging.Formatter(TEXT_FORMAT), TextFormatter()
+    for created in (1_700_000_000.123, 1_700_000_000.987, 1_700_000_001.004, 1_700_000_000.5, 1_700_086_400.0):
+        record = logging.getLogger("metergate.calls").makeRecord(
+            "metergate.calls", logging.INFO, __file__, 1, "request_id=%s", ("r_1",), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert cached.format(record) == plain.format(record)
