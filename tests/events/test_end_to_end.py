@@ -363,7 +363,10 @@ def write_config(tmp_path: Path, repo_root: Path, redis_url: str, upstream_url: 
         "operator_keys": [OPERATOR_KEY],
         "ratecards_dir": str(repo_root / "config" / "ratecards"),
         "upstreams": {"openai": {"base_url": upstream_url, "api_key_env": UPSTREAM_KEY_ENV}},
-        "events": {"poll_interval_seconds": poll, "retry_base_seconds": 0.05, "retry_max_seconds": 0.4},
+        # A short webhook timeout keeps an endpoint's lease (three timeouts) short, so a process
+        # started after a SIGKILL takes the dead one's lease over in seconds, not 30.
+        "events": {"poll_interval_seconds": poll, "retry_base_seconds": 0.05, "retry_max_seconds": 0.4,
+                   "webhook_timeout_seconds": 2},
     }, indent=2))
     return path
 
