@@ -74,37 +74,51 @@ def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value, default=str).decode()
 
 
+_MS_PER_DAY = 86_400_000
+_day_of: tuple[int, str] = (-1, "")  # the last UTC day formatted: a batch's entries share a day or two
+
+
+def _integer(value: Any) -> int | None:
+    if type(value) is int:
+        return value
+    return int(value) if isinstance(value, (int, float, str)) and str(value).lstrip("-").isdigit() else None
+
+
+def _string(value: Any) -> str | None:
+    if type(value) is str:
+        return value or None
+    return str(value) if value is not None else None
+
+
 def entry_row(wallet_id: str, entry: LedgerEntry) -> dict[str, Any]:
     """An entry as its `ledger_entries` row."""
+    # Runs for every entry archived, on the event loop: plain lookups, and the
+    # date formatted once per UTC day rather than per entry.
+    global _day_of
     at_ms = int(entry.id.partition("-")[0])
-    day = dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).date().isoformat()
+    day_number = at_ms // _MS_PER_DAY
+    if _day_of[0] != day_number:
+        _day_of = (day_number, dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).date().isoformat())
+    day = _day_of[1]
     d = entry.details
-
-    def integer(name: str) -> int | None:
-        value = d.get(name)
-        return int(value) if isinstance(value, (int, float, str)) and str(value).lstrip("-").isdigit() else None
-
-    def string(name: str) -> str | None:
-        value = d.get(name)
-        return str(value) if value not in (None, "") else None
-
+    get = d.get
     charge = entry.type == "charge"
     return {
         "wallet_id": wallet_id, "entry_id": entry.id, "at_ms": at_ms, "day": day, "month": day[:7],
         "type": entry.type, "amount_micros": entry.amount_micros, "balance_micros": entry.balance_micros,
         "held_micros": entry.held_micros,
-        "model": string("model") if charge else None,
-        "key_id": string("key_id"),
-        "tier": string("tier") if charge else None,
-        "request_id": string("request_id"),
-        "prompt_tokens": integer("prompt_tokens") if charge else None,
-        "completion_tokens": integer("completion_tokens") if charge else None,
-        "price_micros": integer("price_micros") if charge else None,
-        "cost_micros": integer("cost_micros") if charge else None,
-        "outcome": string("outcome") if charge else None,
+        "model": _string(get("model")) if charge else None,
+        "key_id": _string(get("key_id")),
+        "tier": _string(get("tier")) if charge else None,
+        "request_id": _string(get("request_id")),
+        "prompt_tokens": _integer(get("prompt_tokens")) if charge else None,
+        "completion_tokens": _integer(get("completion_tokens")) if charge else None,
+        "price_micros": _integer(get("price_micros")) if charge else None,
+        "cost_micros": _integer(get("cost_micros")) if charge else None,
+        "outcome": _string(get("outcome")) if charge else None,
         "details": orjson.dumps(d, default=str).decode(),
-        "asset": string("asset") or "USD",
-        "is_simulated": d.get("is_simulated") is True,
+        "asset": _string(get("asset")) or "USD",
+        "is_simulated": get("is_simulated") is True,
     }
 
 

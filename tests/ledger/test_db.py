@@ -56,6 +56,20 @@ def test_a_charge_row_carries_what_reports_group_by():
         "2023-11-14", "2023-11", "gpt-4o", "pro", "key_1", 300, 150, 10, 5, "req_1", "completed")
 
 
+def test_entries_either_side_of_utc_midnight_get_their_own_day():
+    # 2023-11-14T23:59:59.999Z and the next millisecond, then back: the row's day is
+    # formatted once per UTC day, so a cached day must never leak to the next entry.
+    days = [entry_row("u_1", charge(f"{ms}-0", 1))["day"] for ms in (1700006399999, 1700006400000, 1700006399999)]
+    assert days == ["2023-11-14", "2023-11-15", "2023-11-14"]
+
+
+def test_a_row_takes_numbers_and_names_from_details_only_when_they_are_whole_and_present():
+    row = entry_row("u_1", charge("1700000000000-0", 300, prompt_tokens="12", completion_tokens=1.5,
+                                  price_micros=True, model="", key_id=None, outcome=7))
+    assert (row["prompt_tokens"], row["completion_tokens"], row["price_micros"], row["model"], row["key_id"],
+            row["outcome"]) == (12, None, None, None, None, "7")
+
+
 async def test_the_audit_log_refuses_updates_and_deletes(ledger_db: LedgerDatabase):
     await ledger_db.append_audit(AuditRecord(at_ms=1, actor="ops", role="admin", method="POST", path="/admin/x",
                                              action="POST /x", target="u_1", request_id="req_1", status=201,
