@@ -118,13 +118,18 @@ def derive(
     """
     events: list[Event] = []
     cursor, last_top_up, fired = state.cursor, state.last_top_up_micros, set(state.fired)
+    cursor_key = entry_id_key(cursor)
+    # Every charge is checked against the thresholds; they change only with the last
+    # top-up, so they are worked out again only then (a batch is mostly charges).
+    thresholds_base, thresholds = last_top_up, _thresholds(alerts, last_top_up)
     for entry in entries:
-        if entry_id_key(entry.id) <= entry_id_key(cursor):
+        entry_key = entry_id_key(entry.id)
+        if entry_key <= cursor_key:
             continue
-        cursor = entry.id
+        cursor, cursor_key = entry.id, entry_key
         d = entry.details
         available = entry.balance_micros - entry.held_micros + credit_limit_micros
-        created = entry_id_key(entry.id)[0] // 1000
+        created = entry_key[0] // 1000
 
         def emit(event_type: str, data: dict[str, Any], discriminator: str = "", entry: LedgerEntry = entry,
                  created: int = created) -> None:
@@ -135,6 +140,8 @@ def derive(
 
         if entry.type == "top_up":
             last_top_up = entry.amount_micros
+            if last_top_up != thresholds_base:
+                thresholds_base, thresholds = last_top_up, _thresholds(alerts, last_top_up)
             data: dict[str, Any] = {"amount_micros": entry.amount_micros, "balance_micros": entry.balance_micros,
                                     "available_micros": available}
             for name in ("reference", "source"):
@@ -164,7 +171,7 @@ def derive(
             # Concurrent calls can hold the last funds and be refused before any of them is
             # charged: the thresholds that available (holds counted) is already below are
             # reported before the wallet is said to be depleted, never after.
-            events.extend(_balance_low(wallet_id, entry, available, created, _thresholds(alerts, last_top_up), fired))
+            events.extend(_balance_low(wallet_id, entry, available, created, thresholds, fired))
 
         if entry.type in _NOTE_EVENTS:
             event_type = _NOTE_EVENTS[entry.type]
@@ -185,6 +192,6 @@ def derive(
             # A credit re-arms what it lifted available back to (after a top-up, against its new base).
             fired = {k for k in fired if threshold_micros(k, last_top_up) > available}
         elif entry.amount_micros < 0:
-            events.extend(_balance_low(wallet_id, entry, available, created, _thresholds(alerts, last_top_up), fired))
+            events.extend(_balance_low(wallet_id, entry, available, created, thresholds, fired))
 
     return events, replace(state, cursor=cursor, last_top_up_micros=last_top_up, fired=frozenset(fired))
