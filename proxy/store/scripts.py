@@ -80,7 +80,8 @@ class RedisPyCommands:
 
     Only commands whose raw replies redis-py passes through unchanged go
     through here (EVALSHA, GET, HMGET, ZADD, ZREM), so both implementations
-    answer alike.
+    answer alike; the one exception is XRANGE, whose entries redis-py turns
+    into dicts, and its one reader (`WalletStore.ledger_after`) takes both.
     """
 
     def __init__(self, redis: StoreRedis):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -538,8 +538,11 @@ class WalletStore:
 
     async def ledger_after(self, wallet_id: str, after: str, *, limit: int = 500) -> list[LedgerEntry]:
         """Entries after the entry `after` ("0": from the start), oldest first."""
-        raw: list[tuple[bytes, dict[bytes, bytes]]] = await self.redis.xrange(  # type: ignore[assignment]
-            _ledger_key(wallet_id), min="-" if after == "0" else f"({after}", max="+", count=limit)
+        # Through the store's own connection: the archiver and the event consumer read
+        # every entry this way, and its raw reply (flat field lists) skips redis-py's
+        # reshaping into dicts, about half of what reading an entry costs before parsing.
+        raw: list[tuple[bytes, list[bytes] | dict[bytes, bytes]]] = await self.commands.execute(
+            "XRANGE", _ledger_key(wallet_id), "-" if after == "0" else f"({after}", "+", "COUNT", limit)
         return [_ledger_entry(entry_id, fields) for entry_id, fields in raw]
 
     async def audit(self, wallet_id: str) -> Audit:
@@ -591,15 +594,23 @@ _HEAD_FIELDS = frozenset((b"type", b"amount", b"balance", b"held"))
 _MICROS_FIELDS = {k.encode(): k + "_micros" for k in ("held_delta", "requested", "shortfall", "credit_limit")}
 
 
-def _ledger_entry(entry_id: bytes, fields: Mapping[bytes, bytes]) -> LedgerEntry:
+def _ledger_entry(entry_id: bytes, fields: Sequence[bytes] | Mapping[bytes, bytes]) -> LedgerEntry:
+    """An entry from its raw fields: a flat [name, value, ...] list as Redis sends it,
+    or the dict redis-py makes of that."""
     # One pass over the raw bytes: every reader of the ledger (events, archiver,
     # audit, pages) parses each entry, so this runs once per entry per reader.
+    if isinstance(fields, Mapping):
+        pairs: Iterable[tuple[bytes, bytes]] = fields.items()
+    else:
+        names_and_values = iter(fields)
+        pairs = zip(names_and_values, names_and_values, strict=True)
+    head: dict[bytes, bytes] = {}
     details: dict[str, Any] = {}
     micros = _MICROS_FIELDS
-    for k, v in fields.items():
+    for k, v in pairs:
         if k in _HEAD_FIELDS:
-            continue
-        if k == b"meta":
+            head[k] = v
+        elif k == b"meta":
             details.update(orjson.loads(v))
         elif k in micros:
             details[micros[k]] = int(v)
@@ -608,8 +619,8 @@ def _ledger_entry(entry_id: bytes, fields: Mapping[bytes, bytes]) -> LedgerEntry
         else:
             details[k.decode()] = v.decode()
     return LedgerEntry(
-        id=entry_id.decode(), type=fields[b"type"].decode(), amount_micros=int(fields[b"amount"]),
-        balance_micros=int(fields[b"balance"]), held_micros=int(fields[b"held"]), details=details,
+        id=entry_id.decode(), type=head[b"type"].decode(), amount_micros=int(head[b"amount"]),
+        balance_micros=int(head[b"balance"]), held_micros=int(head[b"held"]), details=details,
     )
 
 

@@ -531,3 +531,18 @@ async def test_extend_by_zero_only_pushes_back_the_expiry(wallets):
     assert kept.amount_micros == 1_000_000 and kept.expires_at_ms > hold.expires_at_ms + 30_000
     assert len(await wallets.ledger("u_1")) == entries
     assert (await wallets.get("u_1")).held_micros == 1_000_000
+
+
+async def test_ledger_after_reads_entries_as_the_ledger_pages_do_from_the_cursor_on(wallets):
+    # Over the multiplexer ledger_after parses Redis's flat field lists; the ledger's pages
+    # come through redis-py's dicts: both must give the same entries, details included.
+    await funded(wallets)
+    hold = await wallets.hold("u_1", 300, meta={"request_id": "req_1"})
+    await wallets.settle("u_1", hold.hold_id, 500, meta={"request_id": "req_1", "model": "gpt-4o", "prompt_tokens": 3})
+    newest_first = await wallets.ledger("u_1")
+    assert [e.type for e in newest_first] == ["charge", "top_up", "open"]
+    assert await wallets.ledger_after("u_1", "0") == newest_first[::-1]
+    assert await wallets.ledger_after("u_1", newest_first[2].id) == newest_first[1::-1]
+    charge = (await wallets.ledger_after("u_1", newest_first[1].id, limit=1))[0]
+    assert (charge.amount_micros, charge.details["held_delta_micros"], charge.details["model"],
+            charge.details["prompt_tokens"]) == (-500, -300, "gpt-4o", 3)
