@@ -121,7 +121,7 @@ def derive(
     cursor_key = entry_id_key(cursor)
     # Every charge is checked against the thresholds; they change only with the last
     # top-up, so they are worked out again only then (a batch is mostly charges).
-    thresholds_base, thresholds = last_top_up, _thresholds(alerts, last_top_up)
+    thresholds = _thresholds(alerts, last_top_up)
     for entry in entries:
         entry_key = entry_id_key(entry.id)
         if entry_key <= cursor_key:
@@ -139,9 +139,9 @@ def derive(
             ))
 
         if entry.type == "top_up":
+            if entry.amount_micros != last_top_up:
+                thresholds = _thresholds(alerts, entry.amount_micros)
             last_top_up = entry.amount_micros
-            if last_top_up != thresholds_base:
-                thresholds_base, thresholds = last_top_up, _thresholds(alerts, last_top_up)
             data: dict[str, Any] = {"amount_micros": entry.amount_micros, "balance_micros": entry.balance_micros,
                                     "available_micros": available}
             for name in ("reference", "source"):
