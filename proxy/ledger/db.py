@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,7 +76,13 @@ def _json(value: Any) -> str | None:
 
 
 _MS_PER_DAY = 86_400_000
-_day_of: tuple[int, str] = (-1, "")  # the last UTC day formatted: a batch's entries share a day or two
+_EPOCH = dt.date(1970, 1, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _utc_day(day_number: int) -> str:
+    """The ISO date of a day counted from the Unix epoch (UTC days are whole multiples of 86,400,000 ms)."""
+    return (_EPOCH + dt.timedelta(days=day_number)).isoformat()
 
 
 def _integer(value: Any) -> int | None:
@@ -94,12 +101,8 @@ def entry_row(wallet_id: str, entry: LedgerEntry) -> dict[str, Any]:
     """An entry as its `ledger_entries` row."""
     # Runs for every entry archived, on the event loop: plain lookups, and the
     # date formatted once per UTC day rather than per entry.
-    global _day_of
     at_ms = int(entry.id.partition("-")[0])
-    day_number = at_ms // _MS_PER_DAY
-    if _day_of[0] != day_number:
-        _day_of = (day_number, dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).date().isoformat())
-    day = _day_of[1]
+    day = _utc_day(at_ms // _MS_PER_DAY)
     d = entry.details
     get = d.get
     charge = entry.type == "charge"
