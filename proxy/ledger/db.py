@@ -13,7 +13,7 @@ import asyncio
 import datetime as dt
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,14 +166,21 @@ class LedgerDatabase:
         await self.engine.dispose()
 
     async def insert_entries(self, wallet_id: str, entries: Sequence[LedgerEntry]) -> int:
-        """Archive `entries`; those already archived are skipped. Returns how many were new."""
-        if not entries:
+        """Archive one wallet's `entries`; those already archived are skipped. Returns how many were new."""
+        return await self.insert_batches({wallet_id: entries})
+
+    async def insert_batches(self, batches: Mapping[str, Sequence[LedgerEntry]]) -> int:
+        """Archive several wallets' entries (wallet id: entries) in one transaction; those
+        already archived are skipped. Returns how many were new."""
+        rows = [entry_row(wallet_id, e) for wallet_id, entries in batches.items() for e in entries]
+        if not rows:
             return 0
-        rows = [entry_row(wallet_id, e) for e in entries]
         insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
         # One cached statement executed over the rows: SQLAlchemy batches them into multi-row
         # INSERTs itself ("insertmanyvalues"), about ten times cheaper in CPU than compiling a
         # VALUES list per batch. RETURNING gives back the rows inserted (conflicts are skipped).
+        # One transaction for the lot: a transaction costs ~0.6-0.9 ms of CPU through
+        # SQLAlchemy and aiosqlite, against ~25 µs a row.
         statement = (insert(ledger_entries).on_conflict_do_nothing(index_elements=["wallet_id", "entry_id"])
                      .returning(ledger_entries.c.entry_id))
         async with self.engine.begin() as conn:

@@ -545,6 +545,20 @@ class WalletStore:
             "XRANGE", _ledger_key(wallet_id), "-" if after == "0" else f"({after}", "+", "COUNT", limit)
         return [_ledger_entry(entry_id, fields) for entry_id, fields in raw]
 
+    async def ledgers_after(self, cursors: Mapping[str, str], *, limit: int = 500) -> dict[str, list[LedgerEntry]]:
+        """`ledger_after` for several wallets (wallet id: its `after`) in one round trip."""
+        if not cursors:
+            return {}
+        replies = await self.commands.batch(
+            [("XRANGE", _ledger_key(w), "-" if after == "0" else f"({after}", "+", "COUNT", limit)
+             for w, after in cursors.items()])
+        out: dict[str, list[LedgerEntry]] = {}
+        for wallet_id, raw in zip(cursors, replies):
+            if isinstance(raw, Exception):
+                raise raw
+            out[wallet_id] = [_ledger_entry(entry_id, fields) for entry_id, fields in raw]
+        return out
+
     async def audit(self, wallet_id: str) -> Audit:
         """Recompute both invariants from the full ledger and the hold set (slow; for tests and ops)."""
         wallet = await self.get(wallet_id)

@@ -7,7 +7,7 @@ and a real database on both SQLite and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,6 +21,7 @@ from proxy.ledger.schema import ledger_entries
 from proxy.store import LedgerEntry, WalletStore
 from proxy.store.archive import ArchiveStore
 from proxy.store.events import EventStore
+from proxy.store.scripts import RedisPyCommands
 
 USD = 1_000_000
 DAY_MS = 86_400_000
@@ -89,11 +90,11 @@ class CrashAfterInsert(ArchiveStore):
 
     crashed = False
 
-    async def save_cursor(self, wallet_id: str, entry_id: str) -> None:
+    async def save_cursors(self, cursors: Mapping[str, str]) -> None:
         if not self.crashed:
             self.crashed = True
             raise ConnectionError("killed between the insert and the cursor")
-        await super().save_cursor(wallet_id, entry_id)
+        await super().save_cursors(cursors)
 
 
 async def test_an_archiver_dying_between_insert_and_cursor_archives_the_batch_once_after_restart(redis, wallets, ledger_db):
@@ -121,6 +122,82 @@ async def test_two_archivers_at_once_archive_every_entry_once(redis, wallets, le
         assert await archived(ledger_db, f"u_{n}") == as_rows(await stream(wallets, f"u_{n}"))
 
 
+class CountingCommands(RedisPyCommands):
+    """The store's commands, counting its round trips."""
+
+    def __init__(self, redis: aioredis.Redis):
+        super().__init__(redis)
+        self.round_trips = 0
+
+    async def execute(self, *args):
+        self.round_trips += 1
+        return await super().execute(*args)
+
+    async def batch(self, commands):
+        self.round_trips += 1
+        return await super().batch(commands)
+
+
+async def test_a_pass_takes_as_many_round_trips_and_one_transaction_for_twenty_wallets_as_for_two(redis, ledger_db):
+    wallet_commands, archive_commands = CountingCommands(redis), CountingCommands(redis)
+    wallets = WalletStore(redis, hold_ttl_ms=60_000, commands=wallet_commands)
+    archiver = Archiver(ArchiveStore(redis, archive_commands), wallets, ledger_db, archive_config())
+    transactions: list[object] = []
+    sa.event.listen(ledger_db.engine.sync_engine, "begin", transactions.append)
+    cost: list[tuple[int, int]] = []
+    for prefix, count in (("a", 2), ("b", 20)):
+        for n in range(count):
+            await wallets.open(f"{prefix}_{n}", profile={"tier": "default", "metadata": {}})
+            await wallets.top_up(f"{prefix}_{n}", USD, idempotency_key=f"{prefix}_{n}")
+        round_trips, began = wallet_commands.round_trips + archive_commands.round_trips, len(transactions)
+
+        assert await archiver.pass_once() == 2 * count  # each wallet's open and top-up
+
+        cost.append((wallet_commands.round_trips + archive_commands.round_trips - round_trips,
+                     len(transactions) - began))
+    assert cost[0] == cost[1]
+    assert cost[0][1] == 1
+    for n in range(20):
+        assert await archived(ledger_db, f"b_{n}") == as_rows(await stream(wallets, f"b_{n}"))
+    assert await ArchiveStore(redis).dirty_wallets() == []
+
+
+class LosesItsLeases(ArchiveStore):
+    """A replica whose leases all lapsed while it worked (paused longer than lease_seconds)."""
+
+    async def renew_each(self, leases: Mapping[str, str], ttl_ms: int) -> set[str]:
+        return set()
+
+
+async def test_a_wallet_whose_lease_lapses_mid_pass_keeps_its_mark_and_the_rest_is_archived_later(
+    redis, wallets, ledger_db
+):
+    await busy_wallet(wallets, "u_1", 10)  # 13 entries: more than a batch of 7
+    await busy_wallet(wallets, "u_2", 1)  # 4 entries: one batch, done before any renewal
+    losing = Archiver(LosesItsLeases(redis), wallets, ledger_db, archive_config())
+
+    assert await losing.pass_once() == 7 + 4
+
+    assert [w for w, _ in await ArchiveStore(redis).dirty_wallets()] == ["u_1"]
+    assert len(await archived(ledger_db, "u_1")) == 7
+    await Archiver(ArchiveStore(redis), wallets, ledger_db, archive_config()).drain()
+    assert await archived(ledger_db, "u_1") == as_rows(await stream(wallets, "u_1"))
+
+
+async def test_a_wallet_another_replica_holds_is_left_to_it_with_its_mark(redis, wallets, ledger_db):
+    await busy_wallet(wallets, "u_1", 1)
+    await busy_wallet(wallets, "u_2", 1)
+    store = ArchiveStore(redis)
+    assert await store.acquire("archive:u_1", 60_000) is not None  # the other replica's
+
+    assert await Archiver(store, wallets, ledger_db, archive_config()).pass_once() == 4
+
+    assert await archived(ledger_db, "u_1") == []
+    assert await archived(ledger_db, "u_2") == as_rows(await stream(wallets, "u_2"))
+    assert [w for w, _ in await store.dirty_wallets()] == ["u_1"]
+    assert await store.acquire("archive:u_2", 60_000) is not None  # this pass let its own lease go
+
+
 class FailingDatabase(LedgerDatabase):
     """A database that takes `accept` batches, then fails (down, or the network gone)."""
 
@@ -128,11 +205,11 @@ class FailingDatabase(LedgerDatabase):
         super().__init__(real.engine)
         self.accept = accept
 
-    async def insert_entries(self, wallet_id: str, entries: Sequence[LedgerEntry]) -> int:
+    async def insert_batches(self, batches: Mapping[str, Sequence[LedgerEntry]]) -> int:
         if self.accept <= 0:
             raise ConnectionError("database unreachable")
         self.accept -= 1
-        return await super().insert_entries(wallet_id, entries)
+        return await super().insert_batches(batches)
 
 
 async def test_trimming_never_removes_an_entry_that_is_not_archived(redis, wallets, ledger_db):
