@@ -1,10 +1,10 @@
 """`EventConsumer`: turns new ledger entries into events, once, on whichever replica gets there first.
 
 Each pass takes the wallets marked dirty (see proxy/store/events.py), and for
-each one it can lease: reads the entries after the wallet's cursor, derives
-their events (proxy/events/derive.py), appends them to the event log, then
-saves the cursor, and finally drops the wallet's mark unless an entry arrived
-meanwhile. Killed anywhere in between, the next pass (here or on another
+those it can lease, all together: reads the entries after each wallet's cursor,
+derives their events (proxy/events/derive.py), appends them to the event log,
+then saves the cursors, and finally drops each wallet's mark unless an entry
+arrived meanwhile. Killed anywhere in between, the next pass (here or on another
 replica) starts again from the saved cursor: no event is lost, and one derived
 twice keeps its id.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from proxy.config import EventsConfig
 from proxy.events.derive import WalletEventState, derive
@@ -57,44 +58,61 @@ class EventConsumer:
                 await asyncio.sleep(self.config.poll_interval_seconds)
 
     async def pass_once(self, limit: int = _WALLETS_PER_PASS) -> int:
-        """Derive the events of up to `limit` dirty wallets; how many wallets were done."""
-        done = 0
-        for wallet_id, score in await self.events.dirty_wallets(limit):
-            token = await self.events.acquire(f"derive:{wallet_id}", _LEASE_MS)
-            if token is None:
-                continue  # another replica is on it
-            try:
-                await self.derive_wallet(wallet_id)
-                await self.events.mark_clean(wallet_id, score)
-                done += 1
-            finally:
-                await self.events.release(f"derive:{wallet_id}", token)
-        return done
+        """Derive the events of up to `limit` dirty wallets; how many wallets were done.
+
+        All of them together, each step one round trip however many wallets there are:
+        done one wallet at a time, a wallet with one new entry cost ~0.8 ms of CPU per pass.
+        """
+        dirty = await self.events.dirty_wallets(limit)
+        if not dirty:
+            return 0
+        tokens = await self.events.acquire_each([_lease_name(w) for w, _ in dirty], _LEASE_MS)
+        held = {wallet_id: token for (wallet_id, _), token in zip(dirty, tokens) if token is not None}
+        try:  # a wallet another replica is on is left to it, mark and all
+            await self.derive_wallets(list(held))
+            await self.events.mark_clean_each([(wallet_id, score) for wallet_id, score in dirty if wallet_id in held])
+        finally:
+            await self.events.release_each({_lease_name(w): token for w, token in held.items()})
+        return len(held)
 
     async def derive_wallet(self, wallet_id: str) -> list[Event]:
         """Derive and log the events of every entry after the wallet's cursor."""
-        wallet = await self.wallets.get(wallet_id)
-        if wallet is None:
-            return []
-        state = WalletEventState.from_fields(await self.events.wallet_state(wallet_id))
-        alerts = state.alerts
-        if alerts is None:
-            profile = await self.wallets.profile(wallet_id) or {}
-            alerts = self.config.low_balance_for(str(profile.get("tier") or "default"))
-        derived: list[Event] = []
-        while True:
-            entries = await self.wallets.ledger_after(wallet_id, state.cursor, limit=_BATCH)
-            if not entries:
-                break
-            events, state = derive(wallet_id, entries, state, alerts, wallet.credit_limit_micros)
-            await self.events.append(events)  # first the events, then the cursor: a crash between repeats, never loses
-            fields = state.to_fields()
-            fields.pop("alerts")  # the admin API's to change; written back here it could undo a change made meanwhile
-            await self.events.save_wallet_state(wallet_id, fields)
-            derived += events
-            if len(entries) < _BATCH:
-                break
+        return (await self.derive_wallets([wallet_id])).get(wallet_id, [])
+
+    async def derive_wallets(self, wallet_ids: Sequence[str]) -> dict[str, list[Event]]:
+        """`derive_wallet` for several wallets at once: the events derived, by wallet."""
+        found = [w for w in await self.wallets.get_each(wallet_ids) if w is not None]
+        states = dict(zip((w.wallet_id for w in found),
+                          map(WalletEventState.from_fields, await self.events.wallet_states([w.wallet_id for w in found]))))
+        alerts = {w: state.alerts for w, state in states.items() if state.alerts is not None}
+        tiers_wanted = [w for w in states if w not in alerts]
+        for wallet_id, profile in zip(tiers_wanted, await self.wallets.profiles(tiers_wanted)):
+            alerts[wallet_id] = self.config.low_balance_for(str((profile or {}).get("tier") or "default"))
+        credit = {w.wallet_id: w.credit_limit_micros for w in found}
+        derived: dict[str, list[Event]] = {w: [] for w in states}
+        pending = dict(states)
+        while pending:
+            read = await self.wallets.ledgers_after({w: state.cursor for w, state in pending.items()}, limit=_BATCH)
+            new_events: list[Event] = []
+            saved: dict[str, dict[str, str]] = {}
+            for wallet_id, entries in read.items():
+                if not entries:
+                    continue
+                events, pending[wallet_id] = derive(wallet_id, entries, pending[wallet_id], alerts[wallet_id],
+                                                    credit[wallet_id])
+                new_events += events
+                derived[wallet_id] += events
+                fields = pending[wallet_id].to_fields()
+                fields.pop("alerts")  # the admin API's to change; written back here it could undo a change made meanwhile
+                saved[wallet_id] = fields
+            await self.events.append(new_events)  # first the events, then the cursors: a crash between repeats, never loses
+            await self.events.save_wallet_states(saved)
+            pending = {w: pending[w] for w, entries in read.items() if len(entries) == _BATCH}
         return derived
+
+
+def _lease_name(wallet_id: str) -> str:
+    return f"derive:{wallet_id}"
 
 
 def ratecard_event(loaded: bool, what: str) -> Event:

@@ -23,7 +23,7 @@ import orjson
 
 from proxy.events.model import Event
 from proxy.store.keyspace import ARCHIVE_DIRTY_KEY, PREFIX, _wallet_events_key
-from proxy.store.leases import Leases
+from proxy.store.leases import Leases, _raise_first
 from proxy.store.scripts import Commands, RedisPyCommands, StoreRedis
 
 DIRTY_KEY = f"{PREFIX}:events:dirty"
@@ -148,6 +148,30 @@ class EventStore(Leases):
     async def save_wallet_state(self, wallet_id: str, state: Mapping[str, str]) -> None:
         if state:
             await self._r.hset(_wallet_events_key(wallet_id), mapping=dict(state))
+
+    # The batched forms the consumer's pass uses: one round trip for all the wallets it holds.
+
+    async def wallet_states(self, wallet_ids: Sequence[str]) -> list[dict[str, str]]:
+        """`wallet_state` of each wallet, in order."""
+        if not wallet_ids:
+            return []
+        replies = _raise_first(await self.commands.batch([("HGETALL", _wallet_events_key(w)) for w in wallet_ids]))
+        # The multiplexer answers with the flat field list, redis-py's pipeline with a dict.
+        return [{_s(k): _s(v) for k, v in (raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2]))}
+                for raw in replies]
+
+    async def save_wallet_states(self, states: Mapping[str, Mapping[str, str]]) -> None:
+        """`save_wallet_state` for each wallet (wallet id: its fields)."""
+        commands = [("HSET", _wallet_events_key(w), *(x for item in fields.items() for x in item))
+                    for w, fields in states.items() if fields]
+        if commands:
+            _raise_first(await self.commands.batch(commands))
+
+    async def mark_clean_each(self, marks: Sequence[tuple[str, str]]) -> None:
+        """`mark_clean` for each (wallet id, the mark's score as read)."""
+        if marks:
+            _raise_first(await self.commands.batch(
+                [("EVAL", _UNDIRTY, 1, DIRTY_KEY, w, score) for w, score in marks]))
 
     # ---------------------------------------------------------- the event log
 

@@ -228,6 +228,35 @@ class WalletStore:
             return None
         return WalletState(wallet_id, int(balance), int(held), int(credit))
 
+    async def get_each(self, wallet_ids: Sequence[str]) -> list[WalletState | None]:
+        """`get` for several wallets, in one round trip."""
+        if not wallet_ids:
+            return []
+        replies = await self.commands.batch(
+            [("HMGET", _wallet_key(w), "balance", "held", "credit_limit") for w in wallet_ids])
+        out: list[WalletState | None] = []
+        for wallet_id, reply in zip(wallet_ids, replies):
+            if isinstance(reply, Exception):
+                raise reply
+            balance, held, credit = reply
+            valid = balance is not None and WALLET_ID_RE.match(wallet_id)
+            out.append(WalletState(wallet_id, int(balance), int(held), int(credit)) if valid else None)
+        return out
+
+    async def profiles(self, wallet_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """`profile` (uncached) for several wallets, in one round trip."""
+        if not wallet_ids:
+            return []
+        replies = await self.commands.batch([("HMGET", _profile_key(w), "profile", "created_ms") for w in wallet_ids])
+        out: list[dict[str, Any] | None] = []
+        for wallet_id, reply in zip(wallet_ids, replies):
+            if isinstance(reply, Exception):
+                raise reply
+            raw, created_ms = reply
+            valid = raw is not None and WALLET_ID_RE.match(wallet_id)
+            out.append({**orjson.loads(raw), "created_ms": int(created_ms)} if valid else None)
+        return out
+
     async def profile(self, wallet_id: str, *, max_age_seconds: float = 0) -> dict[str, Any] | None:
         """The end user's profile; up to `max_age_seconds` old from this process's cache.
 

@@ -26,6 +26,7 @@ from proxy.events.notices import Notices
 from proxy.store import RedisPyCommands, WalletStore, connect
 from proxy.store.events import DIRTY_KEY, EventStore, StoredEvent
 from proxy.store.keyspace import ARCHIVE_DIRTY_KEY
+from proxy.store.redis_mux import MultiplexedConnection
 from tests.conftest import RecordingCommands
 from tests.events.receiver import eventually
 from tests.redis_server import RedisServer
@@ -41,7 +42,7 @@ class Crash(Exception):
 class CrashBeforeTheCursor(EventStore):
     """Appends the events, then dies before the wallet's cursor is saved."""
 
-    async def save_wallet_state(self, wallet_id: str, state: Any) -> None:
+    async def save_wallet_states(self, states: Any) -> None:
         raise Crash
 
 
@@ -163,6 +164,61 @@ async def test_a_movement_during_derivation_keeps_the_wallet_dirty_and_is_derive
     events = await logged(store)
     assert [(e.type, e.data["amount_micros"]) for e in events] == [("wallet.topped_up", 10 * USD), ("wallet.topped_up", 2 * USD)]
     assert await dirty(store) == set()
+
+
+async def test_a_pass_takes_as_many_round_trips_for_twenty_wallets_as_for_two(redis):
+    wallet_commands, event_commands = RecordingCommands(RedisPyCommands(redis)), RecordingCommands(RedisPyCommands(redis))
+    wallets = WalletStore(redis, hold_ttl_ms=60_000, commands=wallet_commands)
+    store = EventStore(redis, event_commands)
+    consumer = EventConsumer(store, wallets, CONFIG)
+    round_trips: list[int] = []
+    for prefix, count in (("a", 2), ("b", 20)):
+        for n in range(count):
+            await open_wallet(wallets, f"{prefix}_{n}", funds=USD)
+        before = len(wallet_commands.round_trips) + len(event_commands.round_trips)
+
+        assert await consumer.pass_once() == count
+
+        round_trips.append(len(wallet_commands.round_trips) + len(event_commands.round_trips) - before)
+    assert round_trips[0] == round_trips[1]
+    assert await dirty(store) == set()
+    topped_up = [e.end_user for e in await logged(store) if e.type == "wallet.topped_up"]
+    assert sorted(topped_up) == sorted([f"a_{n}" for n in range(2)] + [f"b_{n}" for n in range(20)])
+
+
+async def test_a_wallet_another_consumer_holds_is_left_to_it_with_its_mark(store, wallets):
+    await open_wallet(wallets, "u_1", funds=USD)
+    await open_wallet(wallets, "u_2", funds=USD)
+    assert await store.acquire("derive:u_1", 60_000) is not None  # the other replica's
+
+    assert await EventConsumer(store, wallets, CONFIG).pass_once() == 1
+
+    assert [e.end_user for e in await logged(store)] == ["u_2"]
+    assert await dirty(store) == {"u_1"}
+    assert await store.acquire("derive:u_2", 60_000) is not None  # the pass let its own lease go
+
+
+@pytest.mark.parametrize("client", ["redis-py", "multiplexed"])
+async def test_the_batched_state_reads_agree_with_the_one_wallet_reads(client, redis, redis_server, wallets):
+    commands = MultiplexedConnection(redis_server.url) if client == "multiplexed" else None
+    store, batched_wallets = EventStore(redis, commands), WalletStore(redis, hold_ttl_ms=60_000, commands=commands)
+    try:
+        await open_wallet(wallets, "u_1", funds=3 * USD)
+        await open_wallet(wallets, "u_2")
+        await EventConsumer(EventStore(redis), wallets, CONFIG).pass_once()
+        ids = ["u_1", "u_2", "u_missing"]
+
+        states = await store.wallet_states(ids)
+        found = await batched_wallets.get_each(ids)
+        profiles = await batched_wallets.profiles(ids)
+
+        assert states == [await store.wallet_state(w) for w in ids]
+        assert states[0]["cursor"] != "0" and int(states[0]["last_top_up_micros"]) == 3 * USD
+        assert found == [await wallets.get(w) for w in ids] and found[2] is None
+        assert profiles == [await wallets.profile(w) for w in ids] and profiles[2] is None
+    finally:
+        if commands is not None:
+            await commands.aclose()
 
 
 class CountingConsumer(EventConsumer):

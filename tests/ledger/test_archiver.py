@@ -22,6 +22,7 @@ from proxy.store import LedgerEntry, WalletStore
 from proxy.store.archive import ArchiveStore
 from proxy.store.events import EventStore
 from proxy.store.scripts import RedisPyCommands
+from tests.conftest import RecordingCommands
 
 USD = 1_000_000
 DAY_MS = 86_400_000
@@ -122,24 +123,8 @@ async def test_two_archivers_at_once_archive_every_entry_once(redis, wallets, le
         assert await archived(ledger_db, f"u_{n}") == as_rows(await stream(wallets, f"u_{n}"))
 
 
-class CountingCommands(RedisPyCommands):
-    """The store's commands, counting its round trips."""
-
-    def __init__(self, redis: aioredis.Redis):
-        super().__init__(redis)
-        self.round_trips = 0
-
-    async def execute(self, *args):
-        self.round_trips += 1
-        return await super().execute(*args)
-
-    async def batch(self, commands):
-        self.round_trips += 1
-        return await super().batch(commands)
-
-
 async def test_a_pass_takes_as_many_round_trips_and_one_transaction_for_twenty_wallets_as_for_two(redis, ledger_db):
-    wallet_commands, archive_commands = CountingCommands(redis), CountingCommands(redis)
+    wallet_commands, archive_commands = RecordingCommands(RedisPyCommands(redis)), RecordingCommands(RedisPyCommands(redis))
     wallets = WalletStore(redis, hold_ttl_ms=60_000, commands=wallet_commands)
     archiver = Archiver(ArchiveStore(redis, archive_commands), wallets, ledger_db, archive_config())
     transactions: list[object] = []
@@ -149,11 +134,11 @@ async def test_a_pass_takes_as_many_round_trips_and_one_transaction_for_twenty_w
         for n in range(count):
             await wallets.open(f"{prefix}_{n}", profile={"tier": "default", "metadata": {}})
             await wallets.top_up(f"{prefix}_{n}", USD, idempotency_key=f"{prefix}_{n}")
-        round_trips, began = wallet_commands.round_trips + archive_commands.round_trips, len(transactions)
+        round_trips, began = len(wallet_commands.round_trips) + len(archive_commands.round_trips), len(transactions)
 
         assert await archiver.pass_once() == 2 * count  # each wallet's open and top-up
 
-        cost.append((wallet_commands.round_trips + archive_commands.round_trips - round_trips,
+        cost.append((len(wallet_commands.round_trips) + len(archive_commands.round_trips) - round_trips,
                      len(transactions) - began))
     assert cost[0] == cost[1]
     assert cost[0][1] == 1
