@@ -97,8 +97,8 @@ class Archiver:
 
         All of them together: every step is one round trip to Redis, and one transaction
         in the database, however many wallets there are. Done one wallet at a time, a
-        wallet with one new entry cost ~1.2 ms of CPU per pass (some ten round trips and
-        a transaction of its own), more than the call that wrote the entry.
+        wallet with one new entry cost ~2.5 ms of CPU per pass (some ten round trips and
+        a transaction of its own: bench/background.py), more than the call that wrote it.
         """
         if not dirty:
             return 0

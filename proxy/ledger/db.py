@@ -165,10 +165,6 @@ class LedgerDatabase:
     async def close(self) -> None:
         await self.engine.dispose()
 
-    async def insert_entries(self, wallet_id: str, entries: Sequence[LedgerEntry]) -> int:
-        """Archive one wallet's `entries`; those already archived are skipped. Returns how many were new."""
-        return await self.insert_batches({wallet_id: entries})
-
     async def insert_batches(self, batches: Mapping[str, Sequence[LedgerEntry]]) -> int:
         """Archive several wallets' entries (wallet id: entries) in one transaction; those
         already archived are skipped. Returns how many were new."""

@@ -56,18 +56,9 @@ class ArchiveStore(Leases):
         raw = await self._r.zrange(ARCHIVE_DIRTY_KEY, 0, limit - 1, withscores=True, score_cast_func=_s)
         return [(_s(member), score) for member, score in raw]
 
-    async def mark_clean(self, wallet_id: str, score: str) -> bool:
-        """Drop the wallet's mark unless a new entry re-marked it since `score` was read."""
-        return bool(await self._r.eval(_UNDIRTY, 1, ARCHIVE_DIRTY_KEY, wallet_id, score))
-
     async def cursor(self, wallet_id: str) -> str:
         """The id of the last entry archived ("0": none)."""
         return _s(await self._r.hget(_archive_key(wallet_id), "cursor") or b"0")
-
-    async def save_cursor(self, wallet_id: str, entry_id: str) -> None:
-        """Move the cursor forward to `entry_id`; never back (a replica that lost its lease
-        while a batch was slow may save an older position after another moved on)."""
-        await self._r.eval(_FORWARD, 1, _archive_key(wallet_id), entry_id)
 
     async def trimmed_sum(self, wallet_id: str) -> int:
         return int(await self._r.hget(_archive_key(wallet_id), "trimmed_sum") or 0)
@@ -111,7 +102,8 @@ class ArchiveStore(Leases):
                 for cursor, oldest in zip(replies[::2], replies[1::2])]
 
     async def save_cursors(self, cursors: Mapping[str, str]) -> None:
-        """`save_cursor` for each wallet (wallet id: entry id)."""
+        """Move each wallet's cursor (wallet id: entry id) forward; never back (a replica that lost
+        its lease while a batch was slow may save an older position after another moved on)."""
         if cursors:
             _raise_first(await self.commands.batch(
                 [("EVAL", _FORWARD, 1, _archive_key(w), entry_id) for w, entry_id in cursors.items()]))
@@ -122,7 +114,7 @@ class ArchiveStore(Leases):
             _raise_first(await self.commands.batch([("ZADD", ARCHIVE_TRIM_KEY, ms, w) for w, ms in due.items()]))
 
     async def mark_clean_each(self, marks: Sequence[tuple[str, str]]) -> None:
-        """`mark_clean` for each (wallet id, the mark's score as read)."""
+        """Drop each wallet's mark (wallet id, its score as read) unless a new entry re-marked it since."""
         if marks:
             _raise_first(await self.commands.batch(
                 [("EVAL", _UNDIRTY, 1, ARCHIVE_DIRTY_KEY, w, score) for w, score in marks]))

@@ -43,7 +43,7 @@ def dirty_commands(wallet_id: str) -> list[tuple[Any, ...]]:
     (proxy/ledger/archiver.py); sent before the script that writes them.
 
     The score is the time in microseconds (exact in a double until the year
-    2255): `mark_clean` drops a mark only if its score did not change, and a
+    2255): `mark_clean_each` drops a mark only if its score did not change, and a
     finer clock makes a re-mark with an equal score practically impossible.
     """
     now_us = int(time.time() * 1_000_000)
@@ -131,10 +131,6 @@ class EventStore(Leases):
         raw = await self._r.zrange(DIRTY_KEY, 0, limit - 1, withscores=True, score_cast_func=_s)
         return [(_s(member), score) for member, score in raw]
 
-    async def mark_clean(self, wallet_id: str, score: str) -> bool:
-        """Drop the wallet's mark unless a new entry re-marked it since `score` was read."""
-        return bool(await self._r.eval(_UNDIRTY, 1, DIRTY_KEY, wallet_id, score))
-
     async def mark_dirty(self, wallet_id: str) -> None:
         for command in dirty_commands(wallet_id):
             await self.commands.execute(*command)
@@ -168,7 +164,7 @@ class EventStore(Leases):
             _raise_first(await self.commands.batch(commands))
 
     async def mark_clean_each(self, marks: Sequence[tuple[str, str]]) -> None:
-        """`mark_clean` for each (wallet id, the mark's score as read)."""
+        """Drop each wallet's mark (wallet id, its score as read) unless a new entry re-marked it since."""
         if marks:
             _raise_first(await self.commands.batch(
                 [("EVAL", _UNDIRTY, 1, DIRTY_KEY, w, score) for w, score in marks]))

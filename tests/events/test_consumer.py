@@ -158,7 +158,7 @@ async def test_a_movement_during_derivation_keeps_the_wallet_dirty_and_is_derive
 
     assert await consumer.pass_once() == 1
     assert [e.type for e in await logged(store)] == ["wallet.topped_up"]
-    assert await dirty(store) == {"u_1"}  # re-marked with a later score: mark_clean left it
+    assert await dirty(store) == {"u_1"}  # re-marked with a later score: mark_clean_each left it
 
     assert await consumer.pass_once() == 1
     events = await logged(store)

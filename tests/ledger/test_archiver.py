@@ -273,11 +273,11 @@ async def test_an_idle_wallet_is_trimmed_once_its_entries_leave_the_window(redis
 
 async def test_the_cursor_never_moves_back(redis):
     store = ArchiveStore(redis)
-    await store.save_cursor("u_1", "1700000000005-1")
-    await store.save_cursor("u_1", "1700000000005-0")  # a replica that lost its lease, saving late
-    await store.save_cursor("u_1", "1699999999999-9")
+    await store.save_cursors({"u_1": "1700000000005-1"})
+    await store.save_cursors({"u_1": "1700000000005-0"})  # a replica that lost its lease, saving late
+    await store.save_cursors({"u_1": "1699999999999-9"})
     assert await store.cursor("u_1") == "1700000000005-1"
-    await store.save_cursor("u_1", "1700000000010-0")
+    await store.save_cursors({"u_1": "1700000000010-0"})
     assert await store.cursor("u_1") == "1700000000010-0"
 
 

@@ -34,8 +34,8 @@ async def test_migrating_again_is_a_no_op(ledger_db: LedgerDatabase):
 
 async def test_an_entry_inserted_twice_is_archived_once(ledger_db: LedgerDatabase):
     entries = [charge("1700000000000-0", 300), charge("1700000000001-0", 200)]
-    assert await ledger_db.insert_entries("u_1", entries) == 2
-    assert await ledger_db.insert_entries("u_1", [*entries, charge("1700000000002-0", 100)]) == 1
+    assert await ledger_db.insert_batches({"u_1": entries}) == 2
+    assert await ledger_db.insert_batches({"u_1": [*entries, charge("1700000000002-0", 100)]}) == 1
     async with ledger_db.engine.connect() as conn:
         rows = (await conn.execute(sa.select(ledger_entries.c.entry_id, ledger_entries.c.amount_micros)
                                    .order_by(ledger_entries.c.entry_id))).all()
@@ -43,8 +43,9 @@ async def test_an_entry_inserted_twice_is_archived_once(ledger_db: LedgerDatabas
 
 
 async def test_the_same_entry_id_in_two_wallets_is_two_rows(ledger_db: LedgerDatabase):
-    await ledger_db.insert_entries("u_1", [charge("1700000000000-0", 300)])
-    await ledger_db.insert_entries("u_2", [charge("1700000000000-0", 300)])
+    # In one batch (one transaction), as an archiver pass over both wallets writes them.
+    assert await ledger_db.insert_batches({"u_1": [charge("1700000000000-0", 300)],
+                                           "u_2": [charge("1700000000000-0", 300)]}) == 2
     async with ledger_db.engine.connect() as conn:
         assert (await conn.execute(sa.select(sa.func.count()).select_from(ledger_entries))).scalar_one() == 2
 
