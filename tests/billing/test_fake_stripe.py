@@ -62,7 +62,8 @@ async def receiver(fake_stripe: FakeStripe) -> AsyncIterator[WebhookReceiver]:
 
     app = web.Application()
     app.router.add_post("/webhook", receive)
-    runner = web.AppRunner(app)
+    # A delivery still arriving when the test ends is of no interest: don't wait aiohttp's default 60 s for it.
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     fake_stripe.register_webhook(found.url, WEBHOOK_SECRET)
