@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.callgrind import Callgrind, callgrind_argv
 from bench.loadgen import free_port
 
 WALLET = "bench_user"
@@ -65,37 +63,10 @@ def _settle_args(sha: str, hold_id: str) -> list[object]:
             REQUEST_ID, 30]
 
 
-class _Callgrind:
-    """callgrind_control on a running valgrind'ed process: zero, count, dump, read the total."""
-
-    def __init__(self, pid: int, out_prefix: str):
-        self.pid, self.out_prefix = pid, out_prefix
-
-    def _control(self, *args: str) -> None:
-        subprocess.run(["callgrind_control", *args, str(self.pid)], capture_output=True, check=True)
-
-    def start(self) -> None:
-        self._control("-z")
-        self._control("-i", "on")
-
-    def stop(self) -> int:
-        self._control("-i", "off")
-        before = set(glob.glob(self.out_prefix + "*"))
-        self._control("-d")
-        for _ in range(50):
-            new = set(glob.glob(self.out_prefix + "*")) - before
-            if new:
-                time.sleep(0.2)  # let the dump finish writing
-                text = Path(max(new, key=os.path.getmtime)).read_text()
-                return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("totals:"))
-            time.sleep(0.1)
-        raise RuntimeError("callgrind wrote no dump")
-
-
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def measure(port: int, counter: _Callgrind, calls: int) -> tuple[dict[str, float], bool]:
+async def measure(port: int, counter: Callgrind, calls: int) -> tuple[dict[str, float], bool]:
     """Ir per call of each reference script, hold and settle; and whether the wallet's ledger checks out."""
     import redis.asyncio as aioredis
 
@@ -168,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     out_prefix = f"{tmp}/callgrind.out"
     server = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_prefix}.%p",
-         "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
+        [*callgrind_argv(out_prefix), "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", tmp],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        results, ok = asyncio.run(measure(port, _Callgrind(server.pid, out_prefix), args.calls))
+        results, ok = asyncio.run(measure(port, Callgrind(server.pid, out_prefix), args.calls))
     finally:
         server.terminate()
         server.wait()

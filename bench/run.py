@@ -164,7 +164,8 @@ def start_mock_upstream(tmpdir: Path, *options: str) -> tuple[Proc, str]:
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-def write_metergate_config(path: Path, port: int, upstream_base_url: str, redis_url: str | None) -> None:
+def write_metergate_config(path: Path, port: int, upstream_base_url: str, redis_url: str | None, *,
+                           extra_lines: tuple[str, ...] = ()) -> None:
     ratecards = Path(REPO_ROOT) / "config" / "ratecards"
     lines = [
         "host: 127.0.0.1",
@@ -172,6 +173,7 @@ def write_metergate_config(path: Path, port: int, upstream_base_url: str, redis_
         *([f"redis_url: {json.dumps(redis_url)}"] if redis_url else []),
         # The ledger of record (archived in the background while the load runs) in the temp dir.
         f"database_url: {json.dumps('sqlite+aiosqlite:///' + str(path.parent / f'ledger-{port}.sqlite3'))}",
+        *extra_lines,
         f"admin_keys: [{json.dumps(ADMIN_KEY)}]",
         f"operator_keys: [{json.dumps(OPERATOR_KEY)}]",
         f"ratecards_dir: {json.dumps(str(ratecards))}",
