@@ -262,6 +262,17 @@ async def test_each_call_logs_one_line_with_its_fields(base_url, gateway, make_e
     assert f"request_id={raw.headers['X-Request-Id']} end_user=u_1 model={MODEL} status=200" in record.getMessage()
 
 
+async def test_a_call_line_says_every_field_in_order(base_url, gateway, make_end_user, mock_upstream, caplog):
+    # The text line is written apart from the fields (for speed): both must say the same.
+    caplog.set_level(logging.INFO, logger="metergate.calls")
+    user = await make_end_user()
+    await sdk(base_url, user.key).chat.completions.create(**CHAT)
+    [record] = call_records(caplog)
+    fields = record.fields  # type: ignore[attr-defined]
+    assert record.getMessage() == " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
+    assert record.getMessage().endswith(" outcome=completed clamped=-")
+
+
 async def test_an_upstream_failure_is_logged_with_its_request_id(base_url, gateway, make_end_user, mock_upstream, caplog):
     caplog.set_level(logging.INFO)
     user = await make_end_user()
