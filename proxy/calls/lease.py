@@ -93,6 +93,10 @@ class Background:
         task.add_done_callback(self._done)
         return task
 
+    def runs(self, task: asyncio.Task[Any]) -> bool:
+        """Whether `task` is one of these (only shutdown cancels them, after its grace)."""
+        return task in self.tasks
+
     def _done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         # Nobody may be left to await it (its client went away): say what failed here.
@@ -479,19 +483,38 @@ class Lease:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._first_close = asyncio.get_running_loop().create_future()
-            self._closing = self.service.background.spawn(self._close_and_record(self._first_close))
+            first = self._first_close = asyncio.get_running_loop().create_future()
+            running = asyncio.current_task()
+            if running is not None and self.service.background.runs(running):
+                # Already in a task no handler's cancellation reaches (a whole answer's, see
+                # gateway.answer_whole): close right here, and spare a second task per call.
+                self._closing = running
+                try:
+                    return await self._close_and_record(first, hand_off=True)
+                finally:
+                    if first.done() and not first.cancelled():
+                        first.exception()  # raised here; nobody else need retrieve it
+            self._closing = self.service.background.spawn(self._close_and_record(first))
         return await asyncio.shield(self._first_close)
 
-    async def _close_and_record(self, first: asyncio.Future[Settlement | None]) -> Settlement | None:
-        settlement = await self._close_until_done(first)
-        observability.call_closed(self, settlement)
+    async def _close_and_record(self, first: asyncio.Future[Settlement | None], *, hand_off: bool = False,
+                                retry_in: float | None = None) -> Settlement | None:
+        settlement = await self._close_until_done(first, hand_off=hand_off, retry_in=retry_in)
+        if self._closing is asyncio.current_task():  # not handed off: the close ends here, recorded once
+            observability.call_closed(self, settlement)
         return settlement
 
-    async def _close_until_done(self, first: asyncio.Future[Settlement | None]) -> Settlement | None:
+    async def _close_until_done(self, first: asyncio.Future[Settlement | None], *, hand_off: bool = False,
+                                retry_in: float | None = None) -> Settlement | None:
+        """Close until the store answers. `hand_off`: run in the caller's own task, so that an
+        outage moves the retrying to a task of its own while the caller answers "pending";
+        `retry_in`: such a task's wait before its first try."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + _CLOSE_RETRY_FOR_SECONDS
         delay = 0.05
+        if retry_in is not None:
+            await asyncio.sleep(retry_in)
+            delay = min(retry_in * 2, 2.0)
         while True:
             try:
                 async with self._lock:  # after any keep-alive in flight
@@ -513,6 +536,9 @@ class Lease:
                     return None
                 log.warning("request %s: the store is unreachable (%r); retrying its close in %.2fs",
                             self.request_id, exc, delay)
+                if hand_off:
+                    self._closing = self.service.background.spawn(self._close_and_record(first, retry_in=delay))
+                    return None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from aiohttp.test_utils import TestClient
 
 from pricing import Usage, count_text_tokens, estimate_prompt_tokens, price_usage
 from proxy.app import create_app
+from proxy.appstate import METERING
 from proxy.config import Config, load_config
 from proxy.store import HOLD_INDEX_KEY, AccountStore, LedgerEntry, WalletStore, connect
 from tests.conftest import assert_ledger_invariants
@@ -269,6 +271,51 @@ async def test_a_store_paused_during_the_settle_answers_settlement_pending_and_c
     assert (charge.details["usage_source"], charge.details["completion_tokens"]) == ("upstream", 20)
     assert -charge.amount_micros == UPSTREAM_PRICE
     assert not {"release", "expire"} & set(await ledger_types(wallets, user.id))
+    await assert_no_open_holds(redis, wallets, user.id)
+
+
+async def test_a_close_that_waits_out_a_store_pause_is_recorded_once_with_its_charge(
+    aiohttp_client, gateway_config, make_end_user, mock_upstream, redis, redis_server, wallets, caplog
+):
+    # A whole answer closes in its own task; an outage hands the retrying to a task of its own,
+    # and only that one, when the charge lands, writes the call's line and counts it.
+    caplog.set_level(logging.INFO, logger="metergate.calls")
+    app = await gateway_with(aiohttp_client, gateway_config, redis_timeout_seconds=1)
+    user = await make_end_user()
+    mock_upstream.first_byte_delay = 0.5
+    mock_upstream.usage_override = UPSTREAM_USAGE
+    call = asyncio.create_task(app.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {user.key}"}))
+    await wait_forwarded(mock_upstream)
+    await pause_redis(redis_server.url, flush_scripts=False, pause_ms=2500)
+    resp = await asyncio.wait_for(call, 10)
+    assert resp.headers.get("X-Settlement") == "pending"
+    await wait_closed(wallets, user.id, 10, "the charge never landed once the store was back")
+
+    async def recorded() -> bool:
+        return any(r.name == "metergate.calls" for r in caplog.records)
+
+    await wait_until(recorded, 5, "the call was never recorded")
+    await asyncio.sleep(0.2)  # a second record would follow at once
+    [line] = [r for r in caplog.records if r.name == "metergate.calls"]
+    assert line.fields["cost_micros"] == UPSTREAM_PRICE  # type: ignore[attr-defined]
+    await assert_no_open_holds(redis, wallets, user.id)
+
+
+async def test_a_whole_answer_is_read_and_closed_in_one_background_task(gateway, make_end_user, mock_upstream, redis, wallets):
+    spawned: list[str] = []
+    background = gateway.app[METERING].background
+    spawn = background.spawn
+
+    def counting_spawn(work):
+        spawned.append(work.__qualname__)
+        return spawn(work)
+
+    background.spawn = counting_spawn  # type: ignore[method-assign]
+    user = await make_end_user()
+    resp = await gateway.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {user.key}"})
+    assert resp.status == 200, await resp.text()
+    assert spawned == ["_whole"]
+    assert [c.type for c in await charges(wallets, user.id)] == ["charge"]
     await assert_no_open_holds(redis, wallets, user.id)
 
 
