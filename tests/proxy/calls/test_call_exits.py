@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -250,10 +251,9 @@ async def pause_redis(url: str, *, flush_scripts: bool, pause_ms: int) -> None:
         writer.close()
 
 
-@pytest.mark.parametrize("flush_scripts", [True, False], ids=["script-flush", "no-flush"])
-async def test_a_store_paused_during_the_settle_answers_settlement_pending_and_charges_once(
-    aiohttp_client, gateway_config, make_end_user, mock_upstream, redis, redis_server, wallets, flush_scripts
-):
+async def settle_into_a_paused_store(aiohttp_client, gateway_config, make_end_user, mock_upstream, redis_server, *,
+                                    flush_scripts: bool) -> tuple[aiohttp.ClientResponse, Any]:
+    """A non-streamed call whose settle meets a store paused for 2.5 s: its response, and its end user."""
     app = await gateway_with(aiohttp_client, gateway_config, redis_timeout_seconds=1)
     user = await make_end_user()
     mock_upstream.first_byte_delay = 0.5
@@ -262,7 +262,15 @@ async def test_a_store_paused_during_the_settle_answers_settlement_pending_and_c
     await wait_forwarded(mock_upstream)
     # The upstream answers in ~0.5 s, inside the 2.5 s pause: the settle meets a store that does not answer.
     await pause_redis(redis_server.url, flush_scripts=flush_scripts, pause_ms=2500)
-    resp = await asyncio.wait_for(call, 10)
+    return await asyncio.wait_for(call, 10), user
+
+
+@pytest.mark.parametrize("flush_scripts", [True, False], ids=["script-flush", "no-flush"])
+async def test_a_store_paused_during_the_settle_answers_settlement_pending_and_charges_once(
+    aiohttp_client, gateway_config, make_end_user, mock_upstream, redis, redis_server, wallets, flush_scripts
+):
+    resp, user = await settle_into_a_paused_store(aiohttp_client, gateway_config, make_end_user, mock_upstream,
+                                                  redis_server, flush_scripts=flush_scripts)
     assert resp.status == 200, await resp.text()
     assert resp.headers.get("X-Settlement") == "pending"
     assert (await resp.json())["choices"][0]["message"]["content"] == reply_text(20)
@@ -280,14 +288,8 @@ async def test_a_close_that_waits_out_a_store_pause_is_recorded_once_with_its_ch
     # A whole answer closes in its own task; an outage hands the retrying to a task of its own,
     # and only that one, when the charge lands, writes the call's line and counts it.
     caplog.set_level(logging.INFO, logger="metergate.calls")
-    app = await gateway_with(aiohttp_client, gateway_config, redis_timeout_seconds=1)
-    user = await make_end_user()
-    mock_upstream.first_byte_delay = 0.5
-    mock_upstream.usage_override = UPSTREAM_USAGE
-    call = asyncio.create_task(app.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {user.key}"}))
-    await wait_forwarded(mock_upstream)
-    await pause_redis(redis_server.url, flush_scripts=False, pause_ms=2500)
-    resp = await asyncio.wait_for(call, 10)
+    resp, user = await settle_into_a_paused_store(aiohttp_client, gateway_config, make_end_user, mock_upstream,
+                                                  redis_server, flush_scripts=False)
     assert resp.headers.get("X-Settlement") == "pending"
     await wait_closed(wallets, user.id, 10, "the charge never landed once the store was back")
 
