@@ -498,24 +498,24 @@ class Lease:
         return await asyncio.shield(self._first_close)
 
     async def _close_and_record(self, first: asyncio.Future[Settlement | None], *, hand_off: bool = False,
-                                retry_in: float | None = None) -> Settlement | None:
-        settlement = await self._close_until_done(first, hand_off=hand_off, retry_in=retry_in)
+                                resume: tuple[float, float] | None = None) -> Settlement | None:
+        settlement = await self._close_until_done(first, hand_off=hand_off, resume=resume)
         if self._closing is asyncio.current_task():  # not handed off: the close ends here, recorded once
             observability.call_closed(self, settlement)
         return settlement
 
     async def _close_until_done(self, first: asyncio.Future[Settlement | None], *, hand_off: bool = False,
-                                retry_in: float | None = None) -> Settlement | None:
+                                resume: tuple[float, float] | None = None) -> Settlement | None:
         """Close until the store answers. `hand_off`: run in the caller's own task, so that an
         outage moves the retrying to a task of its own while the caller answers "pending";
-        `retry_in`: such a task's wait before its first try."""
+        `resume`: such a task's (wait before its first try, time to give up), the handing close's."""
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + _CLOSE_RETRY_FOR_SECONDS
-        delay = 0.05
-        if retry_in is not None:
-            await asyncio.sleep(retry_in)
-            delay = min(retry_in * 2, 2.0)
+        delay, give_up_at = resume if resume is not None else (0.05, loop.time() + _CLOSE_RETRY_FOR_SECONDS)
+        retrying = resume is not None
         while True:
+            if retrying:  # after an outage (or handed one): wait, longer each time
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
             try:
                 async with self._lock:  # after any keep-alive in flight
                     self.settlement = await self._close_once()
@@ -537,10 +537,10 @@ class Lease:
                 log.warning("request %s: the store is unreachable (%r); retrying its close in %.2fs",
                             self.request_id, exc, delay)
                 if hand_off:
-                    self._closing = self.service.background.spawn(self._close_and_record(first, retry_in=delay))
+                    self._closing = self.service.background.spawn(
+                        self._close_and_record(first, resume=(delay, give_up_at)))
                     return None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                retrying = True
                 continue
             except WalletError as exc:
                 # Closed already: the reaper expired it while the store was
