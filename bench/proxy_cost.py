@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.proxy_cost", description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=200, help="counted calls per scenario and process (default 200)")
     p.add_argument("--warmup", type=int, default=50, help="uncounted calls before each count (default 50)")
+    p.add_argument("--scenario", choices=("chat", "stream", "both"), default="both",
+                   help="count non-streamed calls, streamed ones, or both (default)")
     p.add_argument("--dumps", help="keep callgrind's dumps in this directory (for callgrind_annotate), one per count")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -118,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"proxy instructions (callgrind Ir) per call, {args.calls} calls one at a time "
                   f"(after {args.warmup} uncounted), request path only:")
             print(f"  {'scenario':<10} {'pass-through':>14} {'metergate':>14} {'ratio':>7} {'metergate extra':>16}")
-            for label, stream in (("chat", False), ("stream", True)):
+            scenarios = [(label, stream) for label, stream in (("chat", False), ("stream", True))
+                         if args.scenario in (label, "both")]
+            for label, stream in scenarios:
                 body = chat_body(stream)
                 bare, metered = (_count(t, body, stream, args.calls, args.warmup) for t in targets)
                 print(f"  {label:<10} {bare:>14,.0f} {metered:>14,.0f} {metered / bare:>6.2f}x {metered - bare:>16,.0f}",
                       flush=True)
 
-            sent = 2 * (args.calls + args.warmup)
+            sent = len(scenarios) * (args.calls + args.warmup)
             check = check_ledger(base)
             ok = (check.charges == sent and check.closes == sent and check.held == 0
                   and check.balance == check.ledger_sum)
