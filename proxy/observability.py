@@ -8,9 +8,9 @@ the store's script runner, the reaper); nothing else defines a metric.
 Labels stay bounded: model names come from the rate cards, routes are the
 route templates, tiers are the cards' tiers, and the remaining labels are
 fixed vocabularies. End-user ids and request ids go to the logs, never into
-a label. Label children are bound once per label set and kept, since
-`.labels()` hashes and locks on every call; streams are counted once each,
-never per chunk.
+a label. The metrics a call updates are `proxy.metrics`' loop metrics (an update
+is an addition, not prometheus-client's locked one); streams are counted once
+each, never per chunk.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 from aiohttp import web
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from proxy.metrics import LoopCounter, LoopGauge, LoopHistogram
 
 if TYPE_CHECKING:  # the lease and the store import this module
     from proxy.calls.lease import Lease
@@ -41,33 +43,33 @@ _FIRST_BYTE_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # A script round trip is well under a millisecond on a healthy store.
 _STORE_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
-REQUESTS = Counter("metergate_requests", "HTTP requests answered, by route template, model and status",
-                   ["route", "model", "status"])
-REQUEST_SECONDS = Histogram("metergate_request_duration_seconds",
-                            "From a request's arrival to its handler's end (a stream's last byte)", ["route"],
-                            buckets=_CALL_BUCKETS)
-FIRST_BYTE_SECONDS = Histogram("metergate_stream_first_byte_seconds",
-                               "From a streamed call's arrival to its first relayed byte", ["model"],
-                               buckets=_FIRST_BYTE_BUCKETS)
-UPSTREAM_SECONDS = Histogram("metergate_upstream_response_seconds",
-                             "From forwarding a call to the upstream's response headers", ["model"],
-                             buckets=_CALL_BUCKETS)
-TOKENS = Counter("metergate_tokens", "Tokens billed by settled calls, by model and direction (prompt, completion)",
-                 ["model", "direction"])
-CHARGED = Counter("metergate_charged_micros", "Micros captured from wallets by settled calls, by model and tier",
-                  ["model", "tier"])
-SHORTFALL = Counter("metergate_shortfall_micros", "Micros a settlement could not capture from its wallet, by model",
-                    ["model"])
-CALLS = Counter("metergate_calls", "Metered calls closed, by model and outcome", ["model", "outcome"])
-HOLDS = Counter("metergate_holds", "Hold events: opened, clamped, extended, settled, released, expired", ["event"])
-PAYMENT_REQUIRED = Counter("metergate_payment_required", "402 answers (no funds, or a spend limit reached)",
-                           ["route", "model"])
-STORE_SECONDS = Histogram("metergate_store_round_trip_seconds", "Wallet-store script round trips, by script",
-                          ["script"], buckets=_STORE_BUCKETS)
-STORE_ERRORS = Counter("metergate_store_errors", "Wallet-store round trips that failed (not a script's refusal)",
-                       ["script", "kind"])
-UPSTREAM_ERRORS = Counter("metergate_upstream_errors", "Upstream failures, by model and kind", ["model", "kind"])
-ACTIVE_STREAMS = Gauge("metergate_active_streams", "Streams being relayed now")
+REQUESTS = LoopCounter("metergate_requests", "HTTP requests answered, by route template, model and status",
+                       ["route", "model", "status"])
+REQUEST_SECONDS = LoopHistogram("metergate_request_duration_seconds",
+                                "From a request's arrival to its handler's end (a stream's last byte)", ["route"],
+                                buckets=_CALL_BUCKETS)
+FIRST_BYTE_SECONDS = LoopHistogram("metergate_stream_first_byte_seconds",
+                                   "From a streamed call's arrival to its first relayed byte", ["model"],
+                                   buckets=_FIRST_BYTE_BUCKETS)
+UPSTREAM_SECONDS = LoopHistogram("metergate_upstream_response_seconds",
+                                 "From forwarding a call to the upstream's response headers", ["model"],
+                                 buckets=_CALL_BUCKETS)
+TOKENS = LoopCounter("metergate_tokens", "Tokens billed by settled calls, by model and direction (prompt, completion)",
+                     ["model", "direction"])
+CHARGED = LoopCounter("metergate_charged_micros", "Micros captured from wallets by settled calls, by model and tier",
+                      ["model", "tier"])
+SHORTFALL = LoopCounter("metergate_shortfall_micros", "Micros a settlement could not capture from its wallet, by model",
+                        ["model"])
+CALLS = LoopCounter("metergate_calls", "Metered calls closed, by model and outcome", ["model", "outcome"])
+HOLDS = LoopCounter("metergate_holds", "Hold events: opened, clamped, extended, settled, released, expired", ["event"])
+PAYMENT_REQUIRED = LoopCounter("metergate_payment_required", "402 answers (no funds, or a spend limit reached)",
+                               ["route", "model"])
+STORE_SECONDS = LoopHistogram("metergate_store_round_trip_seconds", "Wallet-store script round trips, by script",
+                              ["script"], buckets=_STORE_BUCKETS)
+STORE_ERRORS = LoopCounter("metergate_store_errors", "Wallet-store round trips that failed (not a script's refusal)",
+                           ["script", "kind"])
+UPSTREAM_ERRORS = LoopCounter("metergate_upstream_errors", "Upstream failures, by model and kind", ["model", "kind"])
+ACTIVE_STREAMS = LoopGauge("metergate_active_streams", "Streams being relayed now")
 STRIPE_EVENTS = Counter("metergate_stripe_events", "Stripe webhook events received, by type and outcome "
                         "(applied, duplicate, ignored, bad_signature)", ["type", "outcome"])
 WEBHOOK_DELIVERIES = Counter("metergate_webhook_deliveries", "Webhook delivery attempts, by outcome (delivered, failed, "
@@ -95,36 +97,6 @@ STARTED = web.RequestKey("metergate_started", float)
 MODEL = web.RequestKey("metergate_model", str)
 
 
-class _Bound:
-    """A metric's children, bound once per label values."""
-
-    __slots__ = ("_metric", "_children")
-
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *values: str) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
-
-
-_requests = _Bound(REQUESTS)
-_request_seconds = _Bound(REQUEST_SECONDS)
-_first_byte = _Bound(FIRST_BYTE_SECONDS)
-_upstream_seconds = _Bound(UPSTREAM_SECONDS)
-_tokens = _Bound(TOKENS)
-_charged = _Bound(CHARGED)
-_shortfall = _Bound(SHORTFALL)
-_calls = _Bound(CALLS)
-_payment_required = _Bound(PAYMENT_REQUIRED)
-_store_seconds = _Bound(STORE_SECONDS)
-_store_errors = _Bound(STORE_ERRORS)
-_upstream_errors = _Bound(UPSTREAM_ERRORS)
-
-
 # ------------------------------------------------------------------ requests
 
 
@@ -147,10 +119,10 @@ def request_answered(request: web.Request, status: int, started: float | None) -
         return
     route = _route(request)
     model = request.get(MODEL, "")
-    _requests(route, model, str(status)).inc()
-    _request_seconds(route).observe(time.perf_counter() - started)
+    REQUESTS.labels(route, model, str(status)).inc()
+    REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
     if status == 402:
-        _payment_required(route, model).inc()
+        PAYMENT_REQUIRED.labels(route, model).inc()
 
 
 def call_started(request: web.Request, lease: Lease) -> None:
@@ -194,18 +166,18 @@ def call_closed(lease: Lease, settlement: Settlement | None) -> None:
     """Count a closed call's money and write its log line. `settlement` is None when its
     hold could not be closed (the reaper charges its checkpoint): no charge is counted."""
     model, outcome = lease.model.name, _outcome(lease)
-    _calls(model, outcome).inc()
+    CALLS.labels(model, outcome).inc()
     billed = lease.billed_usage
     if settlement is not None:
         if billed is None:
             _HOLD_RELEASED.inc()
         else:
             _HOLD_SETTLED.inc()
-            _tokens(model, "prompt").inc(billed.prompt_tokens)
-            _tokens(model, "completion").inc(billed.completion_tokens)
-            _charged(model, lease.caller.tier).inc(settlement.captured_micros)
+            TOKENS.labels(model, "prompt").inc(billed.prompt_tokens)
+            TOKENS.labels(model, "completion").inc(billed.completion_tokens)
+            CHARGED.labels(model, lease.caller.tier).inc(settlement.captured_micros)
             if settlement.shortfall_micros:
-                _shortfall(model).inc(settlement.shortfall_micros)
+                SHORTFALL.labels(model).inc(settlement.shortfall_micros)
     if not call_log.isEnabledFor(logging.INFO):
         return
     prompt, completion = (billed.prompt_tokens, billed.completion_tokens) if billed is not None and settlement is not None \
@@ -244,7 +216,7 @@ def _outcome(lease: Lease) -> str:
 
 
 def upstream_responded(lease: Lease, seconds: float, status: int) -> None:
-    _upstream_seconds(lease.model.name).observe(seconds)
+    UPSTREAM_SECONDS.labels(lease.model.name).observe(seconds)
     if status >= 400:
         kind = "rate_limited" if status == 429 else "rejected" if status < 500 else "server_error"
         upstream_failed(lease, kind, f"status {status}")
@@ -252,7 +224,7 @@ def upstream_responded(lease: Lease, seconds: float, status: int) -> None:
 
 def upstream_failed(lease: Lease, kind: str, detail: str) -> None:
     """An upstream failure (`kind` from a fixed vocabulary): counted, and logged with its request id."""
-    _upstream_errors(lease.model.name, kind).inc()
+    UPSTREAM_ERRORS.labels(lease.model.name, kind).inc()
     log.warning("request %s: upstream %s for %s: %s", lease.request_id, kind, lease.model.name, detail,
                 extra={"fields": {"request_id": lease.request_id, "model": lease.model.name, "kind": kind}})
 
@@ -265,14 +237,14 @@ def stream_started() -> None:
 
 
 def stream_first_byte(lease: Lease) -> None:
-    _first_byte(lease.model.name).observe(time.perf_counter() - lease.started_at)
+    FIRST_BYTE_SECONDS.labels(lease.model.name).observe(time.perf_counter() - lease.started_at)
 
 
 def stream_ended(lease: Lease) -> None:
     ACTIVE_STREAMS.dec()
     if lease.outcome in CUT_OUTCOMES:
         if lease.outcome == "upstream_cut":
-            _upstream_errors(lease.model.name, "stream_cut").inc()
+            UPSTREAM_ERRORS.labels(lease.model.name, "stream_cut").inc()
         log.warning("request %s: stream cut (%s) after %d output tokens", lease.request_id, lease.outcome,
                     lease.completion_tokens,
                     extra={"fields": {"request_id": lease.request_id, "model": lease.model.name, "outcome": lease.outcome}})
@@ -295,9 +267,9 @@ class _StoreTimer:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if exc is None:
-            _store_seconds(self._script).observe(time.perf_counter() - self._started)
+            STORE_SECONDS.labels(self._script).observe(time.perf_counter() - self._started)
         elif isinstance(exc, Exception):  # not a cancellation: the caller went away
-            _store_errors(self._script, _store_error_kind(exc)).inc()
+            STORE_ERRORS.labels(self._script, _store_error_kind(exc)).inc()
 
 
 def store_round_trip(script: str) -> _StoreTimer:
