@@ -94,6 +94,8 @@ class Charge:
 
 
 def _count(value: int) -> int:
+    if type(value) is int:  # nearly always (a bool's type is bool): the checks below need not run
+        return value if value > 0 else 0
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"usage counts must be integers, got {value!r}")
     return max(value, 0)
@@ -201,10 +203,12 @@ def _ceil_fraction(numerator: int, denominator: int) -> int:
 def price_usage(model: ModelPrice, usage: Usage) -> Charge:
     """What `usage` of `model` costs the user and us, each rounded up once."""
     price_rates, cost_rates = model.price.scaled, model.cost.scaled
-    price = _ceil_fraction(price_rates.total(usage), price_rates.scale)
+    price_total = price_rates.total(usage)
+    price = _ceil_fraction(price_total, price_rates.scale)
     # cost = total / markup, with the markup p/q exact: ceil(total * q / (scale * p)).
     p, q = model.cost_divisor.as_integer_ratio()
-    cost = _ceil_fraction(cost_rates.total(usage) * q, cost_rates.scale * p)
+    cost_total = price_total if cost_rates is price_rates else cost_rates.total(usage)  # a card without costs
+    cost = _ceil_fraction(cost_total * q, cost_rates.scale * p)
     return Charge(price_micros=price, cost_micros=cost)
 
 

@@ -85,6 +85,12 @@ PRICE_TABLE = [
         Usage(prompt_tokens=5, cached_tokens=50),
         0,
     ),
+    (
+        "negative counts (a buggy upstream) are clamped to zero",
+        Rates(input=D("1"), output=D("2"), per_request=D("3")),
+        Usage(prompt_tokens=-5, completion_tokens=4, requests=-1),
+        8,
+    ),
 ]
 
 
@@ -116,9 +122,10 @@ def test_margin_is_price_minus_cost() -> None:
     assert Charge(price_micros=938, cost_micros=750).margin_micros == 188
 
 
-def test_price_usage_refuses_float_token_counts() -> None:
+@pytest.mark.parametrize("bad", [1.5, True, D("2")])
+def test_price_usage_refuses_counts_that_are_not_integers(bad: object) -> None:
     with pytest.raises(TypeError):
-        price_usage(model(Rates(input=D("1"))), Usage(prompt_tokens=1.5))  # type: ignore[arg-type]
+        price_usage(model(Rates(input=D("1"))), Usage(prompt_tokens=bad))  # type: ignore[arg-type]
 
 
 METER = MeterPrice(name="crawler_hour", unit="hour", price=D("500000"), cost=D("300000"))
@@ -163,12 +170,14 @@ def test_integer_fast_path_matches_the_decimal_reference_exactly():
             for _ in range(2)
         ]
         markup = Decimal(rng.randint(100, 400)).scaleb(-2)
+        # A card without costs prices both sides from the one object (a path of its own).
+        cost_rates = rng.choice([rates[0], rates[1]])
         model = ModelPrice(name="m", upstream="u", upstream_model="m", kind="chat", max_output_tokens=1,
-                           price=rates[0], cost=rates[1], cost_divisor=markup)
+                           price=rates[0], cost=cost_rates, cost_divisor=markup)
         prompt, completion = rng.randint(0, 10**9), rng.randint(0, 10**6)
         usage = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=rng.randint(0, prompt),
                       reasoning_tokens=rng.randint(0, completion), tool_calls={"web_search": rng.randint(0, 5)},
                       images=rng.randint(0, 3), audio_seconds=rng.randint(0, 100), requests=rng.randint(0, 2))
         charge = price_usage(model, usage)
         assert charge.price_micros == ceil_micros(exact_total(rates[0], usage))
-        assert charge.cost_micros == ceil_div(exact_total(rates[1], usage), markup)
+        assert charge.cost_micros == ceil_div(exact_total(cost_rates, usage), markup)
