@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from decimal import Decimal
 from typing import Any
 
 from pricing import Charge, ModelPrice, RateCard, Usage, price_usage
@@ -204,7 +203,8 @@ def with_tool_calls(usage: Usage, calls: Mapping[str, int]) -> Usage:
 
 def usd_number(micros: int) -> float:
     """Micros as a JSON number of USD for `usage.cost` (display only; exact for 6 decimals)."""
-    return float(Decimal(micros).scaleb(-6))
+    # An int's true division is correctly rounded, as float(Decimal) is: the same float, 20x cheaper.
+    return micros / 1_000_000
 
 
 def charge_meta(
