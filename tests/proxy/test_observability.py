@@ -340,3 +340,18 @@ def test_the_text_formatter_writes_what_the_stdlib_formatter_writes_across_secon
             "metergate.calls", logging.INFO, __file__, 1, "request_id=%s", ("r_1",), None)
         record.created, record.msecs = created, (created - int(created)) * 1000
         assert cached.format(record) == plain.format(record)
+
+
+def test_the_text_formatter_writes_an_exception_and_a_stack_as_the_stdlib_formatter_does():
+    plain, cached = logging.Formatter(TEXT_FORMAT), TextFormatter()
+    logger = logging.getLogger("metergate.upstream")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logger.makeRecord("metergate.upstream", logging.ERROR, __file__, 1, "failed %s", ("here",), sys.exc_info())
+    stacked = logger.makeRecord("metergate.upstream", logging.WARNING, __file__, 1, "look", (), None, sinfo="Stack (most recent call last):\n  here")
+    for record in (failed, stacked):
+        expected = plain.format(record)
+        record.exc_text = None  # the stdlib caches the traceback's text on the record
+        assert cached.format(record) == expected
+    assert "ValueError: boom" in cached.format(failed)
