@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.helpers import ChainMapProxy
 
 from proxy.config import Config
 from proxy.ratecards import RateCardRegistry
@@ -42,3 +43,17 @@ STRIPE_EVENTS: web.AppKey[StripeEvents] = web.AppKey("stripe_events")
 EVENTS: web.AppKey[EventStore] = web.AppKey("events")  # the event log, webhook endpoints and deliveries
 LEDGER_DB: web.AppKey[LedgerDatabase] = web.AppKey("ledger_db")  # the ledger of record (SQL): archive, reports, audit
 SANDBOX: web.AppKey[Sandbox] = web.AppKey("sandbox")  # where test-mode calls go (proxy/sandbox.py)
+
+
+def app_state(request: web.Request) -> web.Application | ChainMapProxy:
+    """What `request.config_dict` gives, without building it for a route of the root app.
+
+    `config_dict` makes a new ChainMapProxy on every read (~0.75 µs here), and a metered
+    call reads it about seven times. On a route of the root app (every metered route) the
+    chain is that app alone, so the app itself answers the same lookups (~0.15 µs to
+    find). A sub-application's route (admin, events, ledger) gets `config_dict` itself.
+    """
+    match_info = request.match_info
+    if match_info is not None and len(apps := match_info.apps) == 1:
+        return apps[0]
+    return request.config_dict

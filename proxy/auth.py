@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.appstate import ACCOUNTS, CONFIG, WALLETS
+from proxy.appstate import ACCOUNTS, CONFIG, WALLETS, app_state
 from proxy.enduser_jwt import TOKENS, looks_like_jwt
 from proxy.errors import ApiError
 from proxy.store import API_KEY_PREFIX, TEST_KEY_PREFIX, KeyStamp
@@ -55,8 +55,8 @@ def _invalid_key() -> ApiError:
 
 async def _profile_caller(request: web.Request, end_user_id: str, key_id: str, scopes: Mapping[str, Any],
                           key_stamp: KeyStamp | None = None) -> Caller | None:
-    max_age = request.config_dict[CONFIG].profile_cache_seconds
-    profile = await request.config_dict[WALLETS].profile(end_user_id, max_age_seconds=max_age)
+    max_age = app_state(request)[CONFIG].profile_cache_seconds
+    profile = await app_state(request)[WALLETS].profile(end_user_id, max_age_seconds=max_age)
     if profile is None:
         return None
     return Caller(end_user_id, key_id, profile.get("tier") or "default", profile.get("ratecard"), scopes,
@@ -86,7 +86,7 @@ def key_matches(presented: str, keys: Iterable[str]) -> bool:
 
 
 async def _key_caller(request: web.Request, token: str, *, cached: bool) -> Caller:
-    accounts = request.config_dict[ACCOUNTS]
+    accounts = app_state(request)[ACCOUNTS]
     if cached:
         found = await accounts.find_key_cached(token)
         key, stamp = found if found is not None else (None, None)
@@ -125,15 +125,15 @@ async def identify(request: web.Request, *, cached: bool = False) -> Credential:
             except ApiError:
                 # A cached copy only ever says yes: a refusal is made on the key as stored now.
                 # A key the cache never held (unknown: a guess) was just read fresh; read it once.
-                if not request.config_dict[ACCOUNTS].forget_cached_key(token):
+                if not app_state(request)[ACCOUNTS].forget_cached_key(token):
                     raise
         return await _key_caller(request, token, cached=False)
-    if key_matches(token, request.config_dict[CONFIG].operator_keys):
+    if key_matches(token, app_state(request)[CONFIG].operator_keys):
         return OperatorKey()
-    if key_matches(token, request.config_dict[CONFIG].operator_test_keys):
+    if key_matches(token, app_state(request)[CONFIG].operator_test_keys):
         return OperatorKey(livemode=False)
     if token.isascii() and looks_like_jwt(token):
-        authority = request.config_dict.get(TOKENS)
+        authority = app_state(request).get(TOKENS)
         if authority is None:
             raise _invalid_key()
         verified = authority.verify(token)

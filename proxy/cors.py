@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.appstate import CONFIG
+from proxy.appstate import CONFIG, app_state
 from proxy.errors import error_response
 
 EXPOSED = ", ".join((
@@ -37,7 +37,7 @@ def _applies(request: web.Request) -> bool:
 
 
 def origin_allowed(request: web.Request, origin: str) -> bool:
-    origins = request.config_dict[CONFIG].cors_origins
+    origins = app_state(request)[CONFIG].cors_origins
     return "*" in origins or origin.rstrip("/") in origins
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from proxy import observability, store
-from proxy.appstate import CONFIG
+from proxy.appstate import CONFIG, app_state
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ async def answer(
     except store.WalletError as exc:
         return from_wallet_error(exc).response()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.config_dict[CONFIG].max_body_bytes
+        limit = app_state(request)[CONFIG].max_body_bytes
         return error_response(413, f"request body too large (limit {limit} bytes)", code="request_too_large")
     except web.HTTPNotFound:
         return error_response(404, f"no route {request.method} {request.path}", code="not_found")
@@ -155,7 +155,7 @@ async def read_body(request: web.Request) -> bytes:
         # The whole body is already buffered (almost every call): nothing can be
         # late, so it needs no timer (an asyncio.timeout is ~1.5% of a call's CPU).
         return await request.read()
-    timeout = request.config_dict[CONFIG].body_timeout_seconds
+    timeout = app_state(request)[CONFIG].body_timeout_seconds
     try:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
         # cancellation of the handler (a client that went away).

@@ -22,7 +22,7 @@ from aiohttp import web
 from pricing import ModelPrice, RateCard
 from pricing.tokens import UnpriceableRequest, billed_choices
 from proxy import limits, metering, observability
-from proxy.appstate import ACCOUNTS, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, SANDBOX, WALLETS
+from proxy.appstate import ACCOUNTS, CONFIG, HTTP, LIFECYCLE, METERING, RATECARDS, SANDBOX, WALLETS, app_state
 from proxy.auth import Caller, Credential, authenticate, identify, operator_caller, presented_bearer
 from proxy.budgets import budget_view
 from proxy.calls.audio import forward_speech
@@ -73,7 +73,7 @@ def rate_card(request: web.Request, end_user_id: str, tier: str, pin: str | None
     """The card an end user on `tier` (or pinned to `pin`) pays by; a 500 when the operator's tiers name
     none, or one that prices in another asset than the wallet holds (nothing is charged in the wrong unit)."""
     try:
-        card = request.config_dict[RATECARDS].current.card_for(tier, pin)
+        card = app_state(request)[RATECARDS].current.card_for(tier, pin)
     except KeyError as exc:
         log.error("no rate card for end user %s: %s", end_user_id, exc)
         raise ApiError(500, "no rate card applies to this end user; the operator must fix its tiers", type="server_error", code="ratecard_missing") from None
@@ -100,13 +100,13 @@ def caller_model(card: RateCard, caller: Caller, name: str, kind: str | None) ->
 
 def upstream_name(request: web.Request, model: ModelPrice, caller: Caller) -> str:
     """The name of the upstream a call goes to: its model's, or the sandbox's for a test end user."""
-    return model.upstream if caller.livemode else request.config_dict[SANDBOX].name
+    return model.upstream if caller.livemode else app_state(request)[SANDBOX].name
 
 
 def named_upstream(request: web.Request, name: str, caller: Caller) -> tuple[aiohttp.ClientSession, UpstreamConfig] | None:
     """The session and settings of upstream `name`, if `caller` may reach it: a test end user only the
     sandbox (nothing real is called), a live one only the config's upstreams."""
-    app = request.config_dict
+    app = app_state(request)
     sandbox = app[SANDBOX]
     if not caller.livemode:
         return (app[HTTP][sandbox.name], sandbox.upstream) if name == sandbox.name else None
@@ -143,7 +143,7 @@ async def _prepare(request: web.Request, kind: str | None, required: str | None 
         return await _quote_for(request, credential, kind, required)
     except ApiError:
         stamp = credential.key_stamp if isinstance(credential, Caller) else None
-        await request.config_dict[ACCOUNTS].refuse_only_on_a_current_key(stamp)
+        await app_state(request)[ACCOUNTS].refuse_only_on_a_current_key(stamp)
         raise
 
 
@@ -164,9 +164,9 @@ async def _quote_for(request: web.Request, credential: Credential, kind: str | N
             return body, caller, metering.quote(card, model, body)
         if kind is not None:
             # Cheap checks first: an empty wallet costs one HMGET, not a tokenizer run.
-            wallet = await request.config_dict[WALLETS].get(caller.end_user_id)
+            wallet = await app_state(request)[WALLETS].get(caller.end_user_id)
             if wallet is not None and wallet.available_micros <= 0:
-                notices = request.config_dict[METERING].notices
+                notices = app_state(request)[METERING].notices
                 if notices is not None:
                     notices.depleted(caller.end_user_id, "refused", model=model.name)
                 raise ApiError(
@@ -174,9 +174,9 @@ async def _quote_for(request: web.Request, credential: Credential, kind: str | N
                     type="insufficient_quota", code="insufficient_quota",
                 )
             try:
-                await limits.refuse_spent_credential(request.config_dict[METERING].limits, caller)
+                await limits.refuse_spent_credential(app_state(request)[METERING].limits, caller)
             except limits.SpendCapRefusal as exc:
-                notices = request.config_dict[METERING].notices
+                notices = app_state(request)[METERING].notices
                 if notices is not None:
                     notices.spend_cap_reached(caller.end_user_id, caller.key_id, period=exc.period, cap_micros=exc.cap_micros)
                 raise
@@ -232,7 +232,7 @@ async def _metered(request: web.Request, path: str) -> web.StreamResponse:
     try:
         return await _metered_call(request, path, cached=True)
     except StaleCredential:
-        request.config_dict[ACCOUNTS].forget_cached_key(presented_bearer(request))
+        app_state(request)[ACCOUNTS].forget_cached_key(presented_bearer(request))
         return await _metered_call(request, path, cached=False)
 
 
@@ -240,7 +240,7 @@ async def _metered_call(request: web.Request, path: str, *, cached: bool) -> web
     refuse_when_draining(request)
     kind = _KIND[path]
     body, caller, quote = await _prepare(request, kind, _REQUIRED_BY_PATH[path], cached=cached)
-    app = request.config_dict
+    app = app_state(request)
     if kind == "image" and body.get("stream"):
         raise ApiError(400, "streamed image generation is not supported here; leave `stream` out", code="invalid_request",
                        param="stream")
@@ -283,7 +283,7 @@ async def answer_whole(service: Metering, lease: Lease, work: Coroutine[Any, Any
 
 def refuse_when_draining(request: web.Request) -> None:
     """SIGTERM: no new call is admitted, so no hold is opened that shutdown could strand."""
-    if request.config_dict[LIFECYCLE].draining:
+    if app_state(request)[LIFECYCLE].draining:
         raise ApiError(503, "metergate is shutting down; retry on another replica", type="api_error",
                        code="shutting_down", headers={"Retry-After": "1"})
 
@@ -304,7 +304,7 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
     """A stored response (the SDK's `responses.retrieve`), for the end user who created it only; free."""
     caller = await authenticate(request, None)
     rid = request.match_info["response_id"]
-    app = request.config_dict
+    app = app_state(request)
     name = await app[ACCOUNTS].response_upstream(caller.end_user_id, rid) if _RESPONSE_ID.match(rid) else None
     found = named_upstream(request, name, caller) if name is not None else None
     if found is None:
@@ -360,7 +360,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
 async def estimate(request: web.Request) -> web.Response:
     """A pre-flight quote for a request body: what would be held, and whether the wallet affords it."""
     body, caller, quote = await _prepare(request, None)
-    wallet = await request.config_dict[WALLETS].get(caller.end_user_id)
+    wallet = await app_state(request)[WALLETS].get(caller.end_user_id)
     available = wallet.available_micros if wallet else 0
     return web.Response(content_type="application/json", body=orjson.dumps({
         "object": "estimate",
@@ -378,13 +378,13 @@ async def estimate(request: web.Request) -> web.Response:
 @routes.get("/v1/wallet")
 async def wallet(request: web.Request) -> web.Response:
     caller = await authenticate(request, None)
-    wallets = request.config_dict[WALLETS]
+    wallets = app_state(request)[WALLETS]
     state = await wallets.get(caller.end_user_id)
     if state is None:
         raise ApiError(404, "no wallet for this end user", code="wallet_not_found")
     recent = await wallets.ledger(caller.end_user_id, limit=10)
     view = WalletView.of(state, caller.asset).model_dump()
-    budget = await budget_view(request.config_dict[METERING].budgets, BudgetStore(wallets.commands), caller.end_user_id,
+    budget = await budget_view(app_state(request)[METERING].budgets, BudgetStore(wallets.commands), caller.end_user_id,
                                caller.tier, caller.budget)
     view["budget"] = budget.model_dump() if budget is not None else None
     view["recent"] = [

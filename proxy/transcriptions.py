@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import metering, observability
-from proxy.appstate import METERING
+from proxy.appstate import METERING, app_state
 from proxy.auth import Caller, identify, operator_caller
 from proxy.calls.audio import forward_transcription
 from proxy.calls.lease import Lease
@@ -37,7 +37,7 @@ async def _transcribed(call: UpstreamCall, lease: Lease) -> web.StreamResponse:
 
 @routes.post("/v1/audio/transcriptions")
 async def transcriptions(request: web.Request) -> web.StreamResponse:
-    app = request.config_dict
+    app = app_state(request)
     refuse_when_draining(request)
     credential = await identify(request)  # before the upload is read
     if not request.content_type.startswith("multipart/form-data"):
