@@ -183,3 +183,38 @@ def test_falls_back_to_bytes_over_four_with_one_warning(monkeypatch: pytest.Monk
         assert count_text_tokens("héllo wörld") == 4  # 13 utf-8 bytes
     assert tokens.encoding_name() == "bytes/4 heuristic"
     assert len([r for r in caplog.records if "no tiktoken encoding" in r.getMessage()]) == 1
+
+
+# ---------------------------------------------------------------- remembered counts
+
+
+def _chat(*contents: str) -> dict:
+    return {"messages": [{"role": "system", "content": contents[0]}, *({"role": "user", "content": c} for c in contents[1:])]}
+
+
+def test_a_prompt_estimated_again_counts_what_it_did_the_first_time() -> None:
+    body = _chat("You are a terse assistant. " * 20, "Say hello in one short sentence.")
+    expected = 3 + 2 * 3 + n("system") + n("You are a terse assistant. " * 20) + n("user") + n("Say hello in one short sentence.")
+    assert [estimate_prompt_tokens(body) for _ in range(3)] == [expected] * 3
+
+
+def test_remembered_counts_stay_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pricing.tokens as tokens
+
+    monkeypatch.setattr(tokens, "_REMEMBERED_BUDGET", 1000)
+    for i in range(200):
+        text = f"message number {i} " * 3
+        assert estimate_prompt_tokens(_chat(text)) == 3 + 3 + n("system") + n(text)
+        assert tokens._remembered_chars == sum(map(len, tokens._remembered)) <= 1000
+    long = "word " * 1000  # past _REMEMBERED_CHARS: counted, never kept
+    assert estimate_prompt_tokens(_chat(long)) == 3 + 3 + n("system") + n(long)
+    assert long not in tokens._remembered
+
+
+def test_counts_remembered_from_one_counter_are_not_given_by_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pricing.tokens as tokens
+
+    body = _chat("héllo wörld, a text to remember")
+    assert estimate_prompt_tokens(body) == 3 + 3 + n("system") + n("héllo wörld, a text to remember")
+    monkeypatch.setattr(tokens, "_counter", tokens._heuristic)  # as when no tiktoken encoding loads
+    assert estimate_prompt_tokens(body) == 3 + 3 + 2 + 9  # ceil(6 / 4) + ceil(33 utf-8 bytes / 4)
