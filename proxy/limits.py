@@ -7,7 +7,7 @@ A scoped `sk-eu_` key or an end-user token carries limits in `Caller.scopes`:
 - `requests_per_minute`, `tokens_per_minute`: sliding one-minute windows;
 - `max_spend_micros` (lifetime) and `max_daily_spend_micros` (per UTC day).
 
-`admission()` wraps the wallet hold: it counts the call and reserves the
+`Admission` wraps the wallet hold: it counts the call and reserves the
 hold's amount against the spend caps in one Lua step (`key_limits.lua`), and
 undoes the reservation if the hold is refused. The caps are holds too: they
 are written on the wallet hold, a stream that grows its hold reserves the
@@ -25,9 +25,8 @@ no hold is left behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from proxy.auth import Caller
@@ -96,30 +95,44 @@ class SpendCapRefusal(ApiError):
         self.period, self.cap_micros = period, cap_micros
 
 
-@contextlib.asynccontextmanager
-async def admission(store: LimitStore, caller: Caller, quote: Quote, request_id: str) -> AsyncIterator[None]:
-    """Admit the call under its credential's limits around the wallet hold (which runs in the body)."""
-    scopes = caller.scopes
-    if not (_metered_key(caller) and has_limits(scopes)):
-        yield
-        return
-    tokens = quote.prompt_tokens + quote.max_output_tokens
-    amount = quote.hold.price_micros
-    limited = await store.admit(
-        caller.end_user_id, caller.key_id, request_id,
-        requests_per_minute=int(scopes.get("requests_per_minute") or 0),
-        tokens_per_minute=int(scopes.get("tokens_per_minute") or 0), tokens=tokens,
-        max_spend_micros=scopes.get("max_spend_micros"), max_daily_spend_micros=scopes.get("max_daily_spend_micros"),
-        amount_micros=amount,
-    )
-    if limited is not None:
-        raise _refusal(caller, limited, tokens, amount)
-    try:
-        yield
-    except BaseException:
-        # The hold was refused (or the handler cancelled): the call never ran.
-        await asyncio.shield(store.record(caller.end_user_id, caller.key_id, request_id, captured_micros=0, tokens=0))
-        raise
+class Admission:
+    """`async with Admission(...)`: admit the call under its credential's limits around the
+    wallet hold (which runs in the body); a body that raises gives the admission back.
+
+    A class, not an @asynccontextmanager: that costs ~1.8 µs a use here (a generator and
+    its wrapper), and every metered call enters one, with limits or (nearly always) without.
+    """
+
+    __slots__ = ("store", "caller", "quote", "request_id", "_admitted")
+
+    def __init__(self, store: LimitStore, caller: Caller, quote: Quote, request_id: str) -> None:
+        self.store, self.caller, self.quote, self.request_id = store, caller, quote, request_id
+        self._admitted = False
+
+    async def __aenter__(self) -> None:
+        caller, quote = self.caller, self.quote
+        scopes = caller.scopes
+        if not (_metered_key(caller) and has_limits(scopes)):
+            return
+        tokens = quote.prompt_tokens + quote.max_output_tokens
+        amount = quote.hold.price_micros
+        limited = await self.store.admit(
+            caller.end_user_id, caller.key_id, self.request_id,
+            requests_per_minute=int(scopes.get("requests_per_minute") or 0),
+            tokens_per_minute=int(scopes.get("tokens_per_minute") or 0), tokens=tokens,
+            max_spend_micros=scopes.get("max_spend_micros"), max_daily_spend_micros=scopes.get("max_daily_spend_micros"),
+            amount_micros=amount,
+        )
+        if limited is not None:
+            raise _refusal(caller, limited, tokens, amount)
+        self._admitted = True
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is not None and self._admitted:
+            # The hold was refused (or the handler cancelled): the call never ran.
+            caller = self.caller
+            await asyncio.shield(self.store.record(caller.end_user_id, caller.key_id, self.request_id,
+                                                   captured_micros=0, tokens=0))
 
 
 async def _spend_against_caps(store: LimitStore, caller: Caller) -> list[tuple[str, int, int]]:

@@ -267,7 +267,7 @@ class Lease:
         service = self.service
         hold_id = service.wallets.new_hold_id()
         self.budget = service.budgets.claim(self.caller.tier, self.caller.budget)
-        async with limits.admission(service.limits, self.caller, self.quote, self.request_id):
+        async with limits.Admission(service.limits, self.caller, self.quote, self.request_id):
             try:
                 self.hold = await service.wallets.hold(
                     self.caller.end_user_id, self.quote.hold.price_micros, hold_id=hold_id,
