@@ -104,9 +104,16 @@ class _Protocol(asyncio.Protocol):
             raise RedisConnectionError("connection to Redis lost")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
+        idle = not self.waiting
         self.waiting.append(_Batch(future, count, loop.time()))
         if self._watchdog is None:
             self._watchdog = loop.call_at(loop.time() + self.timeout, self._check_deadline)
+        if idle and self.transport is not None:
+            # Nothing in flight (a quiet moment, or one call at a time): write now rather than
+            # spend a turn of the event loop waiting for company. Order holds: every command
+            # still in `outgoing` has its batch in `waiting`, so with none waiting none is queued.
+            self.transport.write(payload)
+            return future
         # Commands sent during one turn of the event loop leave in one write:
         # a syscall per command was the largest single cost on the request path.
         if not self.outgoing:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import hiredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -46,6 +48,37 @@ async def test_concurrent_callers_each_get_their_own_reply(mux):
 
     replies = await asyncio.gather(*(one(i) for i in range(500)))
     assert replies == [str(i).encode() for i in range(500)]
+
+
+async def _spied(mux: MultiplexedConnection) -> tuple[Any, list[bytes]]:
+    """The connection's protocol, its transport's writes recorded as they are made."""
+    protocol = await mux._connected()
+    writes: list[bytes] = []
+    write = protocol.transport.write
+
+    def spy(data: bytes) -> None:
+        writes.append(bytes(data))
+        write(data)
+
+    protocol.transport.write = spy
+    return protocol, writes
+
+
+async def test_a_command_sent_with_nothing_in_flight_is_written_at_once(mux):
+    protocol, writes = await _spied(mux)
+    reply = protocol.send(hiredis.pack_command(("SET", "k", "1")), 1)
+    assert writes == [hiredis.pack_command(("SET", "k", "1"))]  # before the loop has turned
+    assert await reply == [b"OK"]
+
+
+async def test_commands_sent_while_one_is_in_flight_leave_together_after_it_in_order(mux):
+    protocol, writes = await _spied(mux)
+    first = protocol.send(hiredis.pack_command(("SET", "k", "1")), 1)
+    second = protocol.send(hiredis.pack_command(("INCR", "k")), 1)
+    third = protocol.send(hiredis.pack_command(("GET", "k")), 1)
+    assert len(writes) == 1  # the first went at once; the others wait for the turn to end
+    assert await asyncio.gather(first, second, third) == [[b"OK"], [2], [b"2"]]
+    assert writes[1:] == [hiredis.pack_command(("INCR", "k")) + hiredis.pack_command(("GET", "k"))]
 
 
 async def test_a_dropped_connection_is_reopened_on_the_next_command(mux, redis):
