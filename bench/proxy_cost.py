@@ -66,12 +66,13 @@ class Counted:
     headers: dict[str, str]
 
 
-def _count(target: Counted, body: bytes, stream: bool, calls: int, warmup: int) -> float:
-    """Instructions per call over `calls` calls sent one at a time, after `warmup` uncounted ones."""
+def _count(target: Counted, body: bytes, stream: bool, calls: int, warmup: int, concurrency: int = 1) -> float:
+    """Instructions per call over `calls` calls (`concurrency` at a time), after `warmup` uncounted ones."""
     for n, counted in ((warmup, False), (calls, True)):
         if counted:
             target.counter.start()
-        r = run_load_in_subprocess(target.url, body, target.headers, 1, requests=n, stream=stream, timeout=_START_TIMEOUT)
+        r = run_load_in_subprocess(target.url, body, target.headers, concurrency, requests=n, stream=stream,
+                                   timeout=_START_TIMEOUT)
         if r.errors or r.requests != n:
             raise RuntimeError(f"{target.name}: {r.errors} errors in {n} calls, e.g. {r.error_samples[:2]}")
     return target.counter.stop() / calls
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.proxy_cost", description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=200, help="counted calls per scenario and process (default 200)")
     p.add_argument("--warmup", type=int, default=50, help="uncounted calls before each count (default 50)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="calls in flight at once (default 1: one at a time, the steadiest count)")
     p.add_argument("--scenario", choices=("chat", "stream", "both"), default="both",
                    help="count non-streamed calls, streamed ones, or both (default)")
     p.add_argument("--dumps", help="keep callgrind's dumps in this directory (for callgrind_annotate), one per count")
@@ -117,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Counted("metergate (redis)", proc, counter, base + "/v1/chat/completions",
                                    {"Authorization": f"Bearer {key}"}))
 
-            print(f"proxy instructions (callgrind Ir) per call, {args.calls} calls one at a time "
+            at_once = "one at a time" if args.concurrency == 1 else f"{args.concurrency} at a time"
+            print(f"proxy instructions (callgrind Ir) per call, {args.calls} calls {at_once} "
                   f"(after {args.warmup} uncounted), request path only:")
             print(f"  {'scenario':<10} {'pass-through':>14} {'metergate':>14} {'ratio':>7} {'metergate extra':>16}")
             scenarios = [(label, stream) for label, stream in (("chat", False), ("stream", True))
                          if args.scenario in (label, "both")]
             for label, stream in scenarios:
                 body = chat_body(stream)
-                bare, metered = (_count(t, body, stream, args.calls, args.warmup) for t in targets)
+                bare, metered = (_count(t, body, stream, args.calls, args.warmup, args.concurrency) for t in targets)
                 print(f"  {label:<10} {bare:>14,.0f} {metered:>14,.0f} {metered / bare:>6.2f}x {metered - bare:>16,.0f}",
                       flush=True)
 
