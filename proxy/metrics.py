@@ -23,6 +23,7 @@ import bisect
 import math
 import time
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -83,7 +84,27 @@ class _Metric:
         yield self.family()
 
 
-class LoopCounter(_Metric):
+_Child = TypeVar("_Child", _CounterChild, _HistogramChild)
+
+
+class _Labelled(_Metric, Generic[_Child]):
+    """A metric with labels: one child per label values, made on first use and kept."""
+
+    _children: dict[tuple[str, ...], _Child]
+
+    def _new_child(self) -> _Child:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> _Child:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
+            child = self._children[values] = self._new_child()
+        return child
+
+
+class LoopCounter(_Labelled[_CounterChild]):
     """A counter with labels; `labels(*values)` is its child for those values, kept."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
@@ -92,13 +113,8 @@ class LoopCounter(_Metric):
         self._children: dict[tuple[str, ...], _CounterChild] = {}
         self._register(registry)
 
-    def labels(self, *values: str) -> _CounterChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
-            child = self._children[values] = _CounterChild()
-        return child
+    def _new_child(self) -> _CounterChild:
+        return _CounterChild()
 
     def family(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -107,7 +123,7 @@ class LoopCounter(_Metric):
         return family
 
 
-class LoopHistogram(_Metric):
+class LoopHistogram(_Labelled[_HistogramChild]):
     """A histogram with labels and fixed buckets (+Inf is added)."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
@@ -120,13 +136,8 @@ class LoopHistogram(_Metric):
         self._children: dict[tuple[str, ...], _HistogramChild] = {}
         self._register(registry)
 
-    def labels(self, *values: str) -> _HistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
-            child = self._children[values] = _HistogramChild(self._bounds)
-        return child
+    def _new_child(self) -> _HistogramChild:
+        return _HistogramChild(self._bounds)
 
     def family(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
