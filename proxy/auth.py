@@ -55,8 +55,8 @@ def _invalid_key() -> ApiError:
 
 async def _profile_caller(request: web.Request, end_user_id: str, key_id: str, scopes: Mapping[str, Any],
                           key_stamp: KeyStamp | None = None) -> Caller | None:
-    max_age = app_state(request)[CONFIG].profile_cache_seconds
-    profile = await app_state(request)[WALLETS].profile(end_user_id, max_age_seconds=max_age)
+    state = app_state(request)
+    profile = await state[WALLETS].profile(end_user_id, max_age_seconds=state[CONFIG].profile_cache_seconds)
     if profile is None:
         return None
     return Caller(end_user_id, key_id, profile.get("tier") or "default", profile.get("ratecard"), scopes,
