@@ -90,7 +90,11 @@ _Child = TypeVar("_Child", _CounterChild, _HistogramChild)
 class _Labelled(_Metric, Generic[_Child]):
     """A metric with labels: one child per label values, made on first use and kept."""
 
-    _children: dict[tuple[str, ...], _Child]
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry | None) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self._children: dict[tuple[str, ...], _Child] = {}
+        self._register(registry)
 
     def _new_child(self) -> _Child:
         raise NotImplementedError
@@ -109,9 +113,7 @@ class LoopCounter(_Labelled[_CounterChild]):
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
                  *, registry: CollectorRegistry | None = REGISTRY) -> None:
-        self.name, self.documentation, self.labelnames = name.removesuffix("_total"), documentation, tuple(labelnames)
-        self._children: dict[tuple[str, ...], _CounterChild] = {}
-        self._register(registry)
+        super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
 
     def _new_child(self) -> _CounterChild:
         return _CounterChild()
@@ -128,13 +130,11 @@ class LoopHistogram(_Labelled[_HistogramChild]):
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
                  *, registry: CollectorRegistry | None = REGISTRY) -> None:
-        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
         bounds = tuple(float(b) for b in buckets)
         if list(bounds) != sorted(set(bounds)):
             raise ValueError(f"{name}: buckets must be in increasing order")
         self._bounds = bounds if bounds and bounds[-1] == math.inf else (*bounds, math.inf)
-        self._children: dict[tuple[str, ...], _HistogramChild] = {}
-        self._register(registry)
+        super().__init__(name, documentation, labelnames, registry)  # registers: the bounds first
 
     def _new_child(self) -> _HistogramChild:
         return _HistogramChild(self._bounds)
