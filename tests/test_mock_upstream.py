@@ -115,6 +115,22 @@ async def test_stream_raw_wire_format(mock):
     assert all(b'"usage":null' in e for e in events[:-3])
 
 
+async def test_a_request_can_ask_for_its_own_reply_length(mock, client):
+    mock.reply_words = 5
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+        extra_body={"mock_reply_words": 12},
+    )
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected_reply(12)
+    assert chunks[-1].usage.completion_tokens == count_tokens(expected_reply(12))
+    whole = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
+                                                 extra_body={"mock_reply_words": 3})
+    assert whole.choices[0].message.content == expected_reply(3)
+    default = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert default.choices[0].message.content == expected_reply(5)
+
+
 async def test_cut_after_chunks_ends_stream_early(mock, client):
     mock.cut_after_chunks = 3
     stream = await client.chat.completions.create(
