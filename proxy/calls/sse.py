@@ -117,7 +117,33 @@ class SSEDecoder:
             blank, eol = b"\n\n", b"\n"
         elif data.count(b"\r", scan) == data.count(b"\n", scan) == data.count(b"\r\n", scan):
             blank, eol = b"\r\n\r\n", b"\r\n"
-        if blank is not None:
+        if blank == b"\n\n" and data is not buf:
+            # LF framing from an event boundary, nothing buffered: the first LF
+            # after an event's start (one memchr) tells a one-line event, the
+            # shape of nearly every chunk, without searching for the blank line
+            # or splitting lines. Here no CR follows `scan`, and start == scan.
+            while True:
+                start = pos + lead
+                nl = data.find(b"\n", start)
+                if nl == start:
+                    end = nl + 1  # a stray blank line
+                    event = _parse(data[pos:end], lead)
+                elif nl < 0 or nl + 1 == n:
+                    break  # the event's first line, or its blank line, is still to come
+                elif data[nl + 1] == _LF:
+                    end = nl + 2
+                    event = (SSEEvent(data[pos:end], data[start + 6:nl]) if data.startswith(b"data: ", start)
+                             else _parse(data[pos:end], lead))
+                else:
+                    end = data.find(b"\n\n", nl)
+                    if end < 0:
+                        break
+                    end += 2
+                    event = _parse(data[pos:end], lead)
+                events.append(event)
+                pos = scan = end
+                lead = 0
+        elif blank is not None:
             while True:
                 start = pos + lead
                 if scan == start and data.startswith(eol, start):
