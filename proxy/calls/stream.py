@@ -81,7 +81,9 @@ def read_event(data: bytes, tools: metering.ToolCallCounter | None = None) -> tu
     if not choices or type(choices) is not list:
         text = ""
     elif len(choices) == 1:  # one choice (n=1): no join
-        text = output_text(choices[0]) if isinstance(choices[0], Mapping) else ""
+        choice = choices[0]
+        # orjson makes dicts: `type` answers first (an ABC's isinstance costs ~0.1 µs an event).
+        text = output_text(choice) if type(choice) is dict or isinstance(choice, Mapping) else ""
     else:
         text = "".join(output_text(c) for c in choices if isinstance(c, Mapping))
     return text, chunk if isinstance(chunk.get("usage"), dict) else None
@@ -148,7 +150,9 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
     observability.stream_started()
     try:
         await response.prepare(request)
-        async for piece in upstream.content.iter_any():
+        content = upstream.content
+        # readany() is what iter_any() awaits, without its iterator's frame and StopAsyncIteration once a read.
+        while piece := await content.readany():
             # Events that arrived together leave together (one write per
             # read), unless the hold must grow first: then what is covered
             # leaves before the store is asked for more.
