@@ -87,6 +87,7 @@ class MockUpstream:
     # --- reply shape
     reply_words: int = 20
     words_per_chunk: int = 1
+    reply_pieces: tuple[str, ...] | None = None  # chat/completions: exactly these chunk texts instead of words
     response_model: str | None = None  # None: echo the request's model
     embedding_dim: int = 8  # overridden by the request's "dimensions"
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -247,14 +248,13 @@ def reply_chunks(words: int, words_per_chunk: int = 1) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=64)
-def _reply_tokens(words: int) -> int:
-    return count_tokens(_reply(words, 1)[0])
+def _text_tokens(text: str) -> int:
+    return count_tokens(text)
 
 
 @lru_cache(maxsize=64)
-def _choice_blobs(words: int, per_chunk: int, kind: str) -> tuple[tuple[bytes, ...], bytes]:
+def _choice_blobs(pieces: tuple[str, ...], kind: str) -> tuple[tuple[bytes, ...], bytes]:
     """Serialized ``choices`` arrays: one per content chunk, and the finish chunk's."""
-    pieces = _reply(words, per_chunk)[1]
     if kind == "chat":
         blobs = tuple(
             orjson.dumps(
@@ -396,10 +396,10 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         prompt = prompt_tokens() if callable(prompt_tokens) else prompt_tokens
         return make_usage(prompt, completion_tokens)
 
-    def completion_tokens(words: int) -> int:
+    def completion_tokens(text: str) -> int:
         if state.fast or state.usage_override is not None:
             return 0
-        return _reply_tokens(words)
+        return _text_tokens(text)
 
     async def generate(request: web.Request, kind: str) -> web.StreamResponse:
         data, err = await read(request)
@@ -413,7 +413,8 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         model = state.response_model or data.get("model") or "gpt-4o-mini"
         created = int(time.time())
         words = _words_asked(data, state.reply_words)
-        text = _reply(words, state.words_per_chunk)[0]
+        text, pieces = (("".join(state.reply_pieces), state.reply_pieces) if state.reply_pieces is not None
+                        else _reply(words, state.words_per_chunk))
 
         if kind == "chat":
             messages = data.get("messages") or []
@@ -456,7 +457,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
                     "system_fingerprint": SYSTEM_FINGERPRINT,
                 }
             if not state.omit_usage:
-                body["usage"] = usage_for(prompt, completion_tokens(words) * choices)
+                body["usage"] = usage_for(prompt, completion_tokens(text) * choices)
             if state.cut_after_chunks is not None:
                 raw = orjson.dumps(body)
                 resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
@@ -495,7 +496,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         head_obj["system_fingerprint"] = SYSTEM_FINGERPRINT
         head = b"data: " + orjson.dumps(head_obj)[:-1] + b',"choices":'
         tail = (b',"usage":null}' if include_usage else b"}") + end_of_event
-        blobs, final_blob = _choice_blobs(words, state.words_per_chunk, kind)
+        blobs, final_blob = _choice_blobs(pieces, kind)
 
         def content(i: int) -> bytes:
             return head + blobs[i] + tail
@@ -503,7 +504,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         final = head + final_blob + tail
 
         def usage_chunk() -> bytes:
-            return head + b"[]," + orjson.dumps({"usage": usage_for(prompt, completion_tokens(words))})[1:] + end_of_event
+            return head + b"[]," + orjson.dumps({"usage": usage_for(prompt, completion_tokens(text))})[1:] + end_of_event
 
         if state.first_byte_delay and not await _sleep_watching(request, state.first_byte_delay):
             state._note_disconnect()
