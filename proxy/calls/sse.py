@@ -75,6 +75,12 @@ class SSEDecoder:
         # common case pays for one check.
         self._edge = _FRESH
 
+    def at_boundary(self) -> bool:
+        """Nothing pending and no framing state carried over: a read that is exactly one
+        LF-framed one-line event would come out whole, as one event, and leave the decoder as
+        it is (so a reader that recognises such a read may pass it by, see ChunkShape)."""
+        return not self._buf and not self._edge and not self._lead
+
     def pending(self) -> bytes:
         """The bytes of an event not yet terminated (what a cut stream leaves behind)."""
         return bytes(self._buf)
@@ -85,13 +91,14 @@ class SSEDecoder:
             return []
         buf = self._buf
         data: bytes | bytearray
+        whole: bytes | None = None  # the read itself, when nothing was buffered before it
         if buf:
             buf += chunk
             data = buf
         else:
             # Common case: the read starts at an event boundary; work on it
             # without copying it into the buffer.
-            data = chunk if type(chunk) is bytes else bytes(chunk)
+            data = whole = chunk if type(chunk) is bytes else bytes(chunk)
         lead = self._lead
         scan = self._scan
         if self._edge:
@@ -117,29 +124,29 @@ class SSEDecoder:
             blank, eol = b"\n\n", b"\n"
         elif data.count(b"\r", scan) == data.count(b"\n", scan) == data.count(b"\r\n", scan):
             blank, eol = b"\r\n\r\n", b"\r\n"
-        if blank == b"\n\n" and data is not buf:
+        if blank == b"\n\n" and whole is not None:
             # LF framing from an event boundary, nothing buffered: the first LF
             # after an event's start (one memchr) tells a one-line event, the
             # shape of nearly every chunk, without searching for the blank line
             # or splitting lines. Here no CR follows `scan`, and start == scan.
             while True:
                 start = pos + lead
-                nl = data.find(b"\n", start)
+                nl = whole.find(b"\n", start)
                 if nl == start:
                     end = nl + 1  # a stray blank line
-                    event = _parse(data[pos:end], lead)
+                    event = _parse(whole[pos:end], lead)
                 elif nl < 0 or nl + 1 == n:
                     break  # the event's first line, or its blank line, is still to come
-                elif data[nl + 1] == _LF:
+                elif whole[nl + 1] == _LF:
                     end = nl + 2
-                    event = (SSEEvent(data[pos:end], data[start + 6:nl]) if data.startswith(b"data: ", start)
-                             else _parse(data[pos:end], lead))
+                    event = (SSEEvent(whole[pos:end], whole[start + 6:nl]) if whole.startswith(b"data: ", start)
+                             else _parse(whole[pos:end], lead))
                 else:
-                    end = data.find(b"\n\n", nl)
+                    end = whole.find(b"\n\n", nl)
                     if end < 0:
                         break
                     end += 2
-                    event = _parse(data[pos:end], lead)
+                    event = _parse(whole[pos:end], lead)
                 events.append(event)
                 pos = scan = end
                 lead = 0

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from proxy import metering, observability
+from proxy.calls.chunk_shape import ChunkShape
 from proxy.calls.lease import Lease
 from proxy.calls.sse import SSEDecoder
 from proxy.calls.upstream import UpstreamCall, clamp_header, open_upstream, settle_and_show
@@ -89,6 +90,12 @@ def read_event(data: bytes, tools: metering.ToolCallCounter | None = None) -> tu
     return text, chunk if isinstance(chunk.get("usage"), dict) else None
 
 
+# How many times a stream may learn its content chunks' shape (the first chunk, which
+# names the role, has another than the rest; an upstream whose every chunk differs, say
+# with random padding, stops costing the learning once these are spent).
+SHAPE_LEARNINGS = 4
+
+
 # Responses API stream events whose `delta` is output text the provider bills as output tokens.
 RESPONSE_TEXT_DELTAS = frozenset({
     "response.output_text.delta", "response.refusal.delta", "response.function_call_arguments.delta",
@@ -145,6 +152,10 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
     })
     decoder = SSEDecoder()
     tools = metering.ToolCallCounter.for_quote(lease.quote)
+    # Plain content chunks are read by their shape, without a parse, where nothing else must
+    # see each one (the Responses API's typed events, or built-in tool calls to count).
+    shape: ChunkShape | None = None
+    learnings = 0 if responses_api or tools is not None else SHAPE_LEARNINGS
     saw_done = False
     first_byte = True
     observability.stream_started()
@@ -157,7 +168,16 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
             # read), unless the hold must grow first: then what is covered
             # leaves before the store is asked for more.
             relay: list[bytes] = []
-            for event in decoder.feed(piece):
+            shaped = shape.text_of(piece) if shape is not None and decoder.at_boundary() else None
+            if shaped is not None:
+                # The read is one event of the learned shape (the common case, one chunk a read):
+                # what the decoder and read_event would make of it, for a fraction of their cost.
+                if shaped:
+                    tokens = lease.take_output(shaped)
+                    if tokens is not None and not await _cover(lease, tokens, response, relay):
+                        return response
+                relay.append(piece)
+            for event in () if shaped is not None else decoder.feed(piece):
                 data = event.data
                 if data is None:
                     relay.append(event.raw)
@@ -179,11 +199,18 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
                             continue
                     relay.append(event.raw)
                     continue
-                if data == b"[DONE]":
+                shaped = shape.text_of(event.raw) if shape is not None else None
+                if shaped is not None:  # an event of the learned shape, among others in the read
+                    text, usage_chunk = shaped, None
+                elif data == b"[DONE]":
                     saw_done = True
                     relay.append(event.raw)
                     continue
-                text, usage_chunk = read_event(data, tools)
+                else:
+                    text, usage_chunk = read_event(data, tools)
+                    if text and usage_chunk is None and learnings and (
+                            learned := ChunkShape.learn(data, text, read_event)):
+                        shape, learnings = learned, learnings - 1
                 if text:
                     tokens = lease.take_output(text)  # None within the hold (nearly always): no coroutine
                     if tokens is not None and not await _cover(lease, tokens, response, relay):
