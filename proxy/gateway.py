@@ -271,9 +271,8 @@ async def _metered_call(request: web.Request, path: str, *, cached: bool) -> web
 async def answer_whole(service: Metering, lease: Lease, work: Coroutine[Any, Any, web.StreamResponse]) -> web.StreamResponse:
     """A whole answer is read and billed even if the client leaves while it is generated (the
     provider bills it either way), so `work` runs in a task the handler's cancellation does not reach."""
-    task = service.background.spawn(work)
     try:
-        return await asyncio.shield(task)
+        return await service.background.answer(work)
     except asyncio.CancelledError:
         lease.client_left = True
         if lease.outcome == "completed":

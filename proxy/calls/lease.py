@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -56,6 +56,8 @@ from proxy.store import (
 from proxy.store.budgets import BudgetStore, CallBudget
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A stream that outruns its hold (an upstream ignoring max_tokens) extends it
 # by at least this many output tokens at a time.
@@ -93,6 +95,14 @@ class Background:
         task.add_done_callback(self._done)
         return task
 
+    def answer(self, work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run `work` in a task of its own; a future of its outcome, which cancelling (a
+        handler's cancellation) leaves the work running. The task sets it as its last step, so
+        its awaiter resumes a loop turn later (an asyncio.shield of the task takes three)."""
+        answered: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.spawn(_answering(work, answered))
+        return answered
+
     def runs(self, task: asyncio.Task[Any]) -> bool:
         """Whether `task` is one of these (only shutdown cancels them, after its grace)."""
         return task in self.tasks
@@ -110,6 +120,21 @@ class Background:
         _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
         for task in pending:  # their holds are the reaper's now (it charges their checkpoints)
             task.cancel()
+
+
+async def _answering(work: Coroutine[Any, Any, T], answered: asyncio.Future[T]) -> T:
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        answered.cancel()  # shutdown gave up on it: so does its awaiter
+        raise
+    except BaseException as exc:
+        if not answered.done():
+            answered.set_exception(exc)
+        raise
+    if not answered.done():  # else its awaiter left (cancelled it)
+        answered.set_result(result)
+    return result
 
 
 @dataclass
