@@ -44,6 +44,8 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import random
+import string
 import struct
 import time
 import uuid
@@ -88,6 +90,7 @@ class MockUpstream:
     reply_words: int = 20
     words_per_chunk: int = 1
     reply_pieces: tuple[str, ...] | None = None  # chat/completions: exactly these chunk texts instead of words
+    obfuscate: bool = False  # streams: an "obfuscation" field of random padding on every delta chunk, as OpenAI's
     response_model: str | None = None  # None: echo the request's model
     embedding_dim: int = 8  # overridden by the request's "dimensions"
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -495,13 +498,21 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
             head_obj["service_tier"] = _tier_used(data)
         head_obj["system_fingerprint"] = SYSTEM_FINGERPRINT
         head = b"data: " + orjson.dumps(head_obj)[:-1] + b',"choices":'
-        tail = (b',"usage":null}' if include_usage else b"}") + end_of_event
+        usage_null = b',"usage":null' if include_usage else b""
+        tail = usage_null + b"}" + end_of_event
         blobs, final_blob = _choice_blobs(pieces, kind)
 
-        def content(i: int) -> bytes:
-            return head + blobs[i] + tail
+        def padded_tail() -> bytes:
+            if not state.obfuscate:
+                return tail
+            # OpenAI's stream obfuscation: random characters, a new number of them each chunk.
+            padding = "".join(random.choices(string.ascii_letters + string.digits, k=random.randint(1, 16)))
+            return usage_null + b',"obfuscation":"' + padding.encode() + b'"}' + end_of_event
 
-        final = head + final_blob + tail
+        def content(i: int) -> bytes:
+            return head + blobs[i] + padded_tail()
+
+        final = head + final_blob + padded_tail()
 
         def usage_chunk() -> bytes:
             return head + b"[]," + orjson.dumps({"usage": usage_for(prompt, completion_tokens(text))})[1:] + end_of_event
@@ -638,6 +649,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fast", action="store_true", help="bench mode: constant usage, no tiktoken, no recording")
     p.add_argument("--reply-words", type=int, default=20)
     p.add_argument("--words-per-chunk", type=int, default=1)
+    p.add_argument("--obfuscate", action="store_true", help="streams: random padding in every delta chunk, as OpenAI's")
     p.add_argument("--chunk-delay", type=float, default=0.0)
     p.add_argument("--first-byte-delay", type=float, default=0.0)
     p.add_argument("--line-ending", choices=("lf", "crlf", "cr"), default="lf", help="SSE framing of streams")
@@ -646,6 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     state = MockUpstream(
         reply_words=args.reply_words,
         words_per_chunk=args.words_per_chunk,
+        obfuscate=args.obfuscate,
         chunk_delay=args.chunk_delay,
         first_byte_delay=args.first_byte_delay,
         line_ending={"lf": "\n", "crlf": "\r\n", "cr": "\r"}[args.line_ending],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from openai import AsyncOpenAI
 
@@ -129,6 +130,19 @@ async def test_a_request_can_ask_for_its_own_reply_length(mock, client):
     assert whole.choices[0].message.content == expected_reply(3)
     default = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert default.choices[0].message.content == expected_reply(5)
+
+
+async def test_obfuscate_pads_every_delta_chunk_with_a_new_random_string(mock):
+    mock.reply_words, mock.obfuscate = 6, True
+    body = {"model": "m", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(mock.base_url + "/chat/completions", json=body) as r:
+            raw = await r.read()
+    chunks = [orjson.loads(e[6:]) for e in raw.split(b"\n\n")[:-2]]
+    paddings = [c["obfuscation"] for c in chunks if c["choices"]]
+    assert len(paddings) == 7 and all(p.isalnum() for p in paddings)  # 6 words and the finish chunk
+    assert len(set(paddings)) > 1
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == expected_reply(6)
 
 
 async def test_cut_after_chunks_ends_stream_early(mock, client):
