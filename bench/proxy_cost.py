@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", choices=("chat", "stream", "stream100", "both", "all"), default="both",
                    help="count non-streamed calls, 20-word streams, 100-word streams (stream100), chat and "
                         "stream (both, the default), or all three")
+    p.add_argument("--obfuscate", action="store_true",
+                   help="the mock upstream pads every stream chunk with random characters, as OpenAI does by default")
     p.add_argument("--dumps", help="keep callgrind's dumps in this directory (for callgrind_annotate), one per count")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     with private_redis("metergate-proxy-cost-") as (tmpdir, redis), tempfile.TemporaryDirectory() as temp_dumps:
         dumps = args.dumps or temp_dumps
         try:
-            mock, upstream = start_mock_upstream(tmpdir)
+            mock, upstream = start_mock_upstream(tmpdir, *(["--obfuscate"] if args.obfuscate else []))
             procs.append(mock)
             targets: list[Counted] = []
 

@@ -15,10 +15,13 @@ ENVELOPE = {"id": "chatcmpl-abc", "object": "chat.completion.chunk", "created": 
             "system_fingerprint": "fp_x"}
 
 
-def chunk(text: str | None = None, *, delta: dict | None = None, usage: object = None, **more: object) -> bytes:
+def chunk(text: str | None = None, *, delta: dict | None = None, usage: object = None, padding: str | None = None,
+          **more: object) -> bytes:
     choice = {"index": 0, "delta": delta if delta is not None else {"content": text}, "logprobs": None,
               "finish_reason": None}
-    return orjson.dumps({**ENVELOPE, **more, "choices": [choice], "usage": usage})
+    # OpenAI's stream obfuscation: a random string at the end of every chunk.
+    padded = {"obfuscation": padding} if padding is not None else {}
+    return orjson.dumps({**ENVELOPE, **more, "choices": [choice], "usage": usage, **padded})
 
 
 def event(data: bytes) -> bytes:
@@ -123,4 +126,46 @@ def test_any_bytes_between_the_envelopes_read_as_the_parse_reads_them_or_are_lef
     head, tail = chunk("PLACEHOLDER").split(b"PLACEHOLDER")
     piece = event(head + inner + tail)
     got = learned().text_of(piece)
+    assert got is None or (piece, got, None) == what_the_decoder_reads(piece)
+
+
+def test_a_chunks_padding_changes_and_its_text_is_still_read() -> None:
+    shape = learned(padding="q7")
+    assert shape.text_of(event(chunk(" word2", padding="Zx81kP"))) == " word2"
+    assert shape.text_of(event(chunk(" word2", padding=""))) == " word2"
+    assert shape.text_of(event(chunk("", padding="abc"))) == ""
+    assert shape.text_of(event(chunk(" word2"))) is None  # no padding: another shape
+
+
+def test_a_padded_chunk_whose_envelope_differs_between_text_and_padding_is_left_to_the_parse() -> None:
+    shape = learned(padding="q7")
+    piece = event(chunk(" word2", padding="x"))
+    assert shape.text_of(piece) == " word2"
+    with_usage = piece.replace(b'"usage":null', b'"usage":{  }')  # as long, but a usage chunk now
+    assert what_the_decoder_reads(with_usage) == (with_usage, " word2", orjson.loads(with_usage[6:-2]))
+    assert shape.text_of(with_usage) is None
+
+
+def test_a_padding_that_is_not_a_plain_ascii_string_is_left_to_the_parse() -> None:
+    shape = learned(padding="q7")
+    for padding in ('a"b', "a\\b", "é", "\n"):
+        assert shape.text_of(event(chunk(" word2", padding=padding))) is None
+
+
+@settings(max_examples=400)
+@given(st.text(max_size=20), st.text(max_size=20))
+def test_any_text_and_padding_read_as_the_parse_reads_them_or_are_left_to_it(text: str, padding: str) -> None:
+    piece = event(chunk(text, padding=padding))
+    got = learned(padding="q7").text_of(piece)
+    assert got is None or (piece, got, None) == what_the_decoder_reads(piece)
+
+
+@settings(max_examples=1000)
+@given(st.binary(max_size=30), st.binary(max_size=30))
+def test_any_bytes_in_the_text_and_padding_slots_read_as_the_parse_reads_them_or_are_left_to_it(
+        inner: bytes, pad: bytes) -> None:
+    head, middle, tail = chunk("PLACEHOLDER", padding="PADDING").replace(b"PLACEHOLDER", b"\0").replace(
+        b"PADDING", b"\0").split(b"\0")
+    piece = event(head + inner + middle + pad + tail)
+    got = learned(padding="q7").text_of(piece)
     assert got is None or (piece, got, None) == what_the_decoder_reads(piece)

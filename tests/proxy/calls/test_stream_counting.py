@@ -83,15 +83,17 @@ def chunk_parses(monkeypatch) -> list[bytes]:
     return seen
 
 
+@pytest.mark.parametrize("obfuscate", [False, True], ids=["plain", "padded"])
 @pytest.mark.parametrize("chunk_delay", [0.0, 0.003], ids=["reads-of-many-chunks", "a-chunk-a-read"])
 async def test_a_streams_plain_chunks_are_read_by_their_shape_not_parsed(base_url, make_end_user, mock_upstream,
                                                                          wallets, chunk_parses, monkeypatch,
-                                                                         chunk_delay):
+                                                                         chunk_delay, obfuscate):
     decoded: list[bytes] = []
     feed = SSEDecoder.feed
     monkeypatch.setattr(SSEDecoder, "feed", lambda self, piece: decoded.append(piece) or feed(self, piece))
     user = await make_end_user()
     mock_upstream.reply_words, mock_upstream.omit_usage, mock_upstream.chunk_delay = 20, True, chunk_delay
+    mock_upstream.obfuscate = obfuscate  # random padding in every chunk, as OpenAI sends by default
     text = await stream_all(base_url, user.key)
     assert text == "".join(reply_chunks(20))
     if chunk_delay:  # a read that is one chunk of the shape does not reach the decoder
