@@ -5,8 +5,9 @@
 Runs the bare pass-through and metergate (on a private ``redis-server``) each under
 ``valgrind --tool=callgrind`` (counting off until the measured part), both in front
 of the same mock upstream, and sends each ``N`` non-streamed chat calls and ``N``
-streamed ones (20 words; ``--scenario stream100``: 100 words), one at a time, as `bench.run` shapes them. It prints callgrind's
-instruction count (Ir) per call of each process and their ratio.
+streamed ones (20 words; ``--scenario stream100``: 100 words), one at a time, as
+`bench.run` shapes them. It prints callgrind's instruction count (Ir) per call of
+each process and their ratio.
 
 Why: CPU time per call on this shared machine swings by 15-40% between identical
 runs, which hides the 1-5% one change to the request path moves; instruction counts

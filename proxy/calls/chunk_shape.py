@@ -20,9 +20,9 @@ the learned structure with that string in the content's place (and the
 padding's, in its own). Learning checks, with probe strings in those places,
 that the structure says so: the text read from it is exactly the text's probe
 (no other text in the envelope or the padding, the string is the one counted)
-and it carries no usage. Anything else (another
-envelope, an escape, two events in one read, a cut) is left to the decoder and
-`read_event`, so an odd event costs a parse, never a miscount.
+and it carries no usage. Anything else (another envelope, an escape, two
+events in one read, a cut) is left to the decoder and `read_event`, so an odd
+event costs a parse, never a miscount.
 """
 
 from __future__ import annotations
