@@ -62,6 +62,11 @@ class ChunkShape:
         self._tail = (b'"' if between is None else b"") + tail + b"\n\n"
         self._min = len(self._head) + len(self._tail) + (len(self._between) if self._between else 0)
 
+    @staticmethod
+    def can_learn(text: str) -> bool:
+        """Whether a chunk whose text is `text` may teach a shape (the text is a plain string)."""
+        return bool(text) and not _NOT_PLAIN.search(quoted := orjson.dumps(text), 1, len(quoted) - 1)
+
     @classmethod
     def learn(cls, data: bytes, text: str, read_event: ReadEvent) -> ChunkShape | None:
         """The shape of event `data`, whose output `read_event` read as `text`; None when its

@@ -90,9 +90,9 @@ def read_event(data: bytes, tools: metering.ToolCallCounter | None = None) -> tu
     return text, chunk if isinstance(chunk.get("usage"), dict) else None
 
 
-# How many times a stream may learn its content chunks' shape (the first chunk, which
-# names the role, has another than the rest; an upstream whose every chunk differs, say
-# with random padding, stops costing the learning once these are spent).
+# How many times a stream may try to learn its content chunks' shape (the first chunk,
+# which names the role, has another than the rest; an upstream whose every chunk differs,
+# or whose envelope carries text, stops paying for the probes once these are spent).
 SHAPE_LEARNINGS = 4
 
 
@@ -208,9 +208,9 @@ async def forward_stream(request: web.Request, call: UpstreamCall, lease: Lease)
                     continue
                 else:
                     text, usage_chunk = read_event(data, tools)
-                    if text and usage_chunk is None and learnings and (
-                            learned := ChunkShape.learn(data, text, read_event)):
-                        shape, learnings = learned, learnings - 1
+                    if usage_chunk is None and learnings and ChunkShape.can_learn(text):
+                        learnings -= 1  # taught or not: an upstream whose chunks never fit stops paying for probes
+                        shape = ChunkShape.learn(data, text, read_event) or shape
                 if text:
                     tokens = lease.take_output(text)  # None within the hold (nearly always): no coroutine
                     if tokens is not None and not await _cover(lease, tokens, response, relay):

@@ -74,6 +74,12 @@ def test_a_read_that_is_not_exactly_one_event_is_left_to_the_decoder() -> None:
     assert shape.text_of(b"\r\n".join(one.split(b"\n"))) is None
 
 
+def test_only_a_plain_text_may_teach_a_shape() -> None:
+    assert ChunkShape.can_learn(" word1") and ChunkShape.can_learn("é 漢字")
+    for text in ("", 'say "hi"', "a\\b", "line\nnext", "\x01"):
+        assert not ChunkShape.can_learn(text)
+
+
 def test_nothing_is_learned_from_a_chunk_whose_text_is_not_one_plain_string() -> None:
     for text in ('say "hi"', "line\nnext", ""):
         data = chunk(text)

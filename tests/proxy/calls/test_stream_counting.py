@@ -117,3 +117,15 @@ async def test_chunks_a_shape_cannot_read_are_parsed_and_counted_the_same(base_u
     charge = await the_charge(wallets)
     assert charge.details["usage_source"] == "counted"
     assert charge.details["completion_tokens"] == count_text_tokens(text)
+
+
+async def test_a_stream_whose_chunks_teach_no_shape_stops_trying_after_a_few(base_url, make_end_user, mock_upstream,
+                                                                             wallets, monkeypatch):
+    tries: list[bytes] = []
+    monkeypatch.setattr(stream_module.ChunkShape, "learn", lambda data, text, read: tries.append(data))  # never fits
+    user = await make_end_user()
+    mock_upstream.reply_words, mock_upstream.omit_usage = 20, True
+    text = await stream_all(base_url, user.key)
+    assert text == "".join(reply_chunks(20))
+    assert len(tries) == stream_module.SHAPE_LEARNINGS
+    assert (await the_charge(wallets)).details["completion_tokens"] == count_text_tokens(text)
