@@ -7,8 +7,8 @@
 the concurrency (keep-alive).  Each worker sends POST ``body`` (or GET when the
 body is empty) back to back.  A request counts as OK when the status is 2xx and
 the whole body was read; with ``stream=True`` the body must also end with
-``data: [DONE]``.  Latency is time to the last byte.  ``requests`` in the result
-is the number of OK requests, ``rps = requests / seconds``; failures are in
+``data: [DONE]`` (a Responses API stream: with its ``response.completed`` event).
+Latency is time to the last byte.  ``requests`` in the result is the number of OK requests, ``rps = requests / seconds``; failures are in
 ``errors`` and not in the latency percentiles.
 
 On a 2-core machine run the load generator in its own process
@@ -109,11 +109,14 @@ async def run_load(
             try:
                 async with session.request(method, url, data=body or None, headers=hdrs) as r:
                     t1 = time.perf_counter()
-                    tail = b""
+                    tail = last = b""
                     async for data in r.content.iter_any():
                         tail = (tail + data)[-len(done_marker):] if stream else b""
+                        last = data
                     t2 = time.perf_counter()
-                    ok = 200 <= r.status < 300 and (not stream or tail == done_marker)
+                    # A Responses API stream ends with its response.completed event instead.
+                    ok = 200 <= r.status < 300 and (not stream or tail == done_marker
+                                                    or b"event: response.completed\n" in last)
                     if not recording:
                         return
                     if ok:

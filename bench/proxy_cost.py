@@ -27,6 +27,7 @@ ledger``, nothing held.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from bench.loadgen import free_port, run_load_in_subprocess
 from bench.run import (
     LONG_STREAM_MAX_TOKENS,
     LONG_STREAM_WORDS,
+    MODEL,
     Proc,
     chat_body,
     check_ledger,
@@ -48,6 +50,7 @@ from bench.run import (
     write_metergate_config,
 )
 
+_CHAT = "/v1/chat/completions"
 # Under valgrind a Python process starts and runs ~50x slower than natively.
 _START_TIMEOUT = 600.0
 _QUIET_BACKGROUND = (
@@ -65,16 +68,17 @@ class Counted:
     name: str
     proc: Proc
     counter: Callgrind
-    url: str
+    base: str  # http://127.0.0.1:PORT
     headers: dict[str, str]
 
 
-def _count(target: Counted, body: bytes, stream: bool, calls: int, warmup: int, concurrency: int = 1) -> float:
-    """Instructions per call over `calls` calls (`concurrency` at a time), after `warmup` uncounted ones."""
+def _count(target: Counted, path: str, body: bytes, stream: bool, calls: int, warmup: int,
+           concurrency: int = 1) -> float:
+    """Instructions per call to `path` over `calls` calls (`concurrency` at a time), after `warmup` uncounted ones."""
     for n, counted in ((warmup, False), (calls, True)):
         if counted:
             target.counter.start()
-        r = run_load_in_subprocess(target.url, body, target.headers, concurrency, requests=n, stream=stream,
+        r = run_load_in_subprocess(target.base + path, body, target.headers, concurrency, requests=n, stream=stream,
                                    timeout=_START_TIMEOUT)
         if r.errors or r.requests != n:
             raise RuntimeError(f"{target.name}: {r.errors} errors in {n} calls, e.g. {r.error_samples[:2]}")
@@ -87,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=50, help="uncounted calls before each count (default 50)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="calls in flight at once (default 1: one at a time, the steadiest count)")
-    p.add_argument("--scenario", choices=("chat", "stream", "stream100", "both", "all"), default="both",
-                   help="count non-streamed calls, 20-word streams, 100-word streams (stream100), chat and "
-                        "stream (both, the default), or all three")
+    p.add_argument("--scenario", choices=("chat", "stream", "stream100", "responses100", "both", "all"),
+                   default="both",
+                   help="count non-streamed calls, 20-word streams, 100-word streams (stream100), 100-word "
+                        "Responses API streams (responses100), chat and stream (both, the default), or all")
     p.add_argument("--obfuscate", action="store_true",
                    help="the mock upstream pads every stream chunk with random characters, as OpenAI does by default")
     p.add_argument("--dumps", help="keep callgrind's dumps in this directory (for callgrind_annotate), one per count")
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             proc, counter = under_callgrind("pass-through", [py, "-m", "bench.passthrough", "--port", str(port),
                                                              "--upstream", upstream], port)
-            targets.append(Counted("pass-through", proc, counter, f"http://127.0.0.1:{port}/v1/chat/completions", {}))
+            targets.append(Counted("pass-through", proc, counter, f"http://127.0.0.1:{port}", {}))
 
             port = free_port()
             cfg = tmpdir / "metergate.yaml"
@@ -123,22 +128,27 @@ def main(argv: list[str] | None = None) -> int:
             proc, counter = under_callgrind("metergate", [py, "-m", "proxy", "serve", "--config", str(cfg)], port)
             base = f"http://127.0.0.1:{port}"
             key = create_end_user(base)
-            targets.append(Counted("metergate (redis)", proc, counter, base + "/v1/chat/completions",
-                                   {"Authorization": f"Bearer {key}"}))
+            targets.append(Counted("metergate (redis)", proc, counter, base, {"Authorization": f"Bearer {key}"}))
 
             at_once = "one at a time" if args.concurrency == 1 else f"{args.concurrency} at a time"
             print(f"proxy instructions (callgrind Ir) per call, {args.calls} calls {at_once} "
                   f"(after {args.warmup} uncounted), request path only:")
             print(f"  {'scenario':<10} {'pass-through':>14} {'metergate':>14} {'ratio':>7} {'metergate extra':>16}")
-            picked = {"both": ("chat", "stream"), "all": ("chat", "stream", "stream100")}.get(args.scenario,
-                                                                                              (args.scenario,))
-            scenarios = [(label, stream, body) for label, stream, body in (
-                ("chat", False, chat_body(False)),
-                ("stream", True, chat_body(True)),
-                ("stream100", True, chat_body(True, max_tokens=LONG_STREAM_MAX_TOKENS, reply_words=LONG_STREAM_WORDS)),
+            picked = {"both": ("chat", "stream"), "all": ("chat", "stream", "stream100", "responses100")}.get(
+                args.scenario, (args.scenario,))
+            responses_body = json.dumps({"model": MODEL, "input": "Say hello in one short sentence.", "stream": True,
+                                         "max_output_tokens": LONG_STREAM_MAX_TOKENS,
+                                         "mock_reply_words": LONG_STREAM_WORDS}).encode()
+            scenarios = [(label, path, stream, body) for label, path, stream, body in (
+                ("chat", _CHAT, False, chat_body(False)),
+                ("stream", _CHAT, True, chat_body(True)),
+                ("stream100", _CHAT, True,
+                 chat_body(True, max_tokens=LONG_STREAM_MAX_TOKENS, reply_words=LONG_STREAM_WORDS)),
+                ("responses100", "/v1/responses", True, responses_body),
             ) if label in picked]
-            for label, stream, body in scenarios:
-                bare, metered = (_count(t, body, stream, args.calls, args.warmup, args.concurrency) for t in targets)
+            for label, path, stream, body in scenarios:
+                bare, metered = (_count(t, path, body, stream, args.calls, args.warmup, args.concurrency)
+                                 for t in targets)
                 print(f"  {label:<10} {bare:>14,.0f} {metered:>14,.0f} {metered / bare:>6.2f}x {metered - bare:>16,.0f}",
                       flush=True)
 

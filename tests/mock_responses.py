@@ -11,6 +11,8 @@ item with one `output_text` part of `reply_words` words, optionally preceded by
 
 from __future__ import annotations
 
+import random
+import string
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -72,14 +74,23 @@ async def accept(request: web.Request, read: Reader, maybe_fail: Failer, require
 def make_responses_handler(
     state: MockUpstream, read: Reader, maybe_fail: Failer,
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    from tests.mock_upstream import SSE_HEADERS, _abort, _json_response, _reply, _sleep_watching, count_tokens, make_usage
+    from tests.mock_upstream import (
+        SSE_HEADERS,
+        _abort,
+        _json_response,
+        _reply,
+        _sleep_watching,
+        _words_asked,
+        count_tokens,
+        make_usage,
+    )
 
     async def responses(request: web.Request) -> web.StreamResponse:
         data, answer = await accept(request, read, maybe_fail, "input")
         if data is None:
             return answer
         model = state.response_model or data.get("model") or "gpt-4o-mini"
-        text, pieces = _reply(state.reply_words, state.words_per_chunk)
+        text, pieces = _reply(_words_asked(data, state.reply_words), state.words_per_chunk)
         rid, mid = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex
 
         def usage() -> dict | None:
@@ -147,8 +158,10 @@ def make_responses_handler(
                 if i and state.chunk_delay and not await _sleep_watching(request, state.chunk_delay):
                     state._note_disconnect()
                     return resp
-                await resp.write(event("response.output_text.delta", {"item_id": mid, "output_index": at,
-                                                                      "content_index": 0, "delta": piece, "logprobs": []}))
+                delta = {"item_id": mid, "output_index": at, "content_index": 0, "delta": piece, "logprobs": []}
+                if state.obfuscate:  # OpenAI's stream obfuscation: random padding, a new length each event
+                    delta["obfuscation"] = "".join(random.choices(string.ascii_letters, k=random.randint(1, 16)))
+                await resp.write(event("response.output_text.delta", delta))
             if state.cut_after_chunks is not None:
                 _abort(request)
                 return resp
