@@ -8,8 +8,9 @@ the concurrency (keep-alive).  Each worker sends POST ``body`` (or GET when the
 body is empty) back to back.  A request counts as OK when the status is 2xx and
 the whole body was read; with ``stream=True`` the body must also end with
 ``data: [DONE]`` (a Responses API stream: with its ``response.completed`` event).
-Latency is time to the last byte.  ``requests`` in the result is the number of OK requests, ``rps = requests / seconds``; failures are in
-``errors`` and not in the latency percentiles.
+Latency is time to the last byte.  ``requests`` in the result is the number of
+OK requests, ``rps = requests / seconds``; failures are in ``errors`` and not in
+the latency percentiles.
 
 On a 2-core machine run the load generator in its own process
 (:func:`run_load_in_subprocess`) so it

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             at_once = "one at a time" if args.concurrency == 1 else f"{args.concurrency} at a time"
             print(f"proxy instructions (callgrind Ir) per call, {args.calls} calls {at_once} "
                   f"(after {args.warmup} uncounted), request path only:")
-            print(f"  {'scenario':<10} {'pass-through':>14} {'metergate':>14} {'ratio':>7} {'metergate extra':>16}")
+            print(f"  {'scenario':<12} {'pass-through':>14} {'metergate':>14} {'ratio':>7} {'metergate extra':>16}")
             picked = {"both": ("chat", "stream"), "all": ("chat", "stream", "stream100", "responses100")}.get(
                 args.scenario, (args.scenario,))
             responses_body = json.dumps({"model": MODEL, "input": "Say hello in one short sentence.", "stream": True,
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, path, stream, body in scenarios:
                 bare, metered = (_count(t, path, body, stream, args.calls, args.warmup, args.concurrency)
                                  for t in targets)
-                print(f"  {label:<10} {bare:>14,.0f} {metered:>14,.0f} {metered / bare:>6.2f}x {metered - bare:>16,.0f}",
+                print(f"  {label:<12} {bare:>14,.0f} {metered:>14,.0f} {metered / bare:>6.2f}x {metered - bare:>16,.0f}",
                       flush=True)
 
             sent = len(scenarios) * (args.calls + args.warmup)
