@@ -119,7 +119,7 @@ def usd(micros: int) -> str:
     if type(micros) is not int:
         return f"{Decimal(micros).scaleb(-6):.6f}"
     # Placing the point in the digits: a third of the Decimal's cost, and a call shows two of these.
-    digits = str(-micros if micros < 0 else micros).rjust(7, "0")
+    digits = str(abs(micros)).rjust(7, "0")
     return f"{'-' if micros < 0 else ''}{digits[:-6]}.{digits[-6:]}"
 
 
