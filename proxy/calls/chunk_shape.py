@@ -71,9 +71,9 @@ class ChunkShape:
     def learn(cls, data: bytes, text: str, read_event: ReadEvent) -> ChunkShape | None:
         """The shape of event `data`, whose output `read_event` read as `text`; None when its
         text is not one plain string token in it, or the probe fails."""
-        if not text or _NOT_PLAIN.search(token := orjson.dumps(text)[1:-1]) or b"\n" in data or b"\r" in data:
+        if not cls.can_learn(text) or b"\n" in data or b"\r" in data:
             return None
-        quoted = b'"' + token + b'"'
+        quoted = orjson.dumps(text)
         at = data.find(quoted)
         if at < 0:
             return None  # serialized otherwise (say, non-ASCII escaped)
