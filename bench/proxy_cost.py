@@ -139,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             responses_body = json.dumps({"model": MODEL, "input": "Say hello in one short sentence.", "stream": True,
                                          "max_output_tokens": LONG_STREAM_MAX_TOKENS,
                                          "mock_reply_words": LONG_STREAM_WORDS}).encode()
-            scenarios = [(label, path, stream, body) for label, path, stream, body in (
+            scenarios = [scenario for scenario in (
                 ("chat", _CHAT, False, chat_body(False)),
                 ("stream", _CHAT, True, chat_body(True)),
                 ("stream100", _CHAT, True,
                  chat_body(True, max_tokens=LONG_STREAM_MAX_TOKENS, reply_words=LONG_STREAM_WORDS)),
                 ("responses100", "/v1/responses", True, responses_body),
-            ) if label in picked]
+            ) if scenario[0] in picked]
             for label, path, stream, body in scenarios:
                 bare, metered = (_count(t, path, body, stream, args.calls, args.warmup, args.concurrency)
                                  for t in targets)
