@@ -59,13 +59,14 @@ def check_forwardable(body: Mapping[str, Any]) -> None:
 class UpstreamSessions:
     """One pooled HTTP session per upstream, each capped at its own `max_connections`:
     keep-alive connections are most of the latency budget a proxy has, and one busy
-    upstream must not take the connections another needs."""
+    upstream must not take the connections another needs. No cookie jar: a session serves
+    every end user, and a cookie one user's call got back must not ride on the next user's."""
 
     def __init__(self, upstreams: Mapping[str, UpstreamConfig]):
         self._sessions = {
             name: aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=upstream.max_connections, limit_per_host=0, ttl_dns_cache=300),
-                auto_decompress=True, skip_auto_headers=("User-Agent",))
+                auto_decompress=True, skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())
             for name, upstream in upstreams.items()
         }
 

@@ -70,3 +70,23 @@ async def test_an_upstreams_max_connections_caps_the_calls_at_it(aiohttp_client,
     config = config_with(redis_server, mock_upstream, max_connections=3)
 
     await reaching_the_upstream_at_once(aiohttp_client, config, mock_upstream, user.key, 6, expected=3)
+
+
+async def test_a_cookie_an_upstream_sets_is_never_sent_on_a_later_call(aiohttp_client, redis_server, mock_upstream,
+                                                                       make_end_user, upstream_key):
+    # One session per upstream serves every end user: a cookie jar would hand one user's
+    # upstream cookie (a rate-limit or bot-check token, say) to the next user's call.
+    # Reached by name: aiohttp's jar takes no cookie from an IP address, a real upstream's from its host.
+    config = config_with(redis_server, mock_upstream, base_url=mock_upstream.base_url.replace("127.0.0.1", "localhost"))
+    gateway = await aiohttp_client(create_app(config), server_kwargs={"handler_cancellation": True})
+    first, second = await make_end_user("u_1"), await make_end_user("u_2")
+    mock_upstream.fail_status, mock_upstream.fail_count = 429, 1
+    mock_upstream.fail_headers = {"Set-Cookie": "__cf_bm=from-u_1; Path=/; HttpOnly"}
+    body = {**BODY, "stream": False}
+    async with aiohttp.ClientSession() as http:
+        for user, status in ((first, 429), (second, 200)):
+            async with http.post(str(gateway.make_url("/v1/chat/completions")), json=body,
+                                 headers={"Authorization": f"Bearer {user.key}"}) as response:
+                assert response.status == status, await response.text()
+    assert len(mock_upstream.requests) == 2
+    assert "Cookie" not in mock_upstream.requests[-1].headers
