@@ -82,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
         for sock in sockets:
             sock.close()
         return code
+    from proxy.gc_tuning import tune_after_startup
     from proxy.observability import configure_logging
 
     configure_logging(config)  # text, or JSON lines with `log_format: json`
@@ -91,7 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
     # (which starts draining), lets handlers in flight run for shutdown_timeout,
     # cancels the rest (their leases settle what they relayed), then closes the
     # app: pending closes finish before the store does.
-    web.run_app(create_app(config), sock=sockets, access_log=None, handler_cancellation=True,
+    app = create_app(config)
+    app.on_startup.append(tune_after_startup)  # last: it freezes what the app's startup built
+    web.run_app(app, sock=sockets, access_log=None, handler_cancellation=True,
                 shutdown_timeout=config.shutdown_grace_seconds)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 
 import aiohttp
@@ -68,3 +69,22 @@ async def test_serve_with_a_bad_config_says_where(tmp_path, repo_root):
     _, stderr = await process.communicate()
     assert process.returncode == 2
     assert f"{bad}:3: upstreams.openai.surprise: unknown field" in stderr.decode()
+
+
+async def test_serve_freezes_its_startup_objects_out_of_the_garbage_collector(mock_upstream, repo_root):
+    port = free_port()
+    env = {**os.environ, "METERGATE_UPSTREAM_OPENAI_BASE_URL": mock_upstream.base_url}
+    env.pop("METERGATE_REDIS_URL", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--port", str(port), cwd=repo_root, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        # The line is written by the app's last startup hook, before the port answers /readyz.
+        await wait_until_up(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.terminate()
+        _, stderr = await process.communicate()
+    frozen = re.search(rb"garbage collector: (\d+) startup objects frozen, young threshold 7000", stderr)
+    assert frozen is not None, stderr.decode()[-2000:]
+    assert int(frozen.group(1)) > 10_000  # what the app's imports and startup leave
