@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pricing.cards import ModelPrice
+from pricing.values import value
 
 WEB_SEARCH = "web_search"
 # Tool types the provider bills as tokens only.
@@ -112,7 +113,7 @@ def unpriced_fields(model: ModelPrice) -> list[BillableField]:
 # ------------------------------------------------------------- one request
 
 
-@dataclass(frozen=True)
+@value
 class Billables:
     """A request's billable fields, checked against its model's card."""
 

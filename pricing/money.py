@@ -22,6 +22,8 @@ from fractions import Fraction
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from pricing.values import value
+
 if TYPE_CHECKING:  # pragma: no cover
     from pricing.cards import MeterPrice, ModelPrice
 
@@ -61,7 +63,7 @@ class Rates:
         return self.output if self.reasoning is None else self.reasoning
 
 
-@dataclass(frozen=True)
+@value
 class Usage:
     """What one call consumed, in OpenAI's terms.
 
@@ -81,7 +83,7 @@ class Usage:
     requests: int = 1
 
 
-@dataclass(frozen=True)
+@value
 class Charge:
     """A priced call: both sides in whole micros, each rounded up once."""
 

@@ -10,13 +10,14 @@ from typing import Any
 
 from aiohttp import web
 
+from pricing.values import value
 from proxy.appstate import ACCOUNTS, CONFIG, WALLETS, app_state
 from proxy.enduser_jwt import TOKENS, looks_like_jwt
 from proxy.errors import ApiError
 from proxy.store import API_KEY_PREFIX, TEST_KEY_PREFIX, KeyStamp
 
 
-@dataclass(frozen=True)
+@value
 class Caller:
     """The end user a request is billed to, and the credential that proved it."""
 

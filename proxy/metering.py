@@ -9,16 +9,17 @@ later price of the call (hold, extensions, checkpoints, settlement) reads it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from pricing import Charge, ModelPrice, RateCard, Usage, price_usage
 from pricing.billable import OUTPUT_ITEM_TOOLS, WEB_SEARCH, Billables, Unpriced, billables
 from pricing.tokens import estimate_usage
+from pricing.values import value
 from proxy.errors import ApiError
 
 
-@dataclass(frozen=True)
+@value
 class Quote:
     """What a request may cost at most, before it runs: the amount to hold."""
 

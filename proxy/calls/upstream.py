@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -18,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from pricing import Usage, count_text_tokens
+from pricing.values import value
 from proxy import metering, observability
 from proxy.calls.lease import Lease
 from proxy.config import UpstreamConfig
@@ -78,7 +78,7 @@ class UpstreamSessions:
             await session.close()
 
 
-@dataclass(frozen=True)
+@value
 class UpstreamCall:
     """Where and how one call is forwarded."""
 

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError, WatchError
 
+from pricing.values import value
 from proxy.ids import new_id
 from proxy.store.budgets import CallBudget
 from proxy.store.errors import HoldNotFound, IdempotencyConflict, InvalidAmount, InvalidWalletRequest, WalletError, WalletNotFound
@@ -42,7 +43,7 @@ from proxy.store.scripts import Commands, RedisPyCommands, StoreRedis, _scripts,
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@value
 class WalletState:
     wallet_id: str
     balance_micros: int
@@ -63,7 +64,7 @@ class Receipt:
     replayed: bool
 
 
-@dataclass(frozen=True)
+@value
 class Hold:
     wallet_id: str
     hold_id: str
@@ -73,7 +74,7 @@ class Hold:
     replayed: bool
 
 
-@dataclass(frozen=True)
+@value
 class KeyStamp:
     """Which version of an end-user key a cached lookup saw; a hold checks it (see proxy/store/accounts.py)."""
 
@@ -82,7 +83,7 @@ class KeyStamp:
     stamp: str
 
 
-@dataclass(frozen=True)
+@value
 class CredentialSpend:
     """Which credential's limits a settlement counts against: its id, the call's request id, tokens used."""
 
@@ -99,7 +100,7 @@ class CredentialSpend:
                 -1 if self.max_daily_spend_micros is None else self.max_daily_spend_micros)
 
 
-@dataclass(frozen=True)
+@value
 class Checkpoint:
     """What a call in flight has consumed so far, written onto its hold: what the
     reaper charges if the call's proxy dies before closing it."""
@@ -109,7 +110,7 @@ class Checkpoint:
     meta: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
+@value
 class HoldExtension:
     """A hold after it grew: its new total and expiry."""
 
@@ -120,7 +121,7 @@ class HoldExtension:
     replayed: bool
 
 
-@dataclass(frozen=True)
+@value
 class Settlement:
     """How a hold closed: what was captured, released, and could not be captured."""
 
