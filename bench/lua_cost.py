@@ -60,7 +60,7 @@ def _hold_args(sha: str, hold_id: str) -> list[object]:
 
 def _settle_args(sha: str, hold_id: str) -> list[object]:
     return ["EVALSHA", sha, 5, *_keys(hold_id), f"mg:{{w:{WALLET}}}:limits:{KEY_ID}", hold_id, 17, CHARGE_META, 86400,
-            REQUEST_ID, 30]
+            REQUEST_ID, 30, "1"]
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -178,4 +178,5 @@ def credential_spend(caller: Caller, request_id: str, tokens: int) -> Credential
     if not _metered_key(caller):
         return None
     cap, daily = caller.scopes.get("max_spend_micros"), caller.scopes.get("max_daily_spend_micros")
-    return CredentialSpend(caller.key_id, request_id, tokens, max_spend_micros=cap, max_daily_spend_micros=daily)
+    return CredentialSpend(caller.key_id, request_id, tokens, max_spend_micros=cap, max_daily_spend_micros=daily,
+                           limited=has_limits(caller.scopes))

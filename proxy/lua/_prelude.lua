@@ -596,6 +596,25 @@ local function limits_record(L, request_id, captured, used)
   limits_save(L, true)
 end
 
+-- A finished call's spend on a credential with no limits at all (no rate limit,
+-- no cap: admitted with no reservation), counted in its lifetime and day spend so
+-- that a cap set later counts it, and nothing else: no token or request window,
+-- which only a rate limit reads (one set later counts from the minute it is set).
+-- A third of what limits_load and limits_record cost (bench/lua_cost.py). A call
+-- whose hold grew under the credential (a stream: extend.lua reserves the growth
+-- as r:<request id>) has its reservation replaced by limits_record, as any other.
+local function limits_record_spend(key, request_id, captured, used)
+  local f = redis.call('HMGET', key, 'spent', 'day', 'spent_day', 'r:' .. request_id)
+  if f[4] then
+    limits_record(limits_load(key, request_id), request_id, captured, used)
+    return
+  end
+  local today = math.floor(now_ms() / LIMITS_DAY)
+  local spent_day = (tonumber(f[2]) == today) and (tonumber(f[3]) or 0) or 0
+  redis.call('HSET', key, 'spent', fmt((tonumber(f[1]) or 0) + captured), 'day', fmt(today),
+    'spent_day', fmt(spent_day + captured))
+end
+
 -- The spend caps a hold was admitted under (written on its record by hold.lua;
 -- `h` as hold_load reads it): lifetime and daily, -1 for none.
 local function hold_caps(h)

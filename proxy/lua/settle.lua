@@ -8,7 +8,9 @@
 -- credential's limits hash, ARGV[5] the call's request id, ARGV[6] tokens
 -- used; the capture is then counted as the credential's spend in the same step,
 -- and never takes it past the caps the hold was admitted under (the excess is
--- part of the shortfall).
+-- part of the shortfall). ARGV[7] '1': that credential has no limits at all (the
+-- call was admitted without a reservation), so only its spend is counted, not
+-- its token window, unless the hold grew under it (see limits_record_spend).
 -- Returns {'ok'|'replay', ledger_id, captured, released, shortfall, balance, held, credit_limit}.
 -- More than the hold is captured only as far as the wallet allows (down to
 -- -credit_limit once this hold is released); what could not be captured is
@@ -38,7 +40,8 @@ if h.status ~= 'active' then
   return fail('HOLD_CLOSED', 'hold ' .. ARGV[1] .. ' was already ' .. h.status)
 end
 local L, cap_room = nil, nil
-if KEYS[5] then
+local spend_only = KEYS[5] ~= nil and ARGV[7] == '1'
+if KEYS[5] and not spend_only then
   L = limits_load(KEYS[5], ARGV[5])
   local cap, daily_cap = hold_caps(h)
   cap_room = limits_room(L, ARGV[5], cap, daily_cap)
@@ -46,6 +49,8 @@ end
 local result, captured = capture_hold(ARGV[1], h, amount, ARGV[3], cap_room)
 if L ~= nil then
   limits_record(L, ARGV[5], captured, tokens_used)
+elseif spend_only then
+  limits_record_spend(KEYS[5], ARGV[5], captured, tokens_used)
 end
 redis.call('HSET', KEYS[3], 'status', 'settled', 'settle_result', table.concat(result, ',', 2))
 redis.call('EXPIRE', KEYS[3], ARGV[4])

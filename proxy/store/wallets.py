@@ -94,6 +94,9 @@ class CredentialSpend:
     # on the hold so that its growth and its close respect them.
     max_spend_micros: int | None = None
     max_daily_spend_micros: int | None = None
+    # False: the credential has no limits at all (no rate limit, no cap), so the call
+    # reserved nothing and its settle counts only its spend, not its token window.
+    limited: bool = True
 
     def caps(self) -> tuple[int, int]:
         return (-1 if self.max_spend_micros is None else self.max_spend_micros,
@@ -499,7 +502,7 @@ class WalletStore:
         out = await self._scripts.run(
             self.commands, "settle", self._closing_keys(wallet_id, hold_id, spend),
             [hold_id, amount_micros, _meta(meta), self.closed_hold_ttl_seconds,
-             *((spend.request_id, spend.tokens) if spend else ())],
+             *((spend.request_id, spend.tokens, "" if spend.limited else "1") if spend else ())],
             before=[*self._take_unindexed(), *dirty_commands(wallet_id)],
         )
         self._unindex(wallet_id, hold_id)

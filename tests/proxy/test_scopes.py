@@ -254,6 +254,24 @@ async def test_key_view_shows_spend_to_the_micro(gateway, make_end_user):
     assert (view["spent_micros"], view["spent_today_micros"]) == (2 * COST, 2 * COST)
 
 
+async def test_a_cap_set_later_counts_what_the_key_spent_without_limits(gateway, make_end_user, wallets, mock_upstream):
+    # A key with no limits settles by its spend alone (no token window): that spend is what a
+    # cap set afterwards starts from.
+    await make_end_user()
+    key = await scoped_key(gateway)
+    for _ in range(2):
+        assert (await chat(gateway, key["key"])).status == 200
+    listed = await (await gateway.get("/admin/end-users/u_1/keys", headers=ADMIN)).json()
+    view = next(k for k in listed["data"] if k["id"] == key["id"])
+    assert (view["spent_micros"], view["spent_today_micros"]) == (2 * COST, 2 * COST)
+    resp = await gateway.patch(f"/admin/end-users/u_1/keys/{key['id']}", json={"max_spend_micros": 2 * COST + HOLD - 1},
+                               headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    before = await snapshot(wallets)
+    await assert_refused(await chat(gateway, key["key"]), 402, "spend_limit_exceeded")
+    assert await snapshot(wallets) == before and mock_upstream.request_count == 2
+
+
 async def test_lifetime_cap_raised_by_patch_admits_again(gateway, make_end_user):
     await make_end_user()
     key = await scoped_key(gateway, max_spend_micros=COST + HOLD - 1)
