@@ -6,7 +6,7 @@
 -- id, kept on the hold so that expiring it also gives back that credential's
 -- spend reservation; ARGV[7], ARGV[8] (optional) its lifetime and daily spend
 -- caps (-1: none), kept on the hold so that extending, settling and expiring it
--- never take the credential past them.
+-- never take the credential past them (a -1 is not written: an absent cap reads as none).
 -- ARGV[9], ARGV[10] (optional) the end user's budget for the period and the
 -- period's name (see "Budgets" in _prelude.lua): the hold is refused with
 -- BUDGET_EXCEEDED when it does not fit what the budget leaves, else reserved
@@ -100,8 +100,13 @@ end
 if ARGV[5] and ARGV[5] ~= '' then
   record[#record + 1], record[#record + 2] = 'credential', ARGV[5]
   record[#record + 1], record[#record + 2] = 'request_id', ARGV[6]
-  record[#record + 1], record[#record + 2] = 'cap', ARGV[7] or '-1'
-  record[#record + 1], record[#record + 2] = 'daily_cap', ARGV[8] or '-1'
+  -- A cap of -1 (none) is what an absent field reads as (hold_caps): only a real one is kept.
+  if ARGV[7] and ARGV[7] ~= '-1' then
+    record[#record + 1], record[#record + 2] = 'cap', ARGV[7]
+  end
+  if ARGV[8] and ARGV[8] ~= '-1' then
+    record[#record + 1], record[#record + 2] = 'daily_cap', ARGV[8]
+  end
 end
 redis.call('HSET', KEYS[3], unpack(record))
 return {'ok', ARGV[1], fmt(amount), fmt(expires), fmt(balance), fmt(held), fmt(credit_limit)}

@@ -1,5 +1,5 @@
 """A credential with no limits at all: its settles count its spend (a cap set later counts it),
-in fewer steps than a limited one's, and to the same micros."""
+in fewer steps than a limited one's, and to the same micros; its holds keep no caps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 from proxy.limits import credential_spend
 from proxy.store import CredentialSpend, LimitStore, WalletStore
-from proxy.store.keyspace import _limits_key
+from proxy.store.keyspace import _hold_key, _limits_key
 
 UNLIMITED = CredentialSpend("key_a", "req_1", tokens=30, limited=False)
 LIMITED = CredentialSpend("key_a", "req_1", tokens=30)
@@ -86,3 +86,16 @@ def test_a_key_with_any_limit_settles_as_limited_and_one_without_as_unlimited():
     assert credential_spend(caller({"models": ["gpt-4o-mini"]}), "req_1", 5).limited is False
     for limit in ("requests_per_minute", "tokens_per_minute", "max_spend_micros", "max_daily_spend_micros"):
         assert credential_spend(caller({limit: 10}), "req_1", 5).limited is True
+
+
+async def test_a_hold_keeps_only_the_caps_its_credential_has(wallets, redis):
+    # An absent cap reads as none (-1) everywhere a hold's caps are read: it is not written.
+    await funded(wallets)
+    uncapped = await wallets.hold("u_1", 1_000, spend=UNLIMITED)
+    daily = CredentialSpend("key_a", "req_2", max_daily_spend_micros=5_000)
+    capped = await wallets.hold("u_1", 1_000, spend=daily)
+    assert not {b"cap", b"daily_cap"} & set(await redis.hkeys(_hold_key("u_1", uncapped.hold_id)))
+    fields = await redis.hgetall(_hold_key("u_1", capped.hold_id))
+    assert fields[b"daily_cap"] == b"5000" and b"cap" not in fields
+    for hold, spend in ((uncapped, UNLIMITED), (capped, daily)):
+        await wallets.release("u_1", hold.hold_id, spend=spend)
