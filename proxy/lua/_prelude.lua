@@ -600,7 +600,7 @@ end
 -- no cap: admitted with no reservation), counted in its lifetime and day spend so
 -- that a cap set later counts it, and nothing else: no token or request window,
 -- which only a rate limit reads (one set later counts from the minute it is set).
--- A third of what limits_load and limits_record cost (bench/lua_cost.py). A call
+-- About half what limits_load and limits_record cost (bench/lua_cost.py). A call
 -- whose hold grew under the credential (a stream: extend.lua reserves the growth
 -- as r:<request id>) has its reservation replaced by limits_record, as any other.
 local function limits_record_spend(key, request_id, captured, used)
