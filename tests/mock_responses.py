@@ -11,8 +11,6 @@ item with one `output_text` part of `reply_words` words, optionally preceded by
 
 from __future__ import annotations
 
-import random
-import string
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -83,6 +81,7 @@ def make_responses_handler(
         _words_asked,
         count_tokens,
         make_usage,
+        obfuscation_padding,
     )
 
     async def responses(request: web.Request) -> web.StreamResponse:
@@ -160,7 +159,7 @@ def make_responses_handler(
                     return resp
                 delta = {"item_id": mid, "output_index": at, "content_index": 0, "delta": piece, "logprobs": []}
                 if state.obfuscate:  # OpenAI's stream obfuscation: random padding, a new length each event
-                    delta["obfuscation"] = "".join(random.choices(string.ascii_letters, k=random.randint(1, 16)))
+                    delta["obfuscation"] = obfuscation_padding()
                 await resp.write(event("response.output_text.delta", delta))
             if state.cut_after_chunks is not None:
                 _abort(request)

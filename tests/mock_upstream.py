@@ -287,6 +287,11 @@ def _tier_used(data: dict) -> str:
     return tier if isinstance(tier, str) and tier != "auto" else "default"
 
 
+def obfuscation_padding() -> str:
+    """OpenAI's stream obfuscation: random characters, a new number of them each chunk."""
+    return "".join(random.choices(string.ascii_letters + string.digits, k=random.randint(1, 16)))
+
+
 def _words_asked(data: dict, default: int) -> int:
     words = data.get("mock_reply_words")
     return words if isinstance(words, int) and not isinstance(words, bool) and words > 0 else default
@@ -505,9 +510,7 @@ def create_mock_upstream(state: MockUpstream | None = None) -> web.Application:
         def padded_tail() -> bytes:
             if not state.obfuscate:
                 return tail
-            # OpenAI's stream obfuscation: random characters, a new number of them each chunk.
-            padding = "".join(random.choices(string.ascii_letters + string.digits, k=random.randint(1, 16)))
-            return usage_null + b',"obfuscation":"' + padding.encode() + b'"}' + end_of_event
+            return usage_null + b',"obfuscation":"' + obfuscation_padding().encode() + b'"}' + end_of_event
 
         def content(i: int) -> bytes:
             return head + blobs[i] + padded_tail()
