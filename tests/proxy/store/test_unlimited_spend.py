@@ -6,16 +6,12 @@ from __future__ import annotations
 import time
 
 from proxy.limits import credential_spend
-from proxy.store import CredentialSpend, LimitStore, WalletStore
+from proxy.store import CredentialSpend, LimitStore
 from proxy.store.keyspace import _hold_key, _limits_key
+from tests.proxy.test_wallet_store import funded
 
 UNLIMITED = CredentialSpend("key_a", "req_1", tokens=30, limited=False)
 LIMITED = CredentialSpend("key_a", "req_1", tokens=30)
-
-
-async def funded(wallets: WalletStore) -> None:
-    await wallets.open("u_1", profile={})
-    await wallets.top_up("u_1", 1_000_000, idempotency_key="seed")
 
 
 async def test_a_settle_counts_an_unlimited_credentials_spend_in_total_and_today(wallets, redis):
